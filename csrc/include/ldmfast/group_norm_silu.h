@@ -1,0 +1,37 @@
+// GroupNorm (+ optional per-(n, c) add before it, + optional SiLU after it), the op that runs
+// before almost every convolution of an LDM. Statistics are float32 whatever the storage type,
+// as the original GroupNorm32 of latent-diffusion.
+#pragma once
+#include "ldmfast/common.h"
+
+namespace ldmfast {
+
+struct GroupNormSiluParams {
+  const void* x;       // input, N x C x S elements (S = product of the spatial sizes), dtype;
+                       // memory order (N, C, S) when !channels_last, (N, S, C) when channels_last
+  const void* emb;     // optional (N, C) dense, dtype; added to x before normalisation
+                       // (the U-Net ResBlock's time embedding), nullptr when absent
+  const void* weight;  // (C,) dense, param_dtype (gamma)
+  const void* bias;    // (C,) dense, param_dtype (beta)
+  void* y;             // output, same shape and memory order as x, dtype
+
+  int64_t N = 0;       // batch
+  int64_t C = 0;       // channels, divisible by G
+  int64_t S = 0;       // spatial positions per image (>= 1)
+  int64_t G = 0;       // groups
+  float eps = 1e-5f;   // added to the variance (1e-5 in the U-Net, 1e-6 in the autoencoder)
+  bool silu = true;    // apply y = y * sigmoid(y) after the affine transform
+  bool channels_last = false;
+  DType dtype = DType::kFloat32;        // of x, emb, y
+  DType param_dtype = DType::kFloat32;  // of weight and bias: dtype or float32
+};
+
+namespace cpu {
+void group_norm_silu(const GroupNormSiluParams& p);
+}
+namespace cuda {
+// Launches on `stream`; returns 0 on success or a cudaError_t value.
+int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream);
+}
+
+}  // namespace ldmfast
