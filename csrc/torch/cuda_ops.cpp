@@ -1,0 +1,77 @@
+// CUDA implementations of torch.ops.ldmfast. Compiled by the host compiler with -DUSE_CUDA and
+// no c10/cuda headers: the current stream and the device guard come from the AOTInductor C
+// shim, whose declarations the CPU torch wheels ship as well.
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+
+#include "op_params.h"
+
+namespace ldmfast::binding {
+namespace {
+
+// Makes x's device current for the call and yields its current stream.
+class CudaScope {
+ public:
+  explicit CudaScope(const at::Tensor& t) {
+    const int32_t index = t.device().index();
+    TORCH_CHECK(aoti_torch_create_cuda_guard(index, &guard_) == AOTI_TORCH_SUCCESS,
+                "ldmfast: could not set the current CUDA device to ", index);
+    void* s = nullptr;
+    TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &s) == AOTI_TORCH_SUCCESS,
+                "ldmfast: could not get the current CUDA stream of device ", index);
+    stream_ = static_cast<cudaStream_t>(s);
+  }
+  ~CudaScope() { aoti_torch_delete_cuda_guard(guard_); }
+  CudaScope(const CudaScope&) = delete;
+  CudaScope& operator=(const CudaScope&) = delete;
+  cudaStream_t stream() const { return stream_; }
+
+ private:
+  CUDAGuardHandle guard_ = nullptr;
+  cudaStream_t stream_ = nullptr;
+};
+
+void check_launch(int err, const char* op) {
+  TORCH_CHECK(err == 0, "ldmfast.", op, ": CUDA kernel launch failed with cudaError ", err);
+}
+
+at::Tensor group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                                int64_t num_groups, double eps, bool silu,
+                                const std::optional<at::Tensor>& emb) {
+  CudaScope scope(x);
+  auto c = prepare_group_norm_silu(x, weight, bias, num_groups, eps, silu, emb);
+  if (x.numel() > 0) check_launch(cuda::group_norm_silu(c.p, scope.stream()), "group_norm_silu");
+  return c.y;
+}
+
+at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          std::optional<double> scale) {
+  CudaScope scope(q);
+  auto c = prepare_attention(q, k, v, scale);
+  TORCH_CHECK_NOT_IMPLEMENTED(cuda::attention_supports_head_dim(c.p.D), "ldmfast.attention: head dim D=",
+                              c.p.D, " is not supported by the CUDA kernel (supported: 32, 40, 64, 80, "
+                              "96, 128, 160)");
+  if (c.o.numel() > 0) check_launch(cuda::attention(c.p, scope.stream()), "attention");
+  return c.o;
+}
+
+std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
+    const at::Tensor& x, const at::Tensor& eps, const std::optional<at::Tensor>& eps_uncond,
+    const std::optional<at::Tensor>& noise, double alpha_t, double alpha_prev, double sigma_t,
+    double guidance_scale, const std::optional<at::Tensor>& alpha_t_t,
+    const std::optional<at::Tensor>& alpha_prev_t, const std::optional<at::Tensor>& sigma_t_t,
+    const std::optional<at::Tensor>& guidance_scale_t) {
+  CudaScope scope(x);
+  auto c = prepare_ddim_step(x, eps, eps_uncond, noise, alpha_t, alpha_prev, sigma_t, guidance_scale,
+                             alpha_t_t, alpha_prev_t, sigma_t_t, guidance_scale_t);
+  if (x.numel() > 0) check_launch(cuda::ddim_step(c.p, scope.stream()), "ddim_step");
+  return {c.x_prev, c.pred_x0};
+}
+
+}  // namespace
+}  // namespace ldmfast::binding
+
+TORCH_LIBRARY_IMPL(ldmfast, CUDA, m) {
+  m.impl("group_norm_silu", &ldmfast::binding::group_norm_silu_cuda);
+  m.impl("attention", &ldmfast::binding::attention_cuda);
+  m.impl("ddim_step", &ldmfast::binding::ddim_step_cuda);
+}
