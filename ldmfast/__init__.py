@@ -1,0 +1,48 @@
+"""ldmfast: Latent Diffusion Models (Rombach et al., CVPR 2022) with fused C++/CUDA kernels.
+
+    import ldmfast
+    model = ldmfast.load("v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
+    image = model.txt2img("a red circle", steps=50, guidance_scale=7.5, seed=0)
+
+Submodules load lazily, so ``import ldmfast`` stays cheap and works before the compiled ops are
+needed: ``ldmfast.ops`` (fused ops), ``ldmfast.ref`` (their references), ``ldmfast.models``,
+``ldmfast.configs``, ``ldmfast.checkpoint``, ``ldmfast.pipeline``.
+"""
+from __future__ import annotations
+
+import importlib
+
+__version__ = "0.1.0"
+
+_SUBMODULES = {"ops", "ref", "models", "configs", "checkpoint", "pipeline", "diffusion", "export",
+               "train", "data"}
+
+
+def load(path, config=None, use_ema=False):
+    """A ``LatentDiffusion`` from a CompVis/SD checkpoint, a diffusers folder or an ldmfast file."""
+    from .pipeline import LatentDiffusion
+    return LatentDiffusion.load(path, config=config, use_ema=use_ema)
+
+
+def save(obj, path):
+    """Writes a model (or one of its modules) atomically; see ``ldmfast.checkpoint.save``."""
+    from .checkpoint import save as _save
+    return _save(obj, path)
+
+
+def from_diffusers(module_or_pipeline):
+    """The ldmfast equivalent of a diffusers pipeline (a ``LatentDiffusion``) or module."""
+    if hasattr(module_or_pipeline, "unet") and hasattr(module_or_pipeline, "vae"):
+        from .pipeline import LatentDiffusion
+        return LatentDiffusion.from_diffusers(module_or_pipeline)
+    from .checkpoint import from_diffusers as _convert
+    return _convert(module_or_pipeline)
+
+
+def __getattr__(name):
+    if name == "LatentDiffusion":
+        from .pipeline import LatentDiffusion
+        return LatentDiffusion
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module 'ldmfast' has no attribute {name!r}")
