@@ -25,7 +25,7 @@ inline DType to_dtype(const at::Tensor& t, const char* name) {
     case at::kHalf: return DType::kFloat16;
     case at::kBFloat16: return DType::kBFloat16;
     default:
-      TORCH_CHECK_NOT_IMPLEMENTED(false, "ldmfast: ", name, " has dtype ", t.scalar_type(),
+      TORCH_CHECK_NOT_IMPLEMENTED(false, name, " has dtype ", t.scalar_type(),
                                   "; supported dtypes are float32, float16 and bfloat16");
   }
   return DType::kFloat32;
@@ -71,7 +71,7 @@ inline GroupNormSiluCall prepare_group_norm_silu(const at::Tensor& x_in, const a
   GroupNormSiluCall c;
   TORCH_CHECK_VALUE(x_in.dim() >= 2, "ldmfast.group_norm_silu: x must be (N, C, *spatial), got a ",
                     x_in.dim(), "-d tensor of shape ", x_in.sizes());
-  c.p.dtype = to_dtype(x_in, "x");
+  c.p.dtype = to_dtype(x_in, "ldmfast.group_norm_silu: x");
   const int64_t N = x_in.size(0), C = x_in.size(1);
   TORCH_CHECK_VALUE(num_groups > 0, "ldmfast.group_norm_silu: num_groups must be positive, got ", num_groups);
   TORCH_CHECK_VALUE(C % num_groups == 0, "ldmfast.group_norm_silu: the channel count C=", C,
@@ -118,7 +118,7 @@ inline GroupNormSiluCall prepare_group_norm_silu(const at::Tensor& x_in, const a
   p.eps = static_cast<float>(eps);
   p.silu = silu;
   p.channels_last = fmt != at::MemoryFormat::Contiguous;
-  p.param_dtype = to_dtype(c.weight, "weight");
+  p.param_dtype = to_dtype(c.weight, "ldmfast.group_norm_silu: weight");
   return c;
 }
 
@@ -143,7 +143,7 @@ inline AttentionCall prepare_attention(const at::Tensor& q_in, const at::Tensor&
                       " has dtype ", t->scalar_type(), " but q has ", q_in.scalar_type());
     check_same_device(q_in, "q", *t, name);
   }
-  c.p.dtype = to_dtype(q_in, "q");
+  c.p.dtype = to_dtype(q_in, "ldmfast.attention: q");
   const int64_t B = q_in.size(0), Lq = q_in.size(1), H = q_in.size(2), D = q_in.size(3);
   const int64_t Lk = k_in.size(1);
   TORCH_CHECK_VALUE(k_in.size(0) == B && v_in.size(0) == B, "ldmfast.attention: batch sizes differ: q ",
@@ -197,7 +197,7 @@ inline DdimStepCall prepare_ddim_step(const at::Tensor& x_in, const at::Tensor& 
                                       const std::optional<at::Tensor>& guidance_scale_t) {
   DdimStepCall c;
   TORCH_CHECK_VALUE(x_in.dim() >= 1, "ldmfast.ddim_step: x must have a batch dim, got a 0-d tensor");
-  c.p.dtype = to_dtype(x_in, "x");
+  c.p.dtype = to_dtype(x_in, "ldmfast.ddim_step: x");
   const at::MemoryFormat fmt = format_of(x_in);
   auto take = [&](const at::Tensor& t, const char* name) {
     TORCH_CHECK_VALUE(t.sizes() == x_in.sizes(), "ldmfast.ddim_step: ", name, " has shape ", t.sizes(),

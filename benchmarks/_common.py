@@ -1,0 +1,124 @@
+"""Timing and result-recording helpers shared by the benchmarks.
+
+GPU timings use CUDA events around a loop of calls, median over repeats after warm-up, with the
+inputs rotated through enough copies to exceed the L2 cache (the GPU.md method). CPU timings use
+perf_counter the same way. Results are appended to benchmarks/results/<device>.csv with the device
+name, torch version, git sha and date, so every figure can be traced to where it came from.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import os
+import re
+import statistics
+import subprocess
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+L2_FLUSH_BYTES = 256 << 20  # several times the 50 MB L2 of an H100
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"CPU {line.split(':', 1)[1].strip()} x{os.cpu_count()}"
+    except OSError:
+        pass
+    return f"CPU x{os.cpu_count()}"
+
+
+def git_sha() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True,
+                             text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+                               capture_output=True, text=True).stdout.strip()
+        return sha + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def copies_for(nbytes: int, device: torch.device) -> int:
+    """How many input copies to rotate through so one sweep exceeds the L2 cache."""
+    if device.type != "cuda" or nbytes <= 0:
+        return 1
+    return max(1, min(64, -(-L2_FLUSH_BYTES // nbytes)))
+
+
+def time_fn(fn, device: torch.device, n_inputs: int = 1, inner: int = 20, repeats: int = 15,
+            warmup: int = 3) -> float:
+    """Median seconds per call of fn(i), i cycling over n_inputs prepared input sets."""
+    for i in range(warmup):
+        fn(i % n_inputs)
+    samples = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for r in range(repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(inner):
+                fn((r * inner + i) % n_inputs)
+            end.record()
+            end.synchronize()
+            samples.append(start.elapsed_time(end) / 1e3 / inner)
+    else:
+        for r in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(inner):
+                fn((r * inner + i) % n_inputs)
+            samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Measured device copy bandwidth in bytes/s, counting read + write (the roofline used)."""
+    if device.type != "cuda":
+        nbytes = 1 << 28
+    src = torch.empty(nbytes // 2, dtype=torch.float16, device=device).uniform_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda i: dst.copy_(src), device, inner=5 if device.type == "cuda" else 2, repeats=9)
+    return 2 * src.numel() * src.element_size() / t
+
+
+# One column set for every benchmark, so a results file never mixes headers.
+COLUMNS = ["date", "git_sha", "device", "torch", "bench", "op", "shape", "dtype", "layout",
+           "provider", "time_us", "gbps", "tflops", "frac_copy", "steps_per_s", "note"]
+
+
+def append_results(rows: list[dict], device: torch.device, path: str | None = None) -> str:
+    """Appends rows to benchmarks/results/<device>.csv (or `path`); returns the path."""
+    name = device_name(device)
+    if path is None:
+        safe = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+        path = os.path.join(HERE, "results", f"{safe}.csv")
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "git_sha": git_sha(), "device": name, "torch": torch.__version__}
+    for r in rows:
+        unknown = set(r) - set(COLUMNS)
+        assert not unknown, f"unknown result columns {unknown}"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        for r in rows:
+            w.writerow({**meta, **{k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in r.items()}})
+    return path
+
+
+def print_table(rows: list[dict], columns: list[str]) -> None:
+    def fmt(v):
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+    cells = [[fmt(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) if cells else len(c) for i, c in enumerate(columns)]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)))

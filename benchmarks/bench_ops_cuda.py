@@ -1,0 +1,203 @@
+"""Kernel benchmarks for the lent GPU (issues 5 and 6), side by side with the peers in one run.
+
+    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim] [--dtypes fp16,bf16] [--no-compile]
+                                        [--csv PATH] [--quick] [--device cuda|cpu]
+
+group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
+SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
+written once), fraction of the copy bandwidth measured in the same run, ratio to each peer.
+attention: ldmfast vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
+self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. ddim_step with guidance and noise vs the
+eager reference and its torch.compile. On CPU (--device cpu --quick) it checks itself on small shapes.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+import ldmfast.ops as ops  # noqa: E402
+import ldmfast.ref as ref  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+# (N, C, H, W) of every GroupNorm in the SD-1.x U-Net at a 64x64 latent with CFG batch 2 ...
+UNET_GN = [(2, c, r, r) for c, r in [(320, 64), (640, 64), (960, 64), (320, 32), (640, 32), (960, 32),
+                                      (1280, 32), (1920, 32), (640, 16), (1280, 16), (1920, 16),
+                                      (2560, 16), (1280, 8), (2560, 8)]]
+# ... and in the VAE decoder at 512x512 (eps 1e-6), batch 1.
+VAE_GN = [(1, c, r, r) for c, r in [(512, 64), (512, 128), (512, 256), (256, 256), (256, 512), (128, 512)]]
+# (B, H, Lq, Lk, D): SD-1.x (8 heads; head dims 40/80/160) and SD-2 (head dim 64), 64/32/16/8 latents.
+ATTN = ([(2, 8, L, L, 320 * m // 8) for L, m in [(4096, 1), (1024, 2), (256, 4), (64, 4)]]
+        + [(2, 8, L, 77, 320 * m // 8) for L, m in [(4096, 1), (1024, 2), (256, 4), (64, 4)]]
+        + [(2, h, L, L, 64) for L, h in [(4096, 5), (1024, 10), (256, 20), (64, 20)]]
+        + [(2, h, L, 77, 64) for L, h in [(4096, 5), (1024, 10), (256, 20), (64, 20)]]
+        + [(2, 8, 4096, 4096, 64)])
+DDIM = [(2, 4, 64, 64), (4, 4, 128, 128), (8, 4, 128, 128), (16, 4, 128, 128)]
+QUICK = {"gn": [(2, 32, 16, 16), (1, 16, 32, 32)], "attn": [(1, 2, 64, 64, 40), (1, 2, 64, 77, 64)],
+         "ddim": [(2, 4, 16, 16)]}
+
+
+def _compiled(fn, enabled):
+    if not enabled:
+        return None
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
+    return torch.compile(fn)
+
+
+def bench_gn(args, dev, bw):
+    rows = []
+    shapes = QUICK["gn"] if args.quick else UNET_GN + VAE_GN
+    eager = lambda x, w, b, e, eps: F.silu(F.group_norm(x if e is None else x + e[:, :, None, None], 32 if x.shape[1] % 32 == 0 else 8, w, b, eps))  # noqa: E731
+    comp = _compiled(lambda x, w, b, e, eps: ref.group_norm_silu(x, w, b, 32 if x.shape[1] % 32 == 0 else 8, eps, True, e), args.compile)
+    for shape in shapes:
+        N, Cc = shape[:2]
+        G = 32 if Cc % 32 == 0 else 8
+        eps = 1e-6 if shape in VAE_GN else 1e-5
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            for layout in ("nchw", "nhwc"):
+                for with_emb in ([False, True] if shape in UNET_GN else [False]):
+                    nbytes = 2 * torch.Size(shape).numel() * torch.finfo(dt).bits // 8
+                    k = C.copies_for(nbytes, dev)
+                    fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+                    xs = [torch.randn(shape, device=dev, dtype=dt).contiguous(memory_format=fmt) for _ in range(k)]
+                    w = torch.randn(Cc, device=dev, dtype=dt)
+                    b = torch.randn(Cc, device=dev, dtype=dt)
+                    e = torch.randn(N, Cc, device=dev, dtype=dt) if with_emb else None
+                    provs = {"ldmfast": lambda i: ops.group_norm_silu(xs[i], w, b, G, eps, True, e),
+                             "eager": lambda i: eager(xs[i], w, b, e, eps)}
+                    if comp is not None:
+                        provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
+                    times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+                    for p, t in times.items():
+                        r = {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
+                             "shape": "x".join(map(str, shape)), "dtype": dname, "layout": layout,
+                             "provider": p, "time_us": t * 1e6, "gbps": nbytes / t / 1e9,
+                             "frac_copy": nbytes / t / bw}
+                        if p == "ldmfast":
+                            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+                        rows.append(r)
+    return rows
+
+
+def _sdpa_backends():
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:
+        return {}
+    names = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+             "math": "MATH"}
+    return {k: (sdpa_kernel, getattr(SDPBackend, v)) for k, v in names.items() if hasattr(SDPBackend, v)}
+
+
+def bench_attn(args, dev, bw):
+    rows = []
+    shapes = QUICK["attn"] if args.quick else ATTN
+    backends = _sdpa_backends() if dev.type == "cuda" else {}
+    for (B, H, Lq, Lk, D) in shapes:
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            # (B, L, H, D) as the projections produce; SDPA gets the transposed views (B, H, L, D).
+            q = torch.randn(B, Lq, H, D, device=dev, dtype=dt)
+            k = torch.randn(B, Lk, H, D, device=dev, dtype=dt)
+            v = torch.randn(B, Lk, H, D, device=dev, dtype=dt)
+            qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+            provs = {"ldmfast": lambda i: ops.attention(q, k, v),
+                     "sdpa": lambda i: F.scaled_dot_product_attention(qt, kt, vt)}
+            for name, (ctx, be) in backends.items():
+                if name == "math" and Lq * Lk > 1 << 24:
+                    continue
+
+                def run(i, ctx=ctx, be=be):
+                    with ctx(be):
+                        return F.scaled_dot_product_attention(qt, kt, vt)
+                try:
+                    run(0)
+                except RuntimeError:
+                    continue  # this backend does not take this shape/dtype
+                provs["sdpa_" + name] = run
+            times = {p: C.time_fn(f, dev) for p, f in provs.items()}
+            flops = 4 * B * H * Lq * Lk * D
+            for p, t in times.items():
+                r = {"bench": "attention", "op": "self" if Lq == Lk else "cross",
+                     "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname, "layout": "blhd",
+                     "provider": p, "time_us": t * 1e6, "tflops": flops / t / 1e12}
+                if p == "ldmfast":
+                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+                rows.append(r)
+    return rows
+
+
+def bench_ddim(args, dev, bw):
+    rows = []
+    shapes = QUICK["ddim"] if args.quick else DDIM
+    comp = _compiled(ref.ddim_step, args.compile)
+    for shape in shapes:
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            n = torch.Size(shape).numel()
+            nbytes = 6 * n * torch.finfo(dt).bits // 8  # read x, eps, eps_uncond, noise; write 2
+            k = C.copies_for(nbytes, dev)
+            sets = [[torch.randn(shape, device=dev, dtype=dt) for _ in range(4)] for _ in range(k)]
+            a_t = torch.tensor(0.5, device=dev)
+            a_prev = torch.tensor(0.6, device=dev)
+            sig = torch.tensor(0.1, device=dev)
+            g = torch.tensor(7.5, device=dev)
+            provs = {"ldmfast": lambda i: ops.ddim_step(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g),
+                     "eager": lambda i: ref.ddim_step(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)}
+            if comp is not None:
+                provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
+            times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+            for p, t in times.items():
+                r = {"bench": "ddim_step", "op": "ddim+cfg+noise", "shape": "x".join(map(str, shape)),
+                     "dtype": dname, "layout": "nchw", "provider": p, "time_us": t * 1e6,
+                     "gbps": nbytes / t / 1e9, "frac_copy": nbytes / t / bw}
+                if p == "ldmfast":
+                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+                rows.append(r)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ops", default="gn,attn,ddim")
+    ap.add_argument("--dtypes", default="fp16,bf16")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peers")
+    ap.add_argument("--quick", action="store_true", help="a few small shapes (a check of the script itself)")
+    ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
+    args = ap.parse_args(argv)
+    args.dtypes = args.dtypes.split(",")
+    for d in args.dtypes:
+        if d not in DTYPES:
+            ap.error(f"--dtypes: unknown dtype {d!r} (choose from {', '.join(DTYPES)})")
+    dev = torch.device(args.device)
+    if dev.type == "cuda" and not ops.cuda_available():
+        ap.error("--device cuda: ldmfast was built without its CUDA kernels (build with LDMFAST_CUDA=1)")
+    if dev.type == "cpu" and not args.quick:
+        print("note: the full shape list is meant for the GPU; on CPU use --quick (or benchmarks/bench_ops_cpu.py)")
+    bw = C.copy_bandwidth(dev)
+    print(f"device: {C.device_name(dev)}  torch {torch.__version__}  commit {C.git_sha()}  "
+          f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
+    benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim}
+    rows = []
+    for name in args.ops.split(","):
+        if name not in benches:
+            ap.error(f"--ops: unknown op {name!r} (choose from {', '.join(benches)})")
+        part = benches[name](args, dev, bw)
+        C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy", "note"])
+        print()
+        rows += part
+    path = C.append_results(rows, dev, args.csv)
+    print(f"results appended to {path}")
+
+
+if __name__ == "__main__":
+    main()
