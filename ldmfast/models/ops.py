@@ -1,0 +1,77 @@
+"""The two fused ops the model layer calls, and the switch to their plain-PyTorch references.
+
+Modules call ``group_norm_silu`` and ``attention`` from here, never ``ldmfast.ops`` directly, so
+one flag selects the implementation for the whole model layer: the compiled ops by default, the
+references of ``ldmfast.ref`` when ``use_reference_ops(True)`` is in effect (the benchmark's
+"ldmfast with reference ops" provider) or when the compiled library is not built (logged once).
+The choice is read when a module runs, i.e. at trace time under ``torch.compile``.
+"""
+from __future__ import annotations
+
+import logging
+
+from .. import ref as _ref
+
+log = logging.getLogger("ldmfast")
+
+_state = {"reference": False, "compiled": None, "warned": False}
+
+
+def _compiled():
+    if _state["compiled"] is None:
+        try:
+            from .. import ops as compiled
+        except ImportError as e:  # the extension is optional for the model layer
+            compiled = False
+            if not _state["warned"]:
+                log.warning("ldmfast's compiled ops are unavailable (%s); the model layer uses "
+                            "the plain-PyTorch references", e)
+                _state["warned"] = True
+        _state["compiled"] = compiled
+    return _state["compiled"]
+
+
+def _impl():
+    if _state["reference"]:
+        return _ref
+    return _compiled() or _ref
+
+
+def using_reference_ops() -> bool:
+    """Whether the model layer currently calls ``ldmfast.ref`` instead of ``ldmfast.ops``."""
+    return _impl() is _ref
+
+
+class use_reference_ops:
+    """``use_reference_ops(True)`` switches the model layer to ``ldmfast.ref``.
+
+    Called plainly it sets the flag for good; used as ``with use_reference_ops(True): ...`` it
+    restores the previous setting on exit.
+    """
+
+    def __init__(self, flag: bool = True):
+        self._previous = _state["reference"]
+        _state["reference"] = bool(flag)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        _state["reference"] = self._previous
+        return False
+
+
+def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: bool = True,
+                    emb=None):
+    """silu(GroupNorm(x + emb)) (``silu=False``: plain GroupNorm), float32 statistics."""
+    return _impl().group_norm_silu(x, weight, bias, num_groups, eps, silu, emb)
+
+
+def attention(q, k, v, scale=None):
+    """softmax(scale q k^T) v with (B, L, H, D) tensors whose last dim is contiguous."""
+    return _impl().attention(q, k, v, scale)
+
+
+def group_norm(x, norm, silu: bool = False, emb=None):
+    """Applies an ``nn.GroupNorm`` module's parameters through the fused op."""
+    return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, emb)
