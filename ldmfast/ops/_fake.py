@@ -26,12 +26,12 @@ def _like(x):
 
 
 @torch.library.register_fake("ldmfast::group_norm_silu")
-def _group_norm_silu_fake(x, weight, bias, num_groups, eps, silu, emb):
+def _group_norm_silu_fake(x, weight, bias, num_groups, eps=1e-5, silu=True, emb=None):
     return _like(x)
 
 
 @torch.library.register_fake("ldmfast::attention")
-def _attention_fake(q, k, v, scale):
+def _attention_fake(q, k, v, scale=None):
     return q.new_empty(q.shape)
 
 
