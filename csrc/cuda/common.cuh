@@ -1,0 +1,163 @@
+// Device helpers shared by the ldmfast CUDA kernels: dtype conversion, 16-byte vector access,
+// warp/block reductions and a Welford accumulator. nvcc only; no torch headers (STYLE.md §1).
+#pragma once
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ldmfast/common.h"
+
+namespace ldmfast::cuda::detail {
+
+constexpr unsigned kFullMask = 0xffffffffu;
+
+// ---- dtype conversion ---------------------------------------------------------------------------
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <class T> __device__ __forceinline__ T from_float(float v);
+template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+
+// ---- vector access ------------------------------------------------------------------------------
+
+// Elements of T in one 16-byte access.
+template <class T> constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// Loads V consecutive elements as float. V == 1 is a scalar access; otherwise V * sizeof(T) must
+// be a multiple of 16 and p 16-byte aligned (the callers check alignment on the host).
+template <class T, int V>
+__device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_float(p[0]);
+  } else {
+    static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
+    constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
+    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
+      const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[w * kPer + j] = to_float(e[j]);
+    }
+  }
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
+  if constexpr (V == 1) {
+    p[0] = from_float<T>(in[0]);
+  } else {
+    static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
+    constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
+    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+#pragma unroll
+    for (int w = 0; w < kWords; ++w) {
+      uint4 raw;
+      T* e = reinterpret_cast<T*>(&raw);
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) e[j] = from_float<T>(in[w * kPer + j]);
+      reinterpret_cast<uint4*>(p)[w] = raw;
+    }
+  }
+}
+
+// ---- reductions ---------------------------------------------------------------------------------
+// Every reduction below combines in a fixed order that depends only on the launch shape, so a
+// kernel gives bit-identical results from run to run (no atomics anywhere).
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFullMask, v, o);
+  return v;  // the xor butterfly leaves the same bits in every lane (a + b == b + a)
+}
+
+// Sum over the block; every thread gets the result. `scratch` holds >= 32 floats. Starts with a
+// barrier so that back-to-back calls may reuse `scratch`.
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  v = warp_sum(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float t = lane < nwarps ? scratch[lane] : 0.0f;
+  return warp_sum(t);
+}
+
+// Count, mean and sum of squared deviations of a set of values (Chan et al.'s parallel form),
+// so partial statistics combine without the cancellation of sum/sum-of-squares when the mean is
+// large against the spread (GroupNorm inputs with mean 1000 and std 1).
+struct Welford {
+  float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+};
+
+// The _rn intrinsics keep the compiler from contracting differently in different kernels.
+__device__ __forceinline__ Welford welford_merge(const Welford& a, const Welford& b) {
+  const float n = __fadd_rn(a.n, b.n);
+  if (n == 0.0f) return a;
+  const float delta = __fsub_rn(b.mean, a.mean);
+  const float wb = __fdiv_rn(b.n, n);
+  Welford r;
+  r.n = n;
+  r.mean = __fmaf_rn(delta, wb, a.mean);
+  r.m2 = __fadd_rn(__fadd_rn(a.m2, b.m2), __fmul_rn(__fmul_rn(__fmul_rn(delta, delta), a.n), wb));
+  return r;
+}
+
+__device__ __forceinline__ Welford welford_shfl_down(const Welford& w, int offset) {
+  Welford r;
+  r.n = __shfl_down_sync(kFullMask, w.n, offset);
+  r.mean = __shfl_down_sync(kFullMask, w.mean, offset);
+  r.m2 = __shfl_down_sync(kFullMask, w.m2, offset);
+  return r;
+}
+
+// Lane 0 ends with the merge of all 32 lanes, in a fixed tree order.
+__device__ __forceinline__ Welford warp_welford(Welford w) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) w = welford_merge(w, welford_shfl_down(w, o));
+  return w;
+}
+
+// Merge over the block; the result is valid in thread 0 only. `scratch` holds >= 32 Welfords.
+__device__ __forceinline__ Welford block_welford(Welford w, Welford* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int nwarps = (blockDim.x + 31) >> 5;
+  w = warp_welford(w);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = w;
+  __syncthreads();
+  if (warp == 0) {
+    Welford t = lane < nwarps ? scratch[lane] : Welford{};
+    w = warp_welford(t);
+  }
+  return w;
+}
+
+// ---- host helpers -------------------------------------------------------------------------------
+
+// Status of the launch just made (0 == cudaSuccess), as the contracts' return value.
+inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
+
+inline int sm_count() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) return 1;
+  return n;
+}
+
+__host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+__host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }
+
+}  // namespace ldmfast::cuda::detail

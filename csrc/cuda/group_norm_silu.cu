@@ -1,0 +1,359 @@
+// GroupNorm (+ per-(n, c) emb added before it, + SiLU after it) for NCHW and channels_last.
+//
+// Two kernels, both owning whole groups so that no statistics travel through device memory
+// (the contract has no workspace, and the output cannot double as one safely):
+//  * fused:  one CTA per (n, g) when the group fits in 47 KB of shared memory as float. The
+//            group is read once into shared memory, the mean and the variance are computed in
+//            two exact passes over it, and the output is written from it.
+//  * stream: for larger groups. A cluster of K CTAs (K = 1 below sm_90) per (n, g), each CTA a
+//            contiguous chunk of the group: pass 1 merges per-thread Welford statistics, the
+//            cluster merges the K block results through distributed shared memory in rank order,
+//            and pass 2 re-reads the chunk and writes the output. x is read twice.
+// All reductions combine in a fixed order: results are bit-identical from run to run.
+#include <cooperative_groups.h>
+
+#include "common.cuh"
+#include "ldmfast/group_norm_silu.h"
+
+namespace ldmfast::cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kFusedThreads = 256;
+constexpr int kStreamThreads = 512;
+constexpr int kUnroll = 4;                   // items loaded before the first is used
+// 47 KB of float: with the static reduction scratch it stays inside the 48 KB a CTA gets without
+// opting in to more shared memory.
+constexpr int64_t kFusedMaxElems = 12032;
+constexpr int kMaxCluster = 8;               // portable cluster size
+
+struct GnArgs {
+  const void* x;
+  const void* emb;
+  const void* w;
+  const void* b;
+  void* y;
+  int64_t C, S, G, Cg, E, CS;  // E = Cg * S elements per group, CS = C * S per sample
+  float eps;
+  bool silu;
+};
+
+// Walks the elements of one group in "group order" i = ch * S + s (NCHW) or i = s * Cg + ch
+// (channels_last), where the memory of the group is contiguous (NCHW) or Cg-long runs C apart.
+// Advancing by a fixed step needs no division.
+template <bool CL>
+struct Cursor {
+  int64_t major, minor, step_major, step_minor, extent;
+  __device__ Cursor(const GnArgs& a, int64_t i0, int64_t step) {
+    extent = CL ? a.Cg : a.S;
+    major = i0 / extent;
+    minor = i0 - major * extent;
+    step_major = step / extent;
+    step_minor = step - step_major * extent;
+  }
+  __device__ __forceinline__ void advance() {
+    minor += step_minor;
+    major += step_major;
+    if (minor >= extent) {
+      minor -= extent;
+      ++major;
+    }
+  }
+  // Offset of the element in x / y, and its channel. For a vector item (V > 1) the host made
+  // sure that the item lies in one channel (NCHW: S % V == 0) or in one run (CL: Cg % V == 0).
+  __device__ __forceinline__ int64_t offset(const GnArgs& a, int64_t n, int64_t g) const {
+    return CL ? n * a.CS + major * a.C + g * a.Cg + minor : n * a.CS + g * a.E + major * a.S + minor;
+  }
+  __device__ __forceinline__ int64_t channel(const GnArgs& a, int64_t g) const {
+    return g * a.Cg + (CL ? minor : major);
+  }
+};
+
+// x (+ emb) of the V elements at `off`, channels c.. (CL) or channel c (NCHW).
+template <class T, int V, bool CL>
+__device__ __forceinline__ void load_item(const GnArgs& a, int64_t n, int64_t off, int64_t c, float (&v)[V]) {
+  load_vec<T, V>(static_cast<const T*>(a.x) + off, v);
+  if (a.emb != nullptr) {
+    const T* emb = static_cast<const T*>(a.emb) + n * a.C + c;
+    if constexpr (CL) {
+      float e[V];
+      load_vec<T, V>(emb, e);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += e[j];
+    } else {
+      const float e = to_float(*emb);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] += e;
+    }
+  }
+}
+
+// y = silu?((v - mean) * rstd * w + b) for the V elements at `off`.
+template <class T, class P, int V, bool CL>
+__device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t c, float mean, float rstd,
+                                           float (&v)[V]) {
+  float w[V], b[V];
+  if constexpr (CL) {
+    load_vec<P, V>(static_cast<const P*>(a.w) + c, w);
+    load_vec<P, V>(static_cast<const P*>(a.b) + c, b);
+  } else {
+    const float w0 = to_float(static_cast<const P*>(a.w)[c]);
+    const float b0 = to_float(static_cast<const P*>(a.b)[c]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      w[j] = w0;
+      b[j] = b0;
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    // (v - mean) first: v and mean are close when the mean is large, so this keeps the digits.
+    float t = (v[j] - mean) * (rstd * w[j]) + b[j];
+    if (a.silu) t = t / (1.0f + expf(-t));
+    v[j] = t;
+  }
+  store_vec<T, V>(static_cast<T*>(a.y) + off, v);
+}
+
+template <int V>
+__device__ __forceinline__ Welford item_welford(const float (&v)[V]) {
+  float s = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) s += v[j];
+  Welford w;
+  w.n = static_cast<float>(V);
+  w.mean = s * (1.0f / V);
+  float m2 = 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) m2 += (v[j] - w.mean) * (v[j] - w.mean);
+  w.m2 = m2;
+  return w;
+}
+
+template <class T, class P, int V, bool CL>
+__global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(const GnArgs a) {
+  // The group after the emb add, item-major per lane position: element j of item k at
+  // j * items + k, so that a warp's accesses hit consecutive words (no bank conflicts).
+  extern __shared__ float vals[];
+  __shared__ float red[32];
+  const int64_t n = blockIdx.x / a.G, g = blockIdx.x - n * a.G;
+  const int64_t items = a.E / V;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+
+  // Sum of (v - shift), shift = the group's first element, so the float sum stays small even
+  // when the mean is large against the spread.
+  float shift;
+  {
+    Cursor<CL> c0(a, 0, 1);
+    float v0[1];
+    load_item<T, 1, CL>(a, n, c0.offset(a, n, g), c0.channel(a, g), v0);
+    shift = v0[0];
+  }
+  float sum = 0.0f;
+  Cursor<CL> cur(a, static_cast<int64_t>(threadIdx.x) * V, step);
+  for (int64_t k = threadIdx.x; k < items; k += blockDim.x, cur.advance()) {
+    float v[V];
+    load_item<T, V, CL>(a, n, cur.offset(a, n, g), cur.channel(a, g), v);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      vals[j * items + k] = v[j];
+      sum += v[j] - shift;
+    }
+  }
+  const float inv_e = 1.0f / static_cast<float>(a.E);
+  const float mean = shift + block_sum(sum, red) * inv_e;
+  float m2 = 0.0f;
+  for (int64_t k = threadIdx.x; k < items; k += blockDim.x) {
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = vals[j * items + k] - mean;
+      m2 += d * d;
+    }
+  }
+  const float rstd = 1.0f / sqrtf(block_sum(m2, red) * inv_e + a.eps);
+  // Each thread reads back only the items it wrote: no barrier needed beyond block_sum's.
+  Cursor<CL> out(a, static_cast<int64_t>(threadIdx.x) * V, step);
+  for (int64_t k = threadIdx.x; k < items; k += blockDim.x, out.advance()) {
+    float v[V];
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] = vals[j * items + k];
+    store_item<T, P, V, CL>(a, out.offset(a, n, g), out.channel(a, g), mean, rstd, v);
+  }
+}
+
+template <class T, class P, int V, bool CL>
+__global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(const GnArgs a, const int K) {
+  __shared__ Welford red[32];
+  __shared__ float stats[2];
+  const int64_t rank = blockIdx.x % K, ng = blockIdx.x / K;
+  const int64_t n = ng / a.G, g = ng - n * a.G;
+  const int64_t items = a.E / V;
+  const int64_t per = ceil_div(items, K);
+  const int64_t begin = imin(rank * per, items) * V, end = imin((rank + 1) * per, items) * V;
+  const int64_t step = static_cast<int64_t>(blockDim.x) * V;
+  const int64_t first = begin + static_cast<int64_t>(threadIdx.x) * V;
+
+  Welford acc;
+  {
+    Cursor<CL> cur(a, first, step);
+    for (int64_t i = first; i < end; i += kUnroll * step) {
+      float v[kUnroll][V];
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * step < end) load_item<T, V, CL>(a, n, cur.offset(a, n, g), cur.channel(a, g), v[u]);
+        cur.advance();
+      }
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u)
+        if (i + u * step < end) acc = welford_merge(acc, item_welford<V>(v[u]));
+    }
+  }
+  acc = block_welford(acc, red);  // valid in thread 0
+  if (K > 1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    namespace cg = cooperative_groups;
+    __shared__ Welford pub;  // this CTA's statistics, read by the cluster's peers
+    cg::cluster_group cluster = cg::this_cluster();
+    if (threadIdx.x == 0) pub = acc;
+    cluster.sync();
+    if (threadIdx.x == 0) {
+      // Every CTA of the cluster merges the same K values in the same (rank) order.
+      Welford t;
+      for (int r = 0; r < K; ++r) t = welford_merge(t, *cluster.map_shared_rank(&pub, r));
+      acc = t;
+    }
+    cluster.sync();  // no CTA exits while a peer may still read its `pub`
+#else
+    __trap();  // unreachable: the host launches clusters only for sm_90+ code
+#endif
+  }
+  if (threadIdx.x == 0) {
+    stats[0] = acc.mean;
+    stats[1] = 1.0f / sqrtf(acc.m2 / acc.n + a.eps);
+  }
+  __syncthreads();
+  const float mean = stats[0], rstd = stats[1];
+
+  Cursor<CL> cur(a, first, step);
+  for (int64_t i = first; i < end; i += kUnroll * step) {
+    float v[kUnroll][V];
+    int64_t off[kUnroll], ch[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      off[u] = cur.offset(a, n, g);
+      ch[u] = cur.channel(a, g);
+      if (i + u * step < end) load_item<T, V, CL>(a, n, off[u], ch[u], v[u]);
+      cur.advance();
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+      if (i + u * step < end) store_item<T, P, V, CL>(a, off[u], ch[u], mean, rstd, v[u]);
+  }
+}
+
+// Whether the stream kernel instance may be launched as a cluster: an sm_90+ device running code
+// compiled for sm_90+ (PTX for an older arch JIT-compiled on Hopper has the cluster path cut out).
+template <class Kernel>
+bool cluster_capable(Kernel kernel) {
+  int dev = 0, major = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
+  if (major < 9) return false;
+  cudaFuncAttributes attr{};
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+  return attr.ptxVersion >= 90;
+}
+
+template <class T, class P, int V, bool CL>
+int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
+  const int64_t ng = N * a.G;
+  if (a.E <= kFusedMaxElems) {
+    if (ng > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+    const size_t smem = static_cast<size_t>(a.E) * sizeof(float);
+    group_norm_silu_fused_kernel<T, P, V, CL><<<static_cast<unsigned>(ng), kFusedThreads, smem, stream>>>(a);
+    return launch_status();
+  }
+  auto kernel = group_norm_silu_stream_kernel<T, P, V, CL>;
+  // Split a group over a cluster only while the grid is short of two CTAs per SM and each CTA
+  // keeps at least two items per thread.
+  int K = 1;
+  if (cluster_capable(kernel)) {
+    const int64_t target = 2 * static_cast<int64_t>(sm_count());
+    const int64_t min_work = static_cast<int64_t>(kStreamThreads) * V * 2;
+    while (K < kMaxCluster && ng * K < target && a.E / (2 * K) >= min_work) K *= 2;
+  }
+  if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const unsigned grid = static_cast<unsigned>(ng * K);
+  if (K == 1) {
+    kernel<<<grid, kStreamThreads, 0, stream>>>(a, 1);
+    return launch_status();
+  }
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(kStreamThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.x = static_cast<unsigned>(K);
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, K);
+  const int last = launch_status();
+  return err != cudaSuccess ? static_cast<int>(err) : last;
+}
+
+// Vector items (16 bytes of x) need aligned pointers and an item that stays in one channel
+// (NCHW: S % V == 0) or in one run of the group's channels (channels_last: Cg % V == 0, and then
+// emb, weight and bias are read as vectors too).
+template <class T, class P>
+int dispatch(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream) {
+  constexpr int V = kVec16<T>;
+  const bool xy = aligned16(p.x) && aligned16(p.y);
+  if (p.channels_last) {
+    const bool vec = xy && a.Cg % V == 0 && aligned16(p.weight) && aligned16(p.bias) &&
+                     (p.emb == nullptr || aligned16(p.emb));
+    return vec ? launch<T, P, V, true>(a, p.N, stream) : launch<T, P, 1, true>(a, p.N, stream);
+  }
+  const bool vec = xy && a.S % V == 0;
+  return vec ? launch<T, P, V, false>(a, p.N, stream) : launch<T, P, 1, false>(a, p.N, stream);
+}
+
+template <class T>
+int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream) {
+  if (p.param_dtype == DType::kFloat32) return dispatch<T, float>(p, a, stream);
+  if (p.param_dtype == p.dtype) return dispatch<T, T>(p, a, stream);
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream) {
+  if (p.N <= 0 || p.C <= 0 || p.S <= 0) return 0;
+  if (p.G <= 0 || p.C % p.G != 0) return static_cast<int>(cudaErrorInvalidValue);
+  GnArgs a;
+  a.x = p.x;
+  a.emb = p.emb;
+  a.w = p.weight;
+  a.b = p.bias;
+  a.y = p.y;
+  a.C = p.C;
+  a.S = p.S;
+  a.G = p.G;
+  a.Cg = p.C / p.G;
+  a.E = a.Cg * p.S;
+  a.CS = p.C * p.S;
+  a.eps = p.eps;
+  a.silu = p.silu;
+  switch (p.dtype) {
+    case DType::kFloat32: return dispatch_param<float>(p, a, stream);
+    case DType::kFloat16: return dispatch_param<__half>(p, a, stream);
+    case DType::kBFloat16: return dispatch_param<__nv_bfloat16>(p, a, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace ldmfast::cuda
