@@ -1,0 +1,238 @@
+// O = softmax(scale Q K^T) V on the CPU, flash-style: the Lq x Lk score matrix is never
+// materialised. One task is a chunk of up to 256 queries of one (batch, head); it walks the keys
+// in tiles of up to 128, keeping per query a running maximum m, a running sum l and an
+// unnormalised output accumulator (the online softmax of Milakov & Gimelshein, as in
+// FlashAttention). Within a key tile the chunk is processed kBq queries at a time, whose scores
+// stay in L1.
+//
+// Tiles are converted to float in thread-local buffers: Q pre-multiplied by scale * log2(e) so the
+// softmax is a bare exp2, K transposed to (D, keys) so the score micro-kernel runs along keys
+// with unit stride, V as (keys, D). Both products are register-blocked micro-kernels written as
+// plain loops over fixed-size arrays that the compiler keeps in vector registers:
+//   scores: 4 query rows x 16 keys (8 AVX2 accumulators), one rank-1 update per head-dim step;
+//   P V:    8 query rows x 8 head-dim lanes (8 accumulators), one rank-1 update per key.
+// Rows, keys and head dims are padded with zeros to those block sizes; padded keys get a score
+// of -inf so they carry no probability.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "dtype.h"
+#include "ldmfast/attention.h"
+#include "vec_math.h"
+
+namespace ldmfast::cpu {
+namespace {
+
+constexpr int64_t kBq = 32;      // queries whose scores are live at once
+constexpr int64_t kQkRows = 4;   // score micro-kernel: query rows ...
+constexpr int64_t kQkCols = 16;  // ... times keys
+constexpr int64_t kPvRows = 8;   // P V micro-kernel: query rows ...
+constexpr int64_t kPvCols = 8;   // ... times head-dim lanes
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147180559945309f;
+
+int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
+
+// Keys per tile: 128 keeps K^T, V and the scores of a task in L2 up to D = 128; larger head dims
+// take 64 so that D = 256 still fits.
+int64_t key_tile(int64_t D) { return D > 128 ? 64 : 128; }
+
+// s[r][j] = sum_d q[r][d] kt[d][j] for 4 rows and 16 keys.
+inline void qk_micro(const float* __restrict q, int64_t ldq, const float* __restrict kt, int64_t ldk,
+                     int64_t D, float* __restrict s, int64_t lds) {
+  float acc[kQkRows][kQkCols] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    const float* __restrict kr = kt + d * ldk;
+    float qv[kQkRows];
+    for (int64_t r = 0; r < kQkRows; ++r) qv[r] = q[r * ldq + d];
+    for (int64_t r = 0; r < kQkRows; ++r) {
+#pragma omp simd
+      for (int64_t j = 0; j < kQkCols; ++j) acc[r][j] += qv[r] * kr[j];
+    }
+  }
+  for (int64_t r = 0; r < kQkRows; ++r)
+    for (int64_t j = 0; j < kQkCols; ++j) s[r * lds + j] = acc[r][j];
+}
+
+// o[r][0:8] += sum_j p[r][j] v[j][0:8] for 8 rows.
+inline void pv_micro(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv,
+                     int64_t nk, float* __restrict o, int64_t ldo) {
+  float acc[kPvRows][kPvCols];
+  for (int64_t r = 0; r < kPvRows; ++r)
+    for (int64_t c = 0; c < kPvCols; ++c) acc[r][c] = o[r * ldo + c];
+  for (int64_t j = 0; j < nk; ++j) {
+    const float* __restrict vr = v + j * ldv;
+    float pv[kPvRows];
+    for (int64_t r = 0; r < kPvRows; ++r) pv[r] = p[r * ldp + j];
+    for (int64_t r = 0; r < kPvRows; ++r) {
+#pragma omp simd
+      for (int64_t c = 0; c < kPvCols; ++c) acc[r][c] += pv[r] * vr[c];
+    }
+  }
+  for (int64_t r = 0; r < kPvRows; ++r)
+    for (int64_t c = 0; c < kPvCols; ++c) o[r * ldo + c] = acc[r][c];
+}
+
+// Rows of Q (and of the output accumulator) a task keeps in float: as many as fit in about
+// 64 KiB each, at most 256. Converting a K/V tile is then shared by that many queries.
+int64_t chunk_cap(int64_t dp) { return std::clamp<int64_t>(16384 / dp / kBq * kBq, kBq, 256); }
+
+struct Workspace {
+  int64_t dp, bk_max;
+  std::vector<float> q, kt, v, s, o, m, l;
+  Workspace(int64_t D, int64_t bk_max_, int64_t chunk)
+      : dp(round_up(D, kPvCols)),
+        bk_max(bk_max_),
+        q(chunk * dp),
+        kt(dp * bk_max),
+        v(bk_max * dp),
+        s(kBq * bk_max),
+        o(chunk * dp),
+        m(chunk),
+        l(chunk) {}
+};
+
+// Queries [q0, q0 + rows) of head (b, h). Every query row goes through the same key tiles in
+// the same order with the same arithmetic whatever the chunking, so results do not depend on
+// how the rows were grouped into tasks (nor on the thread count).
+template <typename T>
+void attention_chunk(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t rows, Workspace& w) {
+  const int64_t D = p.D, dp = w.dp, ldk = w.bk_max;
+  const int64_t rows_p = round_up(rows, kPvRows);  // a multiple of kQkRows too
+  const T* Q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* K = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* V = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  float* q = w.q.data();
+  float* kt = w.kt.data();
+  float* v = w.v.data();
+  float* s = w.s.data();
+  float* o = w.o.data();
+  float* m = w.m.data();
+  float* l = w.l.data();
+  const float qscale = p.scale * kLog2e;  // scores come out in log2 units
+
+  for (int64_t i = 0; i < rows_p; ++i) {
+    float* qi = q + i * dp;
+    if (i < rows) {
+      const T* src = Q + (q0 + i) * p.q_stride_l;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) qi[d] = to_float(src[d]) * qscale;
+      std::fill(qi + D, qi + dp, 0.0f);
+    } else {
+      std::fill(qi, qi + dp, 0.0f);  // padding rows: finite scores, results dropped
+    }
+  }
+  std::fill(o, o + rows_p * dp, 0.0f);
+  std::fill(m, m + rows_p, -std::numeric_limits<float>::infinity());
+  std::fill(l, l + rows_p, 0.0f);
+
+  for (int64_t k0 = 0; k0 < p.Lk; k0 += ldk) {
+    const int64_t bk = std::min(ldk, p.Lk - k0);
+    const int64_t bkp = round_up(bk, kQkCols);
+    // K^T tile; padding keys are zero (their scores are masked below).
+    for (int64_t j = 0; j < bk; ++j) {
+      const T* src = K + (k0 + j) * p.k_stride_l;
+      for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = to_float(src[d]);
+    }
+    if (bkp > bk)
+      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + bk, kt + d * ldk + bkp, 0.0f);
+    // V tile; padding keys and head-dim lanes are zero so that 0 * pad stays 0.
+    for (int64_t j = 0; j < bkp; ++j) {
+      float* vj = v + j * dp;
+      if (j < bk) {
+        const T* src = V + (k0 + j) * p.v_stride_l;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) vj[d] = to_float(src[d]);
+        std::fill(vj + D, vj + dp, 0.0f);
+      } else {
+        std::fill(vj, vj + dp, 0.0f);
+      }
+    }
+
+    // kBq rows at a time, so that their scores stay in L1 between the three steps.
+    for (int64_t i0 = 0; i0 < rows_p; i0 += kBq) {
+      const int64_t nr = std::min(kBq, rows_p - i0);
+      for (int64_t i = 0; i < nr; i += kQkRows)
+        for (int64_t j = 0; j < bkp; j += kQkCols)
+          qk_micro(q + (i0 + i) * dp, dp, kt + j, ldk, D, s + i * ldk + j, ldk);
+
+      // Online softmax: rescale what was accumulated by 2^(m_old - m_new), add this tile.
+      for (int64_t i = 0; i < nr; ++i) {
+        float* si = s + i * ldk;
+        for (int64_t j = bk; j < bkp; ++j) si[j] = -std::numeric_limits<float>::infinity();
+        const float m_old = m[i0 + i];
+        float mx = m_old;
+#pragma omp simd reduction(max : mx)
+        for (int64_t j = 0; j < bk; ++j) mx = mx > si[j] ? mx : si[j];
+        float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+        for (int64_t j = 0; j < bkp; ++j) {
+          const float e = exp2_approx(si[j] - mx);
+          si[j] = e;
+          sum += e;
+        }
+        const float alpha = exp2_approx(m_old - mx);  // 0 on the first tile (m_old = -inf)
+        m[i0 + i] = mx;
+        l[i0 + i] = l[i0 + i] * alpha + sum;
+        if (alpha != 1.0f) {
+          float* oi = o + (i0 + i) * dp;
+#pragma omp simd
+          for (int64_t d = 0; d < dp; ++d) oi[d] *= alpha;
+        }
+      }
+
+      for (int64_t i = 0; i < nr; i += kPvRows)
+        for (int64_t c = 0; c < dp; c += kPvCols)
+          pv_micro(s + i * ldk, ldk, v + c, dp, bkp, o + (i0 + i) * dp + c, dp);
+    }
+  }
+
+  T* O = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  for (int64_t i = 0; i < rows; ++i) {
+    const float inv = 1.0f / l[i];
+    const float* oi = o + i * dp;
+    T* dst = O + (q0 + i) * p.o_stride_l;
+#pragma omp simd
+    for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(oi[d] * inv);
+  }
+  if (p.lse != nullptr) {
+    float* lse = p.lse + (b * p.H + h) * p.Lq + q0;
+    for (int64_t i = 0; i < rows; ++i) lse[i] = (m[i] + std::log2(l[i])) * kLn2;
+  }
+}
+
+template <typename T>
+void run(const AttentionParams& p) {
+  const int64_t dp = round_up(p.D, kPvCols), bk_max = key_tile(p.D);
+  // Large chunks amortise the K/V conversion; smaller ones when there would otherwise be too
+  // few tasks to keep every thread busy (about four per thread).
+  const int64_t want_tasks = 4 * static_cast<int64_t>(omp_get_max_threads());
+  const int64_t per_head = (want_tasks + p.B * p.H - 1) / (p.B * p.H);
+  const int64_t chunk = std::clamp(round_up((p.Lq + per_head - 1) / per_head, kBq), kBq, chunk_cap(dp));
+  const int64_t chunks = (p.Lq + chunk - 1) / chunk;
+  const int64_t tasks = p.B * p.H * chunks;
+#pragma omp parallel
+  {
+    Workspace w(p.D, bk_max, chunk);
+    // Chunks of one head are consecutive, so neighbouring tasks share K and V in cache.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c = t % chunks, bh = t / chunks;
+      attention_chunk<T>(p, bh / p.H, bh % p.H, c * chunk, std::min(chunk, p.Lq - c * chunk), w);
+    }
+  }
+}
+
+}  // namespace
+
+void attention(const AttentionParams& p) {
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0 || p.Lk <= 0 || p.D <= 0) return;
+  dispatch_dtype(p.dtype, [&](auto tag) { run<decltype(tag)>(p); });
+}
+
+}  // namespace ldmfast::cpu
