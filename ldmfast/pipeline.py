@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from typing import Optional
 
 import torch
@@ -82,7 +83,6 @@ class LatentDiffusion(nn.Module):
         tokenizer wrapped, its scheduler's training schedule and ``vae.config.scaling_factor``
         taken over. The pipeline's own sampler settings are not: ``sample`` picks them."""
         from . import checkpoint
-        from .models import CLIPTextEmbedder
 
         unet = checkpoint.from_diffusers(pipe.unet)
         vae = getattr(pipe, "vae", None)
@@ -98,15 +98,23 @@ class LatentDiffusion(nn.Module):
         cond_stage, cond_cfg = None, None
         text_encoder = getattr(pipe, "text_encoder", None)
         if text_encoder is not None:
-            cond_cfg = {"type": "clip", "clip_config": text_encoder.config.to_dict(),
-                        "max_length": getattr(getattr(pipe, "tokenizer", None),
-                                              "model_max_length", 77)}
-            cond_stage = CLIPTextEmbedder(**{k: v for k, v in cond_cfg.items() if k != "type"})
-            cond_stage.transformer.load_state_dict(text_encoder.state_dict())
-            cond_stage.config = cond_cfg
-            if getattr(pipe, "tokenizer", None) is not None:
+            from .models import build_cond_stage
+            from .models.convert import clip_from_transformers
+            sd, cond_cfg = clip_from_transformers(text_encoder.state_dict(),
+                                                  text_encoder.config.to_dict())
+            tokenizer = getattr(pipe, "tokenizer", None)
+            folder = getattr(tokenizer, "name_or_path", None)
+            if folder and os.path.isdir(folder):
+                cond_cfg["tokenizer_path"] = folder
+            # a tokenizer built without model_max_length reports a huge number
+            positions = int(text_encoder.config.max_position_embeddings)
+            cond_cfg["max_length"] = min(int(getattr(tokenizer, "model_max_length", positions)
+                                             or positions), positions)
+            cond_stage = build_cond_stage(cond_cfg)
+            cond_stage.load_state_dict(sd)
+            if tokenizer is not None:
                 # The pipeline's tokenizer object is used as is (there may be no folder to name).
-                cond_stage._tokenizer = pipe.tokenizer
+                cond_stage._tokenizer = tokenizer
         config = {
             "unet": copy.deepcopy(getattr(unet, "config", None)),
             "first_stage": copy.deepcopy(getattr(first_stage, "config", None)),
@@ -189,6 +197,9 @@ class LatentDiffusion(nn.Module):
             raise ValueError("this model has no conditioning encoder (cond_stage) for text")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if hasattr(self.cond_stage, "tokenize"):
+            # tokenize, then run the encoder on the model's device
+            return self.cond_stage(self.cond_stage.tokenize(list(prompts)).to(self.device))
         return self.cond_stage.encode(list(prompts))
 
     @torch.no_grad()
