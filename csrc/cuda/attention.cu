@@ -10,7 +10,9 @@
 // agrees across them. Shared-memory reads are a broadcast across lane groups and 8 consecutive
 // words within one: conflict-free.
 #include <cmath>
+#include <cstdlib>
 
+#include "attention_mma.cuh"
 #include "common.cuh"
 #include "ldmfast/attention.h"
 
@@ -193,6 +195,17 @@ int launch(const AttentionParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
+// The tensor-core kernel of attention_mma.cu is UNVERIFIED ON GPU: it runs only when the
+// environment sets LDMFAST_ATTENTION_MMA=1 (read once). Make it the default for float16 /
+// bfloat16 after it passes the parity tests.
+bool mma_opted_in() {
+  static const bool on = [] {
+    const char* env = std::getenv("LDMFAST_ATTENTION_MMA");
+    return env != nullptr && env[0] == '1';
+  }();
+  return on;
+}
+
 }  // namespace
 
 bool attention_supports_head_dim(int64_t d) {
@@ -203,6 +216,7 @@ int attention(const AttentionParams& p, cudaStream_t stream) {
   if (!attention_supports_head_dim(p.D)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);  // softmax over no keys
+  if (mma_opted_in() && attention_mma_supports(p)) return attention_mma(p, stream);
   switch (p.dtype) {
     case DType::kFloat32: return launch<float>(p, stream);
     case DType::kFloat16: return launch<__half>(p, stream);

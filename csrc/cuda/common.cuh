@@ -6,6 +6,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 #include "ldmfast/common.h"
 
@@ -46,7 +47,8 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
       const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
-      const T* e = reinterpret_cast<const T*>(&raw);
+      T e[kPer];
+      memcpy(static_cast<void*>(e), &raw, 16);  // not a pointer cast: that breaks strict aliasing
 #pragma unroll
       for (int j = 0; j < kPer; ++j) out[w * kPer + j] = to_float(e[j]);
     }
@@ -63,10 +65,11 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
     constexpr int kPer = static_cast<int>(16 / sizeof(T));
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
-      uint4 raw;
-      T* e = reinterpret_cast<T*>(&raw);
+      T e[kPer];
 #pragma unroll
       for (int j = 0; j < kPer; ++j) e[j] = from_float<T>(in[w * kPer + j]);
+      uint4 raw;
+      memcpy(&raw, e, 16);
       reinterpret_cast<uint4*>(p)[w] = raw;
     }
   }

@@ -45,14 +45,14 @@ struct GnArgs {
 template <bool CL>
 struct Cursor {
   int64_t major, minor, step_major, step_minor, extent;
-  __device__ Cursor(const GnArgs& a, int64_t i0, int64_t step) {
+  __host__ __device__ Cursor(const GnArgs& a, int64_t i0, int64_t step) {
     extent = CL ? a.Cg : a.S;
     major = i0 / extent;
     minor = i0 - major * extent;
     step_major = step / extent;
     step_minor = step - step_major * extent;
   }
-  __device__ __forceinline__ void advance() {
+  __host__ __device__ __forceinline__ void advance() {
     minor += step_minor;
     major += step_major;
     if (minor >= extent) {
@@ -62,10 +62,10 @@ struct Cursor {
   }
   // Offset of the element in x / y, and its channel. For a vector item (V > 1) the host made
   // sure that the item lies in one channel (NCHW: S % V == 0) or in one run (CL: Cg % V == 0).
-  __device__ __forceinline__ int64_t offset(const GnArgs& a, int64_t n, int64_t g) const {
+  __host__ __device__ __forceinline__ int64_t offset(const GnArgs& a, int64_t n, int64_t g) const {
     return CL ? n * a.CS + major * a.C + g * a.Cg + minor : n * a.CS + g * a.E + major * a.S + minor;
   }
-  __device__ __forceinline__ int64_t channel(const GnArgs& a, int64_t g) const {
+  __host__ __device__ __forceinline__ int64_t channel(const GnArgs& a, int64_t g) const {
     return g * a.Cg + (CL ? minor : major);
   }
 };

@@ -1,0 +1,309 @@
+// Flash attention on the tensor cores (sm_80+ mma.sync.m16n8k16, float32 accumulation) for
+// float16 / bfloat16, after FlashAttention-2's forward pass.
+//
+// UNVERIFIED ON GPU: compile-checked only. attention.cu dispatches here only when the
+// environment sets LDMFAST_ATTENTION_MMA=1; enable it by default after the parity tests pass.
+//
+// One CTA of 4 warps per (b, h, block of 64 queries); each warp owns 16 query rows. Q is staged
+// through shared memory once and kept as mma A fragments in registers. K and V stream through
+// shared memory in tiles of 64 keys: S = Q K^T on the tensor cores, online softmax on the S
+// accumulators (a row's values sit in the 4 lanes of a quad, so row max and sum need two
+// shuffles), then the S accumulators are re-packed in place as the A operand of O += P V (the
+// m16n8 accumulator layout of two adjacent key tiles is the m16k16 A layout). D is padded to a
+// multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V covers D in n8 tiles.
+// Shared-memory rows are padded by 16 bytes so that ldmatrix's 8 row addresses hit 8 distinct
+// 16-byte bank groups. No software pipelining yet: loads and math of a tile do not overlap.
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+
+#include "attention_mma.cuh"
+#include "common.cuh"
+
+namespace ldmfast::cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kBlockQ = 16 * kWarps;  // query rows per CTA
+constexpr int kBlockK = 64;           // keys per tile; Q is staged in the K buffer, so >= kBlockQ
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+static_assert(kBlockK >= kBlockQ, "Q is staged through the K tile buffer");
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+template <class T> struct Mma;
+
+template <> struct Mma<__half> {
+  // d += a (16x16, row) * b (16x8, col)
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two floats as one register of the A operand; `lo` is the lower column.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+};
+
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+};
+
+// Copies `rows` rows of D elements (row r from src + (row0 + r) * stride_l) into shared memory
+// rows of kStride elements, as 16-byte chunks. Rows at or past L and the columns D..DPAD are
+// zeros: the padding enters the QK^T reduction, and rows past Lk meet P = 0 in P V, where
+// garbage (a NaN) would still poison the sum.
+template <int D, int DPAD, int kStride, class T>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L,
+                                          int rows, bool vec) {
+  constexpr int kChunks = DPAD / 8;
+  constexpr int kDataChunks = D / 8;
+  for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
+    const int r = idx / kChunks, c = idx - r * kChunks;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (c < kDataChunks && row0 + r < L) {
+      const T* s = src + (row0 + r) * stride_l + c * 8;
+      if (vec) {
+        val = *reinterpret_cast<const uint4*>(s);
+      } else {
+        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = static_cast<uint32_t>(s16[2 * e]) | (static_cast<uint32_t>(s16[2 * e + 1]) << 16);
+        val = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = val;
+  }
+}
+
+template <int D, class T>
+__global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p, const bool vec) {
+  static_assert(D % 8 == 0, "P V covers D in n8 tiles");
+  constexpr int DPAD = (D + 15) / 16 * 16;
+  constexpr int kStride = DPAD + 8;      // +16 bytes: conflict-free ldmatrix
+  constexpr int KC = DPAD / 16;          // k16 chunks of the QK^T reduction
+  constexpr int NT = kBlockK / 8;        // n8 key tiles of S
+  constexpr int DT = D / 8;              // n8 tiles of O
+  __shared__ alignas(16) uint16_t raw_k[kBlockK * kStride];
+  __shared__ alignas(16) uint16_t raw_v[kBlockK * kStride];
+  T* sK = reinterpret_cast<T*>(raw_k);
+  T* sV = reinterpret_cast<T*>(raw_v);
+
+  const int64_t nqb = ceil_div(p.Lq, kBlockQ);
+  const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;
+  const int64_t b = bh / p.H, h = bh - b * p.H;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane >> 2, quad_col = lane & 3;  // the mma "groupID" and "threadID_in_group"
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+
+  // Q -> shared (the K buffer) -> A fragments: rows warp*16 + (lane % 16), columns kc*16 + 8*(lane / 16).
+  load_rows<D, DPAD, kStride, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
+  __syncthreads();
+  uint32_t qf[KC][4];
+#pragma unroll
+  for (int kc = 0; kc < KC; ++kc)
+    ldmatrix_x4(qf[kc], sK + (warp * 16 + (lane & 15)) * kStride + kc * 16 + (lane >> 4) * 8);
+
+  // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
+  float o[DT][4];
+#pragma unroll
+  for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) o[dt][c] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's part of the row sum
+  const float qscale = p.scale * kLog2e;                      // scores in log2 units
+
+  for (int64_t k0 = 0; k0 < p.Lk; k0 += kBlockK) {
+    __syncthreads();  // every warp is done with the buffers (the Q fragments, the last tile)
+    load_rows<D, DPAD, kStride, T>(sK, k, p.k_stride_l, k0, p.Lk, kBlockK, vec);
+    load_rows<D, DPAD, kStride, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
+    __syncthreads();
+
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
+    // B fragments of K (keys are the n dim, d the k dim, d contiguous: "col" layout, no
+    // transpose). Matrices of one x4: keys +0..7 | d +0..7, keys +0..7 | d +8..15,
+    // keys +8..15 | d +0..7, keys +8..15 | d +8..15.
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
+        Mma<T>::run(s[2 * np], qf[kc], kf[0], kf[1]);
+        Mma<T>::run(s[2 * np + 1], qf[kc], kf[2], kf[3]);
+      }
+    }
+
+    // Online softmax. The tile holds at least one key < Lk, so the new max is finite and the
+    // first tile's rescale factor exp2(-inf) = 0 meets accumulators that are still zero.
+    float mx[2] = {m[0], m[1]};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
+        s[j][c] = key < p.Lk ? s[j][c] * qscale : -INFINITY;
+        mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+      }
+    float alpha[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+      alpha[r] = exp2f(m[r] - mx[r]);
+      m[r] = mx[r];
+      l[r] *= alpha[r];
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[j][c] = exp2f(s[j][c] - m[c >> 1]);
+        l[c >> 1] += s[j][c];
+      }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[dt][c] *= alpha[c >> 1];
+
+    // O += P V. A fragment of keys kk*16..+15 = the accumulators of key tiles 2kk and 2kk+1.
+    // B fragments of V (keys are the k dim, d the n dim, d contiguous: transposed ldmatrix).
+    // Matrices of one x4: keys +0..7 | d +0..7, keys +8..15 | d +0..7, keys +0..7 | d +8..15,
+    // keys +8..15 | d +8..15.
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk) {
+      uint32_t pa[4];
+      pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, vrow + dp * 16 + (lane >> 4) * 8);
+        Mma<T>::run(o[2 * dp], pa, vf[0], vf[1]);
+        Mma<T>::run(o[2 * dp + 1], pa, vf[2], vf[3]);
+      }
+      if constexpr (DT % 2 == 1) {  // D = 40: an odd count of n8 tiles
+        uint32_t vf[2];
+        ldmatrix_x2_trans(vf, vrow + (DT - 1) * 8);
+        Mma<T>::run(o[DT - 1], pa, vf[0], vf[1]);
+      }
+    }
+  }
+
+  // The 4 lanes of a quad hold disjoint columns of the same two rows.
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+  }
+  T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int64_t row = qb * kBlockQ + warp * 16 + quad_row + 8 * r;
+    if (row >= p.Lq) continue;
+    const float inv = 1.0f / l[r];
+    T* orow = out + row * p.o_stride_l;
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt) {
+      const int d = dt * 8 + quad_col * 2;
+      orow[d] = from_float<T>(o[dt][2 * r] * inv);
+      orow[d + 1] = from_float<T>(o[dt][2 * r + 1] * inv);
+    }
+    if (p.lse != nullptr && quad_col == 0) p.lse[(b * p.H + h) * p.Lq + row] = (m[r] + log2f(l[r])) * kLn2;
+  }
+}
+
+template <int D, class T>
+int launch_d(const AttentionParams& p, cudaStream_t stream) {
+  constexpr int64_t V = 8;  // elements of a 16-byte chunk
+  const bool vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && p.q_stride_b % V == 0 &&
+                   p.q_stride_l % V == 0 && p.q_stride_h % V == 0 && p.k_stride_b % V == 0 &&
+                   p.k_stride_l % V == 0 && p.k_stride_h % V == 0 && p.v_stride_b % V == 0 &&
+                   p.v_stride_l % V == 0 && p.v_stride_h % V == 0;
+  const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
+  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  attention_mma_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
+  return launch_status();
+}
+
+template <class T>
+int launch(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_d<32, T>(p, stream);
+    case 40: return launch_d<40, T>(p, stream);
+    case 64: return launch_d<64, T>(p, stream);
+    case 80: return launch_d<80, T>(p, stream);
+    case 96: return launch_d<96, T>(p, stream);
+    case 128: return launch_d<128, T>(p, stream);
+    case 160: return launch_d<160, T>(p, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+bool attention_mma_supports(const AttentionParams& p) {
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && attention_supports_head_dim(p.D);
+}
+
+int attention_mma(const AttentionParams& p, cudaStream_t stream) {
+  if (!attention_mma_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
+  if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace ldmfast::cuda
