@@ -96,8 +96,11 @@ def make_grid(images: Iterable[Image.Image], rows: int | None = None, pad: int =
     if not images:
         raise ValueError("no images to tile")
     n = len(images)
-    rows = rows or max(1, int(math.floor(math.sqrt(n))))
-    cols = math.ceil(n / rows)
+    if rows is None:
+        cols = math.ceil(math.sqrt(n))
+        rows = math.ceil(n / cols)
+    else:
+        cols = math.ceil(n / rows)
     w, h = images[0].size
     grid = Image.new("RGB", (cols * w + (cols + 1) * pad, rows * h + (rows + 1) * pad), "white")
     for i, im in enumerate(images):

@@ -98,23 +98,19 @@ class LatentDiffusion(nn.Module):
         cond_stage, cond_cfg = None, None
         text_encoder = getattr(pipe, "text_encoder", None)
         if text_encoder is not None:
-            from .models import build_cond_stage
-            from .models.convert import clip_from_transformers
-            sd, cond_cfg = clip_from_transformers(text_encoder.state_dict(),
-                                                  text_encoder.config.to_dict())
+            cond_stage = checkpoint.from_diffusers(text_encoder)
             tokenizer = getattr(pipe, "tokenizer", None)
             folder = getattr(tokenizer, "name_or_path", None)
             if folder and os.path.isdir(folder):
-                cond_cfg["tokenizer_path"] = folder
+                cond_stage.tokenizer_path = cond_stage.config["tokenizer_path"] = folder
             # a tokenizer built without model_max_length reports a huge number
             positions = int(text_encoder.config.max_position_embeddings)
-            cond_cfg["max_length"] = min(int(getattr(tokenizer, "model_max_length", positions)
-                                             or positions), positions)
-            cond_stage = build_cond_stage(cond_cfg)
-            cond_stage.load_state_dict(sd)
+            cond_stage.max_length = cond_stage.config["max_length"] = min(
+                int(getattr(tokenizer, "model_max_length", positions) or positions), positions)
             if tokenizer is not None:
                 # The pipeline's tokenizer object is used as is (there may be no folder to name).
                 cond_stage._tokenizer = tokenizer
+            cond_cfg = cond_stage.config
         config = {
             "unet": copy.deepcopy(getattr(unet, "config", None)),
             "first_stage": copy.deepcopy(getattr(first_stage, "config", None)),
@@ -126,7 +122,9 @@ class LatentDiffusion(nn.Module):
                 "linear_end": float(sc.get("beta_end", 1.2e-2)),
                 "timesteps": int(sc.get("num_train_timesteps", 1000)),
                 "scale_factor": float(getattr(vae.config, "scaling_factor", 1.0)) if vae is not None else 1.0,
-                "conditioning_key": "crossattn" if cond_stage is not None else None,
+                "conditioning_key": {(True, False): "crossattn", (True, True): "hybrid",
+                                     (False, True): "concat", (False, False): None}[
+                    (cond_stage is not None, unet.in_channels > unet.out_channels)],
             },
         }
         model = cls(unet, first_stage, cond_stage, config)
@@ -393,8 +391,8 @@ class LatentDiffusion(nn.Module):
 
     def sample_class(self, labels, steps: int = 50, guidance_scale: float = 1.0,
                      uncond_label=None, seed=None, sampler: str = "ddim", eta: float = 0.0,
-                     out=None, progress: bool = True, callback=None, generator=None,
-                     output_type: str = "pil"):
+                     height=None, width=None, out=None, progress: bool = True, callback=None,
+                     generator=None, output_type: str = "pil"):
         """Class-conditional samples, one per label. With ``guidance_scale`` != 1,
         ``uncond_label`` is the model's null class (1000 for LDM's cin256-v2)."""
         labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
@@ -403,9 +401,10 @@ class LatentDiffusion(nn.Module):
             if uncond_label is None:
                 raise ValueError("classifier-free guidance needs uncond_label, the null class")
             uncond = torch.full_like(labels, int(uncond_label))
+        h, w = self._latent_hw(height, width)
         z = self.sample(labels, uncond, steps, guidance_scale, sampler, eta,
                         generator=self._generator(seed, generator), progress=progress,
-                        callback=callback)
+                        shape=(labels.shape[0], self.latent_channels, h, w), callback=callback)
         return self._finish(z, out, output_type)
 
     def sample_unconditional(self, batch: int = 1, steps: int = 50, seed=None,

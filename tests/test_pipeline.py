@@ -98,8 +98,8 @@ def test_ddim_with_guidance_matches_diffusers(sd_pipe):
     assert model.scale_factor == sd_pipe.vae.config.scaling_factor
     assert model.parameterization == "eps" and model.conditioning_key == "crossattn"
     cond, uncond, x_T = _embeds()
-    ref_latents, ref_images = _run_diffusers(sd_pipe, cond, uncond, x_T, 10, 7.5, "pt")
-    ours = model.sample(cond=cond, uncond=uncond, steps=10, guidance_scale=7.5, x_T=x_T,
+    ref_latents, ref_images = _run_diffusers(sd_pipe, cond, uncond, x_T, 8, 7.5, "pt")
+    ours = model.sample(cond=cond, uncond=uncond, steps=8, guidance_scale=7.5, x_T=x_T,
                         progress=False)
     assert (ours - x_T).norm() > 0.1 * x_T.norm()  # the model moved the sample
     assert rel_err(ours, ref_latents) < REL
@@ -125,8 +125,8 @@ def test_dpm_solver_matches_diffusers(sd_pipe):
         sd_pipe.scheduler.config, timestep_spacing="linspace", steps_offset=0)
     model = LatentDiffusion.from_diffusers(pipe)
     cond, uncond, x_T = _embeds(1, seed=1)
-    ref, _ = _run_diffusers(pipe, cond, uncond, x_T, 8, 5.0)
-    ours = model.sample(cond=cond, uncond=uncond, steps=8, guidance_scale=5.0, x_T=x_T,
+    ref, _ = _run_diffusers(pipe, cond, uncond, x_T, 6, 5.0)
+    ours = model.sample(cond=cond, uncond=uncond, steps=6, guidance_scale=5.0, x_T=x_T,
                         sampler="dpmpp_2m", progress=False)
     assert rel_err(ours, ref) < REL
 
@@ -156,3 +156,229 @@ def test_seeded_sampling_is_reproducible(sd_pipe):
     model.sample(cond, steps=4, x_T=torch.randn(1, 4, 16, 16), progress=False,
                  callback=lambda d: steps_seen.append(int(d["t"])))
     assert steps_seen == [751, 501, 251, 1]
+
+
+# -------------------------------------------------------------------- tasks on the tiny preset
+
+configs = pytest.importorskip("ldmfast.configs")
+# U-Nets without cross-attention, for models that take no context
+NO_XATTN = {"unet__use_spatial_transformer": False, "unet__context_dim": None}
+
+
+def tiny(**changes):
+    """The ``tiny`` preset with ``section__key=value`` (or ``section=value``) changes."""
+    cfg = configs.get("tiny")
+    for name, value in changes.items():
+        section, _, key = name.partition("__")
+        if key:
+            cfg[section][key] = value
+        else:
+            cfg[section] = value
+    torch.manual_seed(0)
+    return LatentDiffusion.from_components(configs.build(cfg))
+
+
+@pytest.fixture(scope="module")
+def txt_model():
+    return tiny()
+
+
+def rand_image(h=32, w=32, b=1, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
+def test_txt2img_shapes_seeds_and_files(txt_model, tmp_path):
+    f = txt_model.downsampling_factor
+    assert f == 4 and txt_model.latent_channels == 4
+    kw = dict(steps=2, guidance_scale=3.0, height=32, width=48, progress=False)
+    a = txt_model.txt2img("a red cat", seed=1, batch=2, out=tmp_path / "cat.png", **kw)
+    assert len(a) == 2 and all(i.size == (48, 32) and i.mode == "RGB" for i in a)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["cat-000.png", "cat-001.png", "cat.png"]  # images, grid, no temp files
+    assert Image.open(tmp_path / "cat-000.png").tobytes() == a[0].tobytes()
+    b = txt_model.txt2img("a red cat", seed=1, batch=2, **kw)
+    c = txt_model.txt2img("a red cat", seed=2, batch=2, **kw)
+    assert a[0].tobytes() == b[0].tobytes() and a[0].tobytes() != c[0].tobytes()
+    z = txt_model.txt2img("a red cat", seed=1, steps=2, progress=False, output_type="latent")
+    assert z.shape == (1, 4, txt_model.latent_size, txt_model.latent_size)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        txt_model.txt2img("a cat", steps=1, height=30, width=32, progress=False)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "dpmpp_2m"])
+def test_txt2img_other_samplers(txt_model, sampler):
+    out = txt_model.txt2img(["a cat", "a dog"], steps=3, seed=0, height=16, width=16,
+                            sampler=sampler, progress=False, output_type="tensor")
+    assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="eta applies to the DDIM sampler only"):
+        txt_model.sample("a cat", steps=2, sampler=sampler, eta=0.5, progress=False)
+
+
+def test_encode_decode_scale_factor(txt_model):
+    x = rand_image()
+    z = txt_model.encode(x)
+    assert z.shape == (1, 4, 8, 8)
+    assert txt_model.decode(z).shape == (1, 3, 32, 32)
+    model = tiny(diffusion__scale_factor=0.5)
+    model.load_state_dict(txt_model.state_dict())
+    torch.testing.assert_close(model.encode(x), 0.5 * z)
+    torch.testing.assert_close(model.decode(0.5 * z), txt_model.decode(z))
+    pil = im.to_pil(x)[0]
+    assert txt_model.encode(pil).shape == (1, 4, 8, 8)
+
+
+def test_sample_argument_checks(txt_model):
+    with pytest.raises(ValueError, match="batch 2, the sample has 3"):
+        txt_model.sample(torch.randn(2, 16, 32), steps=1, shape=(3, 4, 8, 8), progress=False)
+    with pytest.raises(ValueError, match=r"\(B, 4, h, w\)"):
+        txt_model.sample("a cat", steps=1, shape=(1, 3, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="takes no concat"):
+        txt_model.sample("a cat", steps=1, concat=torch.randn(1, 3, 8, 8), progress=False)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        txt_model.sample("a cat", steps=1, sampler="heun", progress=False)
+
+
+def test_class_conditional_through_the_class_embedder():
+    model = tiny(cond_stage={"type": "class", "embed_dim": 32, "n_classes": 11})
+    out = model.sample_class([1, 2, 3], steps=2, guidance_scale=3.0, uncond_label=10, seed=0,
+                             height=16, width=16, progress=False)
+    assert len(out) == 3 and out[0].size == (16, 16)
+    with pytest.raises(ValueError, match="uncond_label"):
+        model.sample_class([1], steps=1, guidance_scale=3.0, progress=False)
+
+
+def test_class_conditional_through_y():
+    model = tiny(unet__num_classes=10, cond_stage=None, diffusion__conditioning_key="adm",
+                 **NO_XATTN)
+    seen = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, context=None, y=None: seen.append(y) or forward(x, t, context, y)
+    z = model.sample_class([4, 7], steps=2, seed=0, height=16, width=16, progress=False,
+                           output_type="latent")
+    assert z.shape == (2, 4, 4, 4) and torch.equal(seen[0], torch.tensor([4, 7]))
+
+
+def test_unconditional():
+    model = tiny(cond_stage=None, diffusion__conditioning_key=None, **NO_XATTN)
+    out = model.sample_unconditional(2, steps=2, seed=0, height=16, width=16, progress=False)
+    assert len(out) == 2 and out[0].size == (16, 16)
+
+
+@pytest.fixture(scope="module")
+def sr_model():
+    return tiny(cond_stage={"type": "identity"}, diffusion__conditioning_key="concat",
+                unet__in_channels=7, **NO_XATTN)
+
+
+def test_super_resolution_is_4x_and_checks_channels(sr_model, txt_model):
+    low = rand_image(8, 12)
+    out = sr_model.super_resolve(low, steps=2, seed=0, progress=False)
+    assert out[0].size == (48, 32)  # 4x of 12x8 (W x H)
+    out = sr_model.super_resolve(im.to_pil(low)[0], steps=2, seed=0, progress=False)
+    assert out[0].size == (48, 32)
+    msg = ("this model's U-Net takes 7 input channels: 4 latent + 3 concat; "
+           "got concat with 4 channels")
+    with pytest.raises(ValueError, match=msg.replace("+", r"\+")):
+        sr_model.sample(concat=torch.randn(1, 4, 8, 8), steps=1, progress=False)
+    with pytest.raises(ValueError, match="pass concat"):
+        sr_model.sample(steps=1, progress=False)
+    with pytest.raises(ValueError, match="inpainting needs 4 \\+ 5"):
+        sr_model.inpaint(rand_image(), torch.ones(1, 1, 32, 32), steps=1, progress=False)
+
+
+def test_inpainting_model_concatenates_masked_latent_and_mask():
+    model = tiny(cond_stage={"type": "first_stage"}, diffusion__conditioning_key="concat",
+                 unet__in_channels=9, **NO_XATTN)
+    x = rand_image()
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., :, 16:] = 1  # fill the right half
+    seen = {}
+    forward = model.unet.forward
+
+    def spy(xin, t, context=None, y=None):
+        seen["x"] = xin
+        return forward(xin, t, context, y)
+
+    model.unet.forward = spy
+    out = model.inpaint(x, mask, steps=2, seed=0, progress=False, output_type="tensor")
+    assert out.shape == (1, 3, 32, 32) and seen["x"].shape == (1, 9, 8, 8)
+    # LDM's order: the masked image's latent, then the mask at the latent size
+    torch.testing.assert_close(seen["x"][:, 4:8], model.encode((1 - mask) * x))
+    assert torch.equal(seen["x"][:, 8:], torch.nn.functional.interpolate(mask, size=(8, 8)))
+    torch.testing.assert_close(out[..., :16], x[..., :16])  # the known half is the input
+    pil = model.inpaint(im.to_pil(x)[0], Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8")),
+                        steps=2, seed=0, progress=False)
+    assert pil[0].size == (32, 32)
+    with pytest.raises(ValueError, match="mask is"):
+        model.inpaint(x, torch.ones(1, 1, 16, 16), steps=1, progress=False)
+
+
+def test_inpainting_with_a_text_model_blends_the_known_region(txt_model):
+    x = rand_image()
+    mask = torch.zeros(1, 1, 32, 32)
+    mask[..., 16:, :] = 1
+    out = txt_model.inpaint(x, mask, prompt="a red cat", guidance_scale=2.0, steps=3, seed=0,
+                            progress=False, output_type="tensor")
+    torch.testing.assert_close(out[..., :16, :], x[..., :16, :])
+    z = txt_model.inpaint(x, mask, prompt="a cat", steps=2, seed=0, progress=False,
+                          output_type="latent")
+    keep = 1 - torch.nn.functional.interpolate(mask, size=(8, 8))
+    torch.testing.assert_close(z * keep, txt_model.encode(x) * keep)
+
+
+def test_img2img(txt_model):
+    x = rand_image()
+    out = txt_model.img2img(x, strength=0.5, prompt="a blue house", steps=4, seed=0,
+                            progress=False)
+    assert out[0].size == (32, 32)
+    seen = []
+    txt_model.img2img(x, strength=0.5, prompt="a blue house", steps=4, seed=0, progress=False,
+                      callback=lambda d: seen.append(int(d["t"])))
+    assert seen == txt_model.steps(4).timesteps.tolist()[2:]  # strength 0.5: the last 2 of 4
+    same = txt_model.img2img(x, strength=0.0, steps=4, progress=False, output_type="tensor")
+    torch.testing.assert_close(same, txt_model.decode(txt_model.encode(x)))
+    with pytest.raises(ValueError, match="strength"):
+        txt_model.img2img(x, strength=1.5, steps=2, progress=False)
+
+
+def test_save_load_roundtrip(txt_model, tmp_path):
+    from ldmfast import checkpoint
+    import ldmfast
+    path = checkpoint.save(txt_model, str(tmp_path / "tiny.safetensors"))
+    loaded = ldmfast.load(path)
+    assert isinstance(loaded, LatentDiffusion) and loaded.config == txt_model.config
+    x_T = torch.randn(1, 4, 8, 8)
+    a = txt_model.sample("a cat", steps=2, x_T=x_T, progress=False)
+    b = loaded.sample("a cat", steps=2, x_T=x_T, progress=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_schedule_follows_the_model_but_stays_float32(txt_model):
+    model = tiny()
+    model.to(torch.bfloat16)
+    assert model.dtype == torch.bfloat16 and model.schedule.alphas_cumprod.dtype == torch.float32
+    z = model.txt2img("a cat", steps=2, seed=0, height=16, width=16, progress=False,
+                      output_type="latent")
+    assert z.dtype == torch.bfloat16 and torch.isfinite(z.float()).all()
+
+
+# ------------------------------------------------------------------------------ image helpers
+
+def test_image_conversions_and_grid(tmp_path):
+    arr = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    x = arr.float() / 127.5 - 1
+    pils = im.to_pil(x)
+    assert [p.size for p in pils] == [(7, 5)] * 2
+    back = im.to_tensor(pils)
+    torch.testing.assert_close(back, x)  # exact round trip for 8-bit values
+    assert torch.equal(im.to_tensor(x[0]), x[:1])
+    grid = im.make_grid(pils + pils[:1], pad=1)
+    assert grid.size == (2 * 7 + 3, 2 * 5 + 3)
+    m = im.mask_to_tensor(Image.fromarray(((arr[0, 0] > 127).numpy() * 255).astype("uint8")))
+    assert m.shape == (1, 1, 5, 7) and set(m.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(m[0, 0], (arr[0, 0] > 127).float())
+    with pytest.raises(ValueError, match="one size"):
+        im.to_tensor([pils[0], pils[0].resize((3, 3))])
+    path = im.save_png(pils[0], tmp_path / "sub" / "a.png")
+    assert os.listdir(tmp_path / "sub") == ["a.png"]
+    assert Image.open(path).tobytes() == pils[0].tobytes()
