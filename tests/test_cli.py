@@ -1,0 +1,103 @@
+"""``python -m ldmfast``: the command table, generate end to end, and error reporting."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from ldmfast import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("LDMFAST_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "ldmfast", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT, env=env)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from ldmfast import checkpoint, configs
+    from ldmfast.pipeline import LatentDiffusion
+    torch.manual_seed(0)
+    model = LatentDiffusion.from_components(configs.build("tiny"))
+    path = str(tmp_path_factory.mktemp("ckpt") / "tiny.safetensors")
+    checkpoint.save(model, path)
+    return path, model
+
+
+def test_help_lists_every_command():
+    r = run_cli("--help")
+    assert r.returncode == 0, r.stderr
+    for name in cli.COMMANDS:
+        assert name in r.stdout
+    r = run_cli("generate", "--help")
+    assert r.returncode == 0
+    for opt in ("--checkpoint", "--steps", "--guidance", "--seed", "--out", "--sampler",
+                "--height", "--width", "--batch", "--negative", "--device", "--dtype",
+                "--no-progress"):
+        assert opt in r.stdout
+
+
+def test_missing_checkpoint_is_one_line_and_exit_2(tmp_path):
+    r = run_cli("generate", "a cat", "--checkpoint", str(tmp_path / "nope.ckpt"), "--steps", "2")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "nope.ckpt" in lines[0] and "does not exist" in lines[0]
+    assert "Traceback" not in r.stderr
+
+
+def test_generate_writes_the_png_of_txt2img(tiny_checkpoint, tmp_path):
+    path, model = tiny_checkpoint
+    out = tmp_path / "out.png"
+    r = run_cli("generate", "a red cat", "--checkpoint", path, "--steps", "2", "--seed", "0",
+                "--height", "16", "--width", "16", "--out", str(out), "--no-progress",
+                "--device", "cpu", "--dtype", "float32")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out.png"]
+    img = Image.open(out)
+    assert img.size == (16, 16) and img.format == "PNG"
+    ref = model.txt2img("a red cat", steps=2, guidance_scale=7.5, seed=0, height=16, width=16,
+                        progress=False)[0]
+    diff = (torch.tensor(list(img.convert("RGB").getdata()))
+            - torch.tensor(list(ref.getdata()))).abs()
+    assert diff.max() <= 1  # same seed, same model: the same image up to rounding
+
+
+def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint
+    base = ["generate", "a cat", "--checkpoint", path, "--out", str(tmp_path / "x.png"),
+            "--no-progress", "--device", "cpu"]
+    assert cli.main(base + ["--steps", "0"]) == 2
+    assert "--steps" in capsys.readouterr().err
+    assert cli.main(base + ["--sampler", "heun"]) == 2
+    assert "unknown sampler" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # argparse's own usage errors are also status 2
+        cli.main(["generate", "a cat"])
+    assert e.value.code == 2
+    assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_commands_plug_in_through_the_table(capsys):
+    class Echo:
+        HELP = "repeat a word"
+
+        @staticmethod
+        def add_arguments(p):
+            p.add_argument("word")
+
+        @staticmethod
+        def run(args):
+            print(args.word * 2)
+            return 3
+
+    parser = cli.build_parser({"echo": Echo, "generate": cli.COMMANDS["generate"]})
+    args = parser.parse_args(["echo", "ab"])
+    assert args._command.run(args) == 3 and capsys.readouterr().out.strip() == "abab"
+    assert "repeat a word" in parser.format_help()
