@@ -355,11 +355,12 @@ def infer_cond_stage(sd: dict) -> dict | None:
         vocab, dim = sd["transformer.token_emb.weight"].shape
         n_layer = (1 + max(int(m.group(1)) for m in map(
             re.compile(r"transformer\.attn_layers\.layers\.(\d+)\.").match, sd) if m)) // 2
-        inner = sd["transformer.attn_layers.layers.0.1.to_q.weight"].shape[0]
+        inner = int(sd["transformer.attn_layers.layers.0.1.to_q.weight"].shape[0])
+        heads = 8 if inner % 8 == 0 else 1  # x-transformers' default; not in the weights
         return {"type": "transformer", "n_embed": int(dim), "n_layer": n_layer,
                 "vocab_size": int(vocab),
                 "max_seq_len": int(sd["transformer.pos_emb.emb.weight"].shape[0]),
-                "heads": int(inner) // 64, "dim_head": 64, "tokenizer": None}
+                "heads": heads, "dim_head": inner // heads, "tokenizer": None}
     if "channel_mapper.weight" in sd:
         o, i = sd["channel_mapper.weight"].shape[:2]
         return {"type": "rescaler", "in_channels": int(i), "out_channels": int(o),
@@ -368,6 +369,26 @@ def infer_cond_stage(sd: dict) -> dict | None:
         return {"type": "openclip"}
     raise ValueError("cond_stage_model weights of an unknown encoder (keys such as "
                      f"{', '.join(sorted(sd)[:5])})")
+
+
+_COND_SHAPE_KEYS = {"transformer": ("n_embed", "n_layer", "vocab_size", "max_seq_len"),
+                    "class": ("embed_dim", "n_classes"),
+                    "rescaler": ("in_channels", "out_channels", "bias")}
+_CLIP_SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "max_position_embeddings")
+
+
+def _cond_fits(inferred, preset):
+    """Whether a preset's cond_stage has the inferred encoder's shapes."""
+    if not inferred or not preset or inferred["type"] != preset["type"]:
+        return False
+    if inferred["type"] == "clip":
+        return all(inferred["clip_config"].get(k) == preset["clip_config"].get(k)
+                   for k in _CLIP_SHAPE_KEYS)
+    if inferred["type"] == "transformer" and (inferred["heads"] * inferred["dim_head"]
+                                              != preset.get("heads", 8) * preset.get("dim_head", 64)):
+        return False
+    return all(inferred.get(k) == preset.get(k) for k in _COND_SHAPE_KEYS.get(inferred["type"], ()))
 
 
 def infer(sd: dict, parameterization: str | None = None) -> dict:
@@ -401,11 +422,8 @@ def infer(sd: dict, parameterization: str | None = None) -> dict:
         if config["cond_stage"] is None and preset["cond_stage"] and \
                 preset["cond_stage"]["type"] in ("identity", "first_stage"):
             config["cond_stage"] = preset["cond_stage"]
-        elif config["cond_stage"] and config["cond_stage"]["type"] == preset["cond_stage"]["type"]:
-            for k, v in preset["cond_stage"].items():  # keep what the weights cannot say
-                config["cond_stage"].setdefault(k, v)
-                if k == "clip_config":
-                    config["cond_stage"][k] = {**v, **config["cond_stage"][k]}
+        elif _cond_fits(config["cond_stage"], preset["cond_stage"]):
+            config["cond_stage"] = preset["cond_stage"]  # with what the weights cannot say
         log.info("checkpoint matches the %r preset", match)
     else:
         if unet.get("use_linear_in_transformer"):

@@ -334,7 +334,9 @@ def clip_from_transformers(sd: dict, cfg: dict):
             "num_attention_heads", "max_position_embeddings", "hidden_act", "layer_norm_eps",
             "projection_dim", "pad_token_id", "bos_token_id", "eos_token_id")
     clip_config = {k: cfg[k] for k in keep if k in cfg}
-    out = {"transformer." + k: v for k, v in sd.items() if not k.endswith("position_ids")
+    # transformers 5 writes embeddings.* / encoder.*; older files text_model.*
+    out = {"transformer.text_model." + (k[len("text_model."):] if k.startswith("text_model.") else k): v
+           for k, v in sd.items() if not k.endswith("position_ids")
            and not k.startswith("text_projection")}
     return out, {"type": "clip", "clip_config": clip_config, "tokenizer_path": None,
                  "max_length": 77, "layer": "last"}

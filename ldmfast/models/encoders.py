@@ -261,7 +261,10 @@ class CLIPTextEmbedder(nn.Module):
         self.layer, self.key, self.max_length = layer, key, max_length
         self.tokenizer_path = tokenizer_path
         self._tokenizer = None
-        self.transformer = CLIPTextModel(CLIPTextConfig(**clip_config))
+        model = CLIPTextModel(CLIPTextConfig(**clip_config))
+        # SD-1 checkpoints name the weights transformer.text_model.*; transformers 5 dropped the
+        # text_model level, which a plain holder module restores.
+        self.transformer = model if hasattr(model, "text_model") else _CLIPHolder(model)
         self.transformer.eval()
 
     @property
@@ -289,16 +292,36 @@ class CLIPTextEmbedder(nn.Module):
         return enc["input_ids"]
 
     def forward(self, tokens):
+        model = self.transformer.text_model
         if self.layer == "last":
-            return self.transformer(input_ids=tokens).last_hidden_state
-        out = self.transformer(input_ids=tokens, output_hidden_states=True)
-        return self.transformer.text_model.final_layer_norm(out.hidden_states[-2])
+            return model(input_ids=tokens).last_hidden_state
+        out = model(input_ids=tokens, output_hidden_states=True)
+        return model.final_layer_norm(out.hidden_states[-2])
 
     def encode(self, batch):
         """batch: a string, a list of strings, token ids (B, 77), or a dict with ``key``."""
         texts = _texts(batch, self.key)
         tokens = texts if torch.is_tensor(texts) else self.tokenize(texts)
-        return self(tokens.to(self.transformer.text_model.embeddings.token_embedding.weight.device))
+        return self(tokens.to(self.transformer.text_model.get_input_embeddings().weight.device))
+
+
+class _CLIPHolder(nn.Module):
+    """``text_model`` = a transformers-5 ``CLIPTextModel``; also loads that model's own,
+    unprefixed state dicts (``holder.load_state_dict(clip.state_dict())``)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.text_model = model
+        self.register_load_state_dict_pre_hook(self._add_prefix)
+
+    @staticmethod
+    def _add_prefix(module, state_dict, prefix, *args):
+        for k in [k for k in state_dict if k.startswith(prefix)
+                  and not k.startswith(prefix + "text_model.")]:
+            state_dict[prefix + "text_model." + k[len(prefix):]] = state_dict.pop(k)
+
+    def forward(self, *args, **kwargs):
+        return self.text_model(*args, **kwargs)
 
 
 # ------------------------------------------------------------------------------ image encoders
