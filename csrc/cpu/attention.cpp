@@ -1,15 +1,16 @@
 // O = softmax(scale Q K^T) V on the CPU, flash-style: the Lq x Lk score matrix is never
-// materialised. One task is a chunk of up to 256 queries of one (batch, head); it walks the keys
+// materialised. One task is a chunk of up to 240 queries of one (batch, head); it walks the keys
 // in tiles of up to 128, keeping per query a running maximum m, a running sum l and an
 // unnormalised output accumulator (the online softmax of Milakov & Gimelshein, as in
 // FlashAttention). Within a key tile the chunk is processed kBq queries at a time, whose scores
 // stay in L1.
 //
-// Tiles are converted to float in thread-local buffers: Q pre-multiplied by scale * log2(e) so the
-// softmax is a bare exp2, K transposed to (D, keys) so the score micro-kernel runs along keys
-// with unit stride, V as (keys, D). Both products are register-blocked micro-kernels written as
+// K and V are converted to float once per call, before the tasks start (pack_kv): K transposed to
+// (D, keys) tiles so the score micro-kernel runs along keys with unit stride, V as (keys, D)
+// tiles. Each task converts its Q rows, pre-multiplied by scale * log2(e) so that the softmax is
+// a bare exp2. Both products are register-blocked micro-kernels written as
 // plain loops over fixed-size arrays that the compiler keeps in vector registers:
-//   scores: 4 query rows x 16 keys (8 AVX2 accumulators), one rank-1 update per head-dim step;
+//   scores: 6 query rows x 16 keys (12 AVX2 accumulators), one rank-1 update per head-dim step;
 //   P V:    8 query rows x 8 head-dim lanes (8 accumulators), one rank-1 update per key.
 // Rows, keys and head dims are padded with zeros to those block sizes; padded keys get a score
 // of -inf so they carry no probability.
@@ -19,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #include "dtype.h"
@@ -28,11 +30,13 @@
 namespace ldmfast::cpu {
 namespace {
 
-constexpr int64_t kBq = 32;      // queries whose scores are live at once
-constexpr int64_t kQkRows = 4;   // score micro-kernel: query rows ...
+constexpr int64_t kBq = 48;      // queries whose scores are live at once
+constexpr int64_t kQkRows = 6;   // score micro-kernel: query rows ...
 constexpr int64_t kQkCols = 16;  // ... times keys
 constexpr int64_t kPvRows = 8;   // P V micro-kernel: query rows ...
 constexpr int64_t kPvCols = 8;   // ... times head-dim lanes
+constexpr int64_t kRowPad = 24;  // rows are padded to a multiple of both micro-kernels' rows
+static_assert(kRowPad % kQkRows == 0 && kRowPad % kPvRows == 0 && kBq % kRowPad == 0, "row blocking");
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
@@ -42,7 +46,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 // take 64 so that D = 256 still fits.
 int64_t key_tile(int64_t D) { return D > 128 ? 64 : 128; }
 
-// s[r][j] = sum_d q[r][d] kt[d][j] for 4 rows and 16 keys.
+// s[r][j] = sum_d q[r][d] kt[d][j] for 6 rows and 16 keys.
 inline void qk_micro(const float* __restrict q, int64_t ldq, const float* __restrict kt, int64_t ldk,
                      int64_t D, float* __restrict s, int64_t lds) {
   float acc[kQkRows][kQkCols] = {};
@@ -79,18 +83,69 @@ inline void pv_micro(const float* __restrict p, int64_t ldp, const float* __rest
 }
 
 // Rows of Q (and of the output accumulator) a task keeps in float: as many as fit in about
-// 64 KiB each, at most 256. Converting a K/V tile is then shared by that many queries.
-int64_t chunk_cap(int64_t dp) { return std::clamp<int64_t>(16384 / dp / kBq * kBq, kBq, 256); }
+// 64 KiB each, at most 240: the per-tile overheads (pointer set-up, output rescaling) are then
+// shared by that many queries.
+// (A multiple of kBq, so a chunk's padded rows never exceed its buffers.)
+int64_t chunk_cap(int64_t dp) { return std::clamp<int64_t>(16384 / dp / kBq * kBq, kBq, 5 * kBq); }
+
+// K and V of every head in float, packed once per call by pack_kv so that no task converts or
+// transposes them again: for key tile t of head bh, kt(bh, t) is a (D, ldk) row-major block
+// (keys along rows, for the score micro-kernel) and v(bh, t) a (ldk, dp) block. Keys past Lk
+// and head-dim lanes past D are zero.
+struct PackedKV {
+  int64_t D, dp, ldk, tiles;
+  // Left uninitialised (pack_kv writes every element, padding included): zero-filling the
+  // buffers first would be a third pass over memory the size of K and V.
+  std::unique_ptr<float[]> k, v;
+  PackedKV(const AttentionParams& p, int64_t dp_, int64_t ldk_)
+      : D(p.D), dp(dp_), ldk(ldk_), tiles((p.Lk + ldk_ - 1) / ldk_),
+        k(new float[static_cast<size_t>(p.B * p.H * tiles * p.D * ldk_)]),
+        v(new float[static_cast<size_t>(p.B * p.H * tiles * ldk_ * dp_)]) {}
+  float* kt(int64_t bh, int64_t t) { return k.get() + (bh * tiles + t) * D * ldk; }
+  float* vt(int64_t bh, int64_t t) { return v.get() + (bh * tiles + t) * ldk * dp; }
+};
+
+template <typename T>
+void pack_kv(const AttentionParams& p, PackedKV& pk) {
+  const int64_t D = p.D, dp = pk.dp, ldk = pk.ldk;
+#pragma omp parallel for schedule(static)
+  for (int64_t u = 0; u < p.B * p.H * pk.tiles; ++u) {
+    const int64_t bh = u / pk.tiles, t = u % pk.tiles, b = bh / p.H, h = bh % p.H;
+    const int64_t k0 = t * ldk, bk = std::min(ldk, p.Lk - k0);
+    const T* K = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h + k0 * p.k_stride_l;
+    const T* V = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h + k0 * p.v_stride_l;
+    float* kt = pk.kt(bh, t);
+    float* v = pk.vt(bh, t);
+    // Transposed in 16-key slabs: each slab's rows (D x 16 floats) stay in L1 while written.
+    for (int64_t j0 = 0; j0 < ldk; j0 += kQkCols) {
+      const int64_t jn = std::clamp<int64_t>(bk - j0, 0, kQkCols);
+      for (int64_t j = 0; j < jn; ++j) {
+        const T* src = K + (j0 + j) * p.k_stride_l;
+        for (int64_t d = 0; d < D; ++d) kt[d * ldk + j0 + j] = to_float(src[d]);
+      }
+      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + j0 + jn, kt + d * ldk + j0 + kQkCols, 0.0f);
+    }
+    for (int64_t j = 0; j < ldk; ++j) {
+      float* vj = v + j * dp;
+      if (j < bk) {
+        const T* src = V + j * p.v_stride_l;
+#pragma omp simd
+        for (int64_t d = 0; d < D; ++d) vj[d] = to_float(src[d]);
+        std::fill(vj + D, vj + dp, 0.0f);
+      } else {
+        std::fill(vj, vj + dp, 0.0f);
+      }
+    }
+  }
+}
 
 struct Workspace {
   int64_t dp, bk_max;
-  std::vector<float> q, kt, v, s, o, m, l;
+  std::vector<float> q, s, o, m, l;
   Workspace(int64_t D, int64_t bk_max_, int64_t chunk)
       : dp(round_up(D, kPvCols)),
         bk_max(bk_max_),
         q(chunk * dp),
-        kt(dp * bk_max),
-        v(bk_max * dp),
         s(kBq * bk_max),
         o(chunk * dp),
         m(chunk),
@@ -101,15 +156,12 @@ struct Workspace {
 // the same order with the same arithmetic whatever the chunking, so results do not depend on
 // how the rows were grouped into tasks (nor on the thread count).
 template <typename T>
-void attention_chunk(const AttentionParams& p, int64_t b, int64_t h, int64_t q0, int64_t rows, Workspace& w) {
+void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t h, int64_t q0, int64_t rows,
+                     Workspace& w) {
   const int64_t D = p.D, dp = w.dp, ldk = w.bk_max;
-  const int64_t rows_p = round_up(rows, kPvRows);  // a multiple of kQkRows too
+  const int64_t rows_p = round_up(rows, kRowPad);
   const T* Q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  const T* K = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
-  const T* V = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
   float* q = w.q.data();
-  float* kt = w.kt.data();
-  float* v = w.v.data();
   float* s = w.s.data();
   float* o = w.o.data();
   float* m = w.m.data();
@@ -134,25 +186,8 @@ void attention_chunk(const AttentionParams& p, int64_t b, int64_t h, int64_t q0,
   for (int64_t k0 = 0; k0 < p.Lk; k0 += ldk) {
     const int64_t bk = std::min(ldk, p.Lk - k0);
     const int64_t bkp = round_up(bk, kQkCols);
-    // K^T tile; padding keys are zero (their scores are masked below).
-    for (int64_t j = 0; j < bk; ++j) {
-      const T* src = K + (k0 + j) * p.k_stride_l;
-      for (int64_t d = 0; d < D; ++d) kt[d * ldk + j] = to_float(src[d]);
-    }
-    if (bkp > bk)
-      for (int64_t d = 0; d < D; ++d) std::fill(kt + d * ldk + bk, kt + d * ldk + bkp, 0.0f);
-    // V tile; padding keys and head-dim lanes are zero so that 0 * pad stays 0.
-    for (int64_t j = 0; j < bkp; ++j) {
-      float* vj = v + j * dp;
-      if (j < bk) {
-        const T* src = V + (k0 + j) * p.v_stride_l;
-#pragma omp simd
-        for (int64_t d = 0; d < D; ++d) vj[d] = to_float(src[d]);
-        std::fill(vj + D, vj + dp, 0.0f);
-      } else {
-        std::fill(vj, vj + dp, 0.0f);
-      }
-    }
+    const float* kt = pk.kt(b * p.H + h, k0 / ldk);
+    const float* v = pk.vt(b * p.H + h, k0 / ldk);
 
     // kBq rows at a time, so that their scores stay in L1 between the three steps.
     for (int64_t i0 = 0; i0 < rows_p; i0 += kBq) {
@@ -209,13 +244,15 @@ void attention_chunk(const AttentionParams& p, int64_t b, int64_t h, int64_t q0,
 template <typename T>
 void run(const AttentionParams& p) {
   const int64_t dp = round_up(p.D, kPvCols), bk_max = key_tile(p.D);
-  // Large chunks amortise the K/V conversion; smaller ones when there would otherwise be too
-  // few tasks to keep every thread busy (about four per thread).
+  // Large chunks amortise the Q conversion and per-tile overheads; smaller ones when there
+  // would otherwise be too few tasks to keep every thread busy (about four per thread).
   const int64_t want_tasks = 4 * static_cast<int64_t>(omp_get_max_threads());
   const int64_t per_head = (want_tasks + p.B * p.H - 1) / (p.B * p.H);
   const int64_t chunk = std::clamp(round_up((p.Lq + per_head - 1) / per_head, kBq), kBq, chunk_cap(dp));
   const int64_t chunks = (p.Lq + chunk - 1) / chunk;
   const int64_t tasks = p.B * p.H * chunks;
+  PackedKV pk(p, dp, bk_max);
+  pack_kv<T>(p, pk);
 #pragma omp parallel
   {
     Workspace w(p.D, bk_max, chunk);
@@ -223,7 +260,7 @@ void run(const AttentionParams& p) {
 #pragma omp for schedule(dynamic, 1)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t c = t % chunks, bh = t / chunks;
-      attention_chunk<T>(p, bh / p.H, bh % p.H, c * chunk, std::min(chunk, p.Lq - c * chunk), w);
+      attention_chunk<T>(p, pk, bh / p.H, bh % p.H, c * chunk, std::min(chunk, p.Lq - c * chunk), w);
     }
   }
 }
