@@ -159,13 +159,13 @@ def main(argv=None) -> int:
     except UsageError as e:
         if debug:
             raise
-        print(f"ldmfast {args._name}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"ldmfast {args._name}: error: {e}\n")
         return 2
     except (ValueError, FileNotFoundError, OSError) as e:
         if debug:
             raise
-        print(f"ldmfast {args._name}: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"ldmfast {args._name}: error: {e}\n")
         return 1
     except KeyboardInterrupt:
-        print(f"ldmfast {args._name}: interrupted", file=sys.stderr)
+        sys.stderr.write(f"ldmfast {args._name}: interrupted\n")
         return 130

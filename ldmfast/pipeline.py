@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from . import images as im
 from .diffusion.guidance import EpsModel
-from .diffusion.samplers import get_sampler
+from .diffusion.samplers import get_sampler, sample_ddim
 from .diffusion.schedule import NoiseSchedule, StepSchedule, randn_like
 
 log = logging.getLogger("ldmfast")
@@ -331,7 +331,7 @@ class LatentDiffusion(nn.Module):
                          self.conditioning_key)
         extra = {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale,
                  "concat": concat}
-        opts = {"eta": eta} if sampler_fn.__name__ == "sample_ddim" else {}
+        opts = {"eta": eta} if sampler_fn is sample_ddim else {}
         if eta and not opts:
             raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
         x = sampler_fn(model, x, schedule, extra_args=extra, callback=callback,

@@ -78,6 +78,29 @@ def test_ddpm_matches_diffusers(schedule):
     assert rel_err(ours, x) < REL
 
 
+def test_ddpm_full_chain_matches_ldm_p_sample(schedule):
+    """All 1000 steps against LDM's p_sample, written with the schedule's posterior buffers
+    (DDPM eqs. 6-7): x_{t-1} = c1_t x0 + c2_t x_t + exp(log_var_t / 2) z, no noise at t = 0."""
+    shape = (1, 2, 4, 4)
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = torch.Generator().manual_seed(9)
+    x = x_T.clone()
+    buf = schedule._canonical
+    for t in range(999, -1, -1):
+        tt = torch.tensor(t)
+        x0 = (buf["sqrt_recip_alphas_cumprod"][t] * x
+              - buf["sqrt_recipm1_alphas_cumprod"][t] * toy_eps(x, tt))
+        mean = buf["posterior_mean_coef1"][t] * x0 + buf["posterior_mean_coef2"][t] * x
+        if t > 0:
+            noise = torch.randn(shape, generator=g).double()  # the sampler draws float32
+            mean = mean + torch.exp(0.5 * buf["posterior_log_variance_clipped"][t]) * noise
+        x = mean
+    st = schedule.steps(1000, "leading", 0, "one")
+    ours = sample_ddpm(toy_eps, x_T.float(), st, disable=True,
+                       generator=torch.Generator().manual_seed(9))
+    assert rel_err(ours, x) < 1e-4
+
+
 def test_ddpm_is_ddim_with_eta_one(schedule):
     # Song et al. 2021 section 4.1: eta = 1 gives the DDPM posterior. Both samplers draw one
     # noise per step in the same order; DDIM's last draw is multiplied by sigma = 0.

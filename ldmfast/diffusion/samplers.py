@@ -32,11 +32,23 @@ from .schedule import StepSchedule, _bcast, randn_like, x0_from_eps
 
 log = logging.getLogger("ldmfast")
 
+from ldmfast import ref as _ref
+
 try:  # the fused op; its reference has the same signature and semantics
-    from ldmfast.ops import ddim_step
+    from ldmfast import ops as _ops
 except ImportError as exc:  # the compiled library is not built in this checkout
-    from ldmfast.ref import ddim_step
+    _ops = None
     log.debug("ldmfast.ops unavailable (%s); DDIM uses the reference ddim_step", exc)
+
+
+def _ddim_step_for(x):
+    """The fused ddim_step where a kernel exists for x's device, else the reference; chosen
+    once per sampling call, before the loop."""
+    if _ops is None or (x.device.type == "cuda" and not _ops.cuda_available()):
+        return _ref.ddim_step
+    if x.device.type not in ("cpu", "cuda"):
+        return _ref.ddim_step
+    return _ops.ddim_step
 
 __all__ = ["sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "SAMPLERS", "DISCRETISATIONS",
            "get_sampler"]
@@ -85,6 +97,7 @@ def sample_ddim(model, x, schedule: StepSchedule, extra_args=None, callback=None
     if stochastic:
         sig = eta * ((1 - a_prev) / (1 - a) * (1 - a / a_prev)).clamp(min=0).sqrt()
     blend = _known_region(mask, x0, schedule, generator)
+    ddim_step = _ddim_step_for(x)
     for i in trange(len(schedule), disable=disable, desc="DDIM"):
         x = blend(x, i)
         t = schedule.timesteps[i]
