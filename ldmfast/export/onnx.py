@@ -36,13 +36,11 @@ _WEIGHT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast")
 # --- the graphs' wrappers: fixed input names and order ------------------------------------------
 
 class _UNet(nn.Module):
-    def __init__(self, unet, has_context, has_y):
+    def __init__(self, unet):
         super().__init__()
-        self.unet, self.has_context, self.has_y = unet, has_context, has_y
+        self.unet = unet
 
-    def forward(self, sample, timestep, *rest):
-        context = rest[0] if self.has_context else None
-        y = rest[-1] if self.has_y else None
+    def forward(self, sample, timestep, context=None, y=None):
         return self.unet(sample, timestep, context=context, y=y)
 
 
@@ -133,9 +131,11 @@ def _unet_spec(unet, batch, h, w, dtype, text_len):
         args.append(torch.zeros(batch, text_len, int(context_dim), dtype=dtype))
         names.append("context")
     if has_y:
+        if not context_dim:
+            args.append(None)  # keeps y in its keyword's place; None inputs are not graph inputs
         args.append(torch.zeros(batch, dtype=torch.int64))
         names.append("y")
-    return _UNet(unet, bool(context_dim), has_y), tuple(args), names, ["eps"]
+    return _UNet(unet), tuple(args), names, ["eps"]
 
 
 def _decoder_spec(first_stage, batch, h, w, dtype):
@@ -151,8 +151,12 @@ def _text_spec(cond_stage, batch, text_len):
 
 def _dynamic_shapes(names, args, spatial):
     batch = torch.export.Dim("batch", min=1, max=1024)
-    shapes = []
-    for name, a in zip(names, args):
+    shapes, names = [], iter(names)
+    for a in args:
+        if a is None:
+            shapes.append(None)
+            continue
+        name = next(names)
         dims = {0: batch}
         if spatial and name in ("sample", "latent"):
             dims.update({2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO})
@@ -324,7 +328,8 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of the downsampling factor {f}")
     h, w = height // f, width // f
-    text_len = _text_length(model, parts.get("text_encoder"), text_length)
+    text_len = _text_length(model, getattr(model, "cond_stage", None) or parts.get("text_encoder"),
+                            text_length)
     out_dir = Path(out_dir)
     _files.check_destination(out_dir, overwrite)
 
@@ -340,6 +345,9 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
                 "attention": attn_form, "scale_factor": getattr(model, "scale_factor", None),
                 "parameterization": getattr(model, "parameterization", None),
                 "components": {}}
+    # torch.export specialises a dimension whose example size is 1, so a dynamic export
+    # traces with batch 2 (the graph accepts any batch either way).
+    trace_batch = max(batch, 2) if dynamic else batch
     tmp = _files.staging_dir(out_dir)
     try:
         for name, module in parts.items():
@@ -349,11 +357,11 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
             part.eval()
             try:
                 if name == "unet":
-                    spec = _unet_spec(part, batch, h, w, torch_dtype, text_len)
+                    spec = _unet_spec(part, trace_batch, h, w, torch_dtype, text_len)
                 elif name == "vae_decoder":
-                    spec = _decoder_spec(part, batch, h, w, torch_dtype)
+                    spec = _decoder_spec(part, trace_batch, h, w, torch_dtype)
                 else:
-                    spec = _text_spec(part, batch, text_len)
+                    spec = _text_spec(part, trace_batch, text_len)
                 log.info("exporting %s (%s, opset %d)", name, dtype_name, opset)
                 manifest["components"][name] = _export_part(
                     name, *spec, tmp, opset=opset, table=table, dynamic=dynamic,
