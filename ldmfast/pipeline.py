@@ -85,8 +85,13 @@ class LatentDiffusion(nn.Module):
         from . import checkpoint
 
         unet = checkpoint.from_diffusers(pipe.unet)
-        vae = getattr(pipe, "vae", None)
+        vae = getattr(pipe, "vae", None) or getattr(pipe, "vqvae", None)  # LDM pipelines: vqvae
         first_stage = checkpoint.from_diffusers(vae) if vae is not None else None
+        # diffusers scales latents by scaling_factor for AutoencoderKL only; its VQ pipelines
+        # (LDMPipeline, LDMSuperResolutionPipeline) decode the latents as they are.
+        scale = 1.0
+        if vae is not None and type(vae).__name__ == "AutoencoderKL":
+            scale = float(getattr(vae.config, "scaling_factor", 1.0))
         sc = pipe.scheduler.config
         beta = sc.get("beta_schedule", "linear")
         if beta not in _DIFFUSERS_BETAS or sc.get("trained_betas") is not None:
@@ -121,7 +126,7 @@ class LatentDiffusion(nn.Module):
                 "linear_start": float(sc.get("beta_start", 8.5e-4)),
                 "linear_end": float(sc.get("beta_end", 1.2e-2)),
                 "timesteps": int(sc.get("num_train_timesteps", 1000)),
-                "scale_factor": float(getattr(vae.config, "scaling_factor", 1.0)) if vae is not None else 1.0,
+                "scale_factor": scale,
                 "conditioning_key": {(True, False): "crossattn", (True, True): "hybrid",
                                      (False, True): "concat", (False, False): None}[
                     (cond_stage is not None, unet.in_channels > unet.out_channels)],

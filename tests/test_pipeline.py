@@ -26,6 +26,10 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def rand_image(h=32, w=32, b=1, seed=0):
+    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+
+
 # ------------------------------------------------------------------------ the diffusers pipeline
 
 def write_clip_tokenizer(folder):
@@ -144,6 +148,35 @@ def test_v_prediction_matches_diffusers(sd_pipe, tmp_path):
     assert rel_err(ours, ref) < REL
 
 
+def test_super_resolution_matches_diffusers_ldm_sr():
+    """Concat conditioning and a VQ first stage against LDMSuperResolutionPipeline, seed for
+    seed (both draw x_T from the same CPU generator)."""
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8, in_channels=6, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=8)
+    with torch.no_grad():
+        unet.conv_out.weight.mul_(3)
+    vq = diffusers.VQModel(
+        block_out_channels=[32, 64], in_channels=3, out_channels=3, latent_channels=3,
+        num_vq_embeddings=32, down_block_types=["DownEncoderBlock2D"] * 2,
+        up_block_types=["UpDecoderBlock2D"] * 2)
+    scheduler = diffusers.DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.0015,
+                                        beta_end=0.0155, steps_offset=1, set_alpha_to_one=False,
+                                        clip_sample=False)
+    pipe = diffusers.LDMSuperResolutionPipeline(vqvae=vq, unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    low = rand_image(8, 8, seed=1)
+    ref = pipe(low, num_inference_steps=5, eta=0.0, generator=torch.Generator().manual_seed(2),
+               output_type="np").images
+    model = LatentDiffusion.from_diffusers(pipe)
+    assert model.conditioning_key == "concat" and model.scale_factor == 1.0
+    out = model.super_resolve(low, steps=5, seed=2, eta=0.0, progress=False, output_type="tensor")
+    out = (out / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+    assert rel_err(out, torch.from_numpy(ref)) < REL
+
+
 def test_seeded_sampling_is_reproducible(sd_pipe):
     model = LatentDiffusion.from_diffusers(sd_pipe)
     cond, uncond, _ = _embeds(1)
@@ -183,9 +216,6 @@ def txt_model():
     return tiny()
 
 
-def rand_image(h=32, w=32, b=1, seed=0):
-    return torch.rand(b, 3, h, w, generator=torch.Generator().manual_seed(seed)) * 2 - 1
-
 
 def test_txt2img_shapes_seeds_and_files(txt_model, tmp_path):
     f = txt_model.downsampling_factor
@@ -210,6 +240,14 @@ def test_txt2img_other_samplers(txt_model, sampler):
     out = txt_model.txt2img(["a cat", "a dog"], steps=3, seed=0, height=16, width=16,
                             sampler=sampler, progress=False, output_type="tensor")
     assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+    # a text model's missing uncond is the empty prompt
+    x_T = torch.randn(1, 4, 4, 4)
+    auto = txt_model.sample("a cat", steps=2, guidance_scale=3.0, x_T=x_T, sampler=sampler,
+                            progress=False, generator=torch.Generator().manual_seed(0))
+    explicit = txt_model.sample(txt_model.encode_text("a cat"), txt_model.encode_text(""),
+                                steps=2, guidance_scale=3.0, x_T=x_T, sampler=sampler,
+                                progress=False, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(auto, explicit, rtol=0, atol=0)
     with pytest.raises(ValueError, match="eta applies to the DDIM sampler only"):
         txt_model.sample("a cat", steps=2, sampler=sampler, eta=0.5, progress=False)
 
