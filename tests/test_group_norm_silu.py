@@ -70,6 +70,9 @@ LDM_SHAPES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape,groups,eps", LDM_SHAPES)
 def test_ldm_shapes(device, shape, groups, eps, dtype, channels_last):
+    if shape[2] >= 256 and dtype != torch.float32:
+        pytest.skip("the 8M-element VAE shape runs in float32 only, to keep the suite fast on CPU; "
+                    "the half types are covered at every other shape")
     _check(shape, groups, dtype, device, eps=eps, channels_last=channels_last)
 
 
