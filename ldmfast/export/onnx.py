@@ -186,8 +186,13 @@ def _name_weight_values(model):
                 p = [perm[i] for i in p]
             perm = p if p is not None else list(reversed(range(len(src.shape or ()))))
         out = node.outputs[0]
-        out.name = f"{src.name}.{node.op_type.lower()}"
-        derived[out.name] = (source, perm)
+        name = f"{src.name}.{node.op_type.lower()}"
+        n = 1
+        while name in derived:  # the same weight through the same op twice: keep names unique
+            n += 1
+            name = f"{src.name}.{node.op_type.lower()}{n}"
+        out.name = name
+        derived[name] = (source, perm)
     return derived
 
 

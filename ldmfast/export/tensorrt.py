@@ -113,7 +113,7 @@ def _profile_shapes(onnx_path, shapes):
 def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
                  workspace_gb: float = 8.0, timing_cache=None, strongly_typed: bool | None = None,
                  refit: bool = True, shapes=None, overwrite: bool = False,
-                 builder_optimization_level: int | None = None) -> Path:
+                 tf32: bool = True, builder_optimization_level: int | None = None) -> Path:
     """Builds a TensorRT engine from an exported ONNX graph and writes it atomically.
 
     fp16 / bf16: allow those precisions (weakly typed networks only; TensorRT then picks per
@@ -126,6 +126,7 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
     can swap weights (LoRA) without a rebuild. timing_cache: a file read if present and
     written back after the build (speeds up rebuilds of the same graph on the same GPU).
     overwrite: replace an existing engine file; otherwise an existing one is refused.
+    tf32: TensorRT may run fp32 layers in TF32 (its default); False keeps full fp32 matmuls.
     """
     trt = require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
@@ -153,6 +154,8 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
             config.set_flag(trt.BuilderFlag.BF16)
     elif fp16 is False and _graph_is_low_precision(onnx_path):
         log.info("strongly typed build of a low-precision graph: precision comes from the graph")
+    if not tf32:
+        config.clear_flag(trt.BuilderFlag.TF32)
     if refit:
         config.set_flag(trt.BuilderFlag.REFIT)
     if builder_optimization_level is not None:
@@ -336,8 +339,11 @@ class TensorRTModule(nn.Module):
             parser_refitter = trt.OnnxParserRefitter(refitter, self._logger)
             if not parser_refitter.refit_from_file(str(weights)):
                 errors = "\n".join(str(parser_refitter.get_error(i))
-                                   for i in range(parser_refitter.num_errors))
-                raise RuntimeError(f"TensorRT could not refit from {weights}:\n{errors}")
+                                   for i in range(getattr(parser_refitter, "num_errors", 0)))
+                raise RuntimeError(f"TensorRT could not parse {weights} for refit:\n{errors}")
+            if not refitter.refit_cuda_engine():
+                raise RuntimeError(f"TensorRT refit from {weights} failed (engine built without "
+                                   "refit=True, or a graph with other weights?)")
             return list(refitter.get_all_weights())
         table, component = self._weights_table(manifest, component)
         prefix = {"unet": "unet.", "vae_decoder": "first_stage.",

@@ -1,0 +1,186 @@
+"""TensorRT: the package is optional, its absence is reported clearly, and (with TensorRT 10 and a
+GPU) engines built from the tiny preset's graphs match PyTorch, refit, and sample.
+
+The tests that need TensorRT call ``pytest.importorskip("tensorrt")`` and are skipped, visibly,
+where it is not installed; the CUDA ones carry the ``cuda`` marker.
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import assert_parity
+
+FP32_RTOL = 1e-3
+
+
+def _have_tensorrt():
+    return importlib.util.find_spec("tensorrt") is not None
+
+
+# --- without TensorRT -----------------------------------------------------------------------------
+
+def test_import_needs_no_tensorrt():
+    code = ("import sys, ldmfast, ldmfast.export, ldmfast.export.tensorrt, ldmfast.export.command;"
+            "from ldmfast.export import export_onnx, TensorRTModule, build_engine;"
+            "assert 'tensorrt' not in sys.modules, 'tensorrt imported eagerly'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
+def test_missing_tensorrt_is_named(tmp_path):
+    from ldmfast.export.tensorrt import TensorRTModule, build_engine
+
+    with pytest.raises(ImportError, match=r"TensorRT 10 \(the Python package `tensorrt`"):
+        build_engine(tmp_path / "unet.onnx", tmp_path / "unet.plan")
+    with pytest.raises(ImportError, match="`tensorrt`"):
+        TensorRTModule(tmp_path / "unet.plan")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(_have_tensorrt(), reason="TensorRT is installed here")
+def test_cli_reports_missing_tensorrt(tmp_path, capsys):
+    from ldmfast.cli import build_parser
+
+    parser = build_parser({"export": "ldmfast.export.command"})
+    args = parser.parse_args(["export", "tensorrt", "--onnx", str(tmp_path)])
+    assert args._command.run(args) == 1
+    err = capsys.readouterr().err
+    assert "ldmfast export tensorrt: error:" in err and "`tensorrt`" in err
+
+
+def test_engine_file_written_atomically(tmp_path):
+    from ldmfast.export._files import write_file_atomic
+
+    path = tmp_path / "unet.plan"
+    write_file_atomic(path, b"engine-1", overwrite=False)
+    with pytest.raises(FileExistsError, match="overwrite"):
+        write_file_atomic(path, b"engine-2", overwrite=False)
+    write_file_atomic(path, bytearray(b"engine-2"), overwrite=True)
+    assert path.read_bytes() == b"engine-2"
+    assert [p.name for p in tmp_path.iterdir()] == ["unet.plan"]
+
+
+# --- with TensorRT and a GPU ----------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def trt_env():
+    pytest.importorskip("tensorrt")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT tests need a CUDA GPU")
+    return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    from ldmfast import configs
+    from ldmfast.pipeline import LatentDiffusion
+
+    torch.manual_seed(0)
+    model = LatentDiffusion.from_components(configs.build("tiny")).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().max() == 0:
+                p.normal_(0, 0.05)
+    return model
+
+
+def _unet_inputs(model, device, dtype=torch.float32, batch=2):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch, 4, 8, 8, generator=g).to(device, dtype)
+    t = torch.tensor([999, 17, 500, 3][:batch], device=device)
+    c = torch.randn(batch, 16, model.unet.config["context_dim"], generator=g).to(device, dtype)
+    return x, t, c
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+@pytest.mark.cuda
+def test_fp32_engine_matches_pytorch_and_refits(trt_env, tiny_model, tmp_path):
+    from ldmfast.export import export_onnx
+    from ldmfast.export.tensorrt import TensorRTModule, build_engine
+
+    paths = export_onnx(tiny_model, tmp_path / "onnx", height=32, width=32, batch=2)
+    engines = {}
+    for name, path in paths.items():
+        engines[name] = build_engine(path, tmp_path / f"{name}.plan", fp16=False, tf32=False,
+                                     workspace_gb=1)
+        with pytest.raises(FileExistsError):
+            build_engine(path, tmp_path / f"{name}.plan", fp16=False)
+    model = copy.deepcopy(tiny_model).to(trt_env)
+    unet = TensorRTModule(engines["unet"])
+    x, t, c = _unet_inputs(model, trt_env)
+    with torch.no_grad():
+        expected = model.unet(x, t, context=c)
+    assert _rel(unet(x, t, context=c), expected) < FP32_RTOL
+    assert _rel(unet(x, t, c), expected) < FP32_RTOL              # positional, like UNetModel
+    # a batch that is a multiple of the engine's is run in chunks
+    x4, t4, c4 = (torch.cat([a, a]) for a in (x, t, c))
+    assert _rel(unet(x4, t4, context=c4), torch.cat([expected, expected])) < FP32_RTOL
+    with pytest.raises(ValueError, match="built for batch 2"):
+        unet(x[:1], t[:1], context=c[:1])
+
+    decoder = TensorRTModule(engines["vae_decoder"])
+    z = torch.randn(2, 4, 8, 8, device=trt_env)
+    with torch.no_grad():
+        assert _rel(decoder.decode(z), model.first_stage.decode(z)) < FP32_RTOL
+
+    # refit from a state dict: new weights, same engine
+    original = expected
+    with torch.no_grad():
+        for p in model.unet.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+        perturbed = model.unet(x, t, context=c)
+    assert _rel(perturbed, original) > 10 * FP32_RTOL
+    unet.refit(model.unet.state_dict())
+    assert _rel(unet(x, t, context=c), perturbed) < FP32_RTOL
+    # from the exported graph (TensorRT's ONNX refitter): back to the original weights
+    unet.refit(paths["unet"])
+    assert _rel(unet(x, t, context=c), original) < FP32_RTOL
+    # a LatentDiffusion state dict (keys prefixed "unet.") maps through the manifest too
+    unet.refit({f"unet.{k}": v for k, v in model.unet.state_dict().items()})
+    assert _rel(unet(x, t, context=c), perturbed) < FP32_RTOL
+
+
+@pytest.mark.cuda
+def test_fp16_strongly_typed_engine(trt_env, tiny_model, tmp_path):
+    from ldmfast.export import export_onnx
+    from ldmfast.export.tensorrt import TensorRTModule, build_engine
+
+    paths = export_onnx(tiny_model, tmp_path / "onnx16", height=32, width=32, batch=2,
+                        dtype="fp16", components=["unet", "vae_decoder"])
+    model32 = copy.deepcopy(tiny_model).to(trt_env)
+    model16 = copy.deepcopy(tiny_model).to(trt_env, torch.float16)
+    x, t, c = _unet_inputs(model32, trt_env)
+    unet = TensorRTModule(build_engine(paths["unet"], tmp_path / "unet16.plan"))
+    out = unet(x.half(), t, context=c.half())
+    with torch.no_grad():
+        ref16 = model16.unet(x.half(), t, context=c.half())
+        ref32 = model32.unet(x, t, context=c)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    assert_parity(out, ref16, ref32, torch.float16, "TensorRT fp16 U-Net")
+
+
+@pytest.mark.cuda
+def test_latent_diffusion_samples_with_engine(trt_env, tiny_model, tmp_path):
+    from ldmfast.export import export_onnx
+    from ldmfast.export.tensorrt import TensorRTModule, build_engine
+
+    paths = export_onnx(tiny_model, tmp_path / "onnx", height=32, width=32, batch=2,
+                        components=["unet"])
+    model = copy.deepcopy(tiny_model).to(trt_env)
+    g = torch.Generator(device=trt_env).manual_seed(0)
+    x_T = torch.randn(1, 4, 8, 8, device=trt_env, generator=g)
+    cond = ["a red circle"]
+    expected = model.sample(cond, steps=4, guidance_scale=3.0, x_T=x_T, progress=False)
+    model.unet = TensorRTModule(build_engine(paths["unet"], tmp_path / "unet.plan", fp16=False,
+                                             tf32=False))
+    got = model.sample(cond, steps=4, guidance_scale=3.0, x_T=x_T, progress=False)
+    assert _rel(got, expected) < 1e-2
