@@ -33,7 +33,8 @@ def to_tensor(image: ImageLike, device=None, dtype=torch.float32) -> torch.Tenso
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image.unsqueeze(0)
         if x.dim() != 4:
-            raise ValueError(f"an image tensor must be (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+            raise ValueError("an image tensor must be (3, H, W) or (B, 3, H, W), "
+                             f"got {tuple(image.shape)}")
         return x.to(device=device, dtype=dtype)
     if isinstance(image, Image.Image):
         arr = _pil_to_array(image, "RGB")[None]
@@ -68,7 +69,8 @@ def mask_to_tensor(mask, device=None, dtype=torch.float32, threshold: float = 0.
     elif isinstance(mask, torch.Tensor):
         m = mask.float()
     else:
-        raise TypeError(f"a mask must be a PIL image, an array or a tensor, not {type(mask).__name__}")
+        raise TypeError("a mask must be a PIL image, an array or a tensor, "
+                        f"not {type(mask).__name__}")
     if m.dim() == 2:
         m = m[None, None]
     elif m.dim() == 3:

@@ -369,7 +369,8 @@ class LatentDiffusion(nn.Module):
         if output_type == "tensor":
             return pixels
         if output_type != "pil":
-            raise ValueError(f"output_type must be 'pil', 'tensor' or 'latent', got {output_type!r}")
+            raise ValueError("output_type must be 'pil', 'tensor' or 'latent', "
+                             f"got {output_type!r}")
         images = im.to_pil(pixels)
         if out is not None:
             for path in im.save_images(images, out):

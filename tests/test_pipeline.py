@@ -180,9 +180,10 @@ def test_super_resolution_matches_diffusers_ldm_sr():
 def test_seeded_sampling_is_reproducible(sd_pipe):
     model = LatentDiffusion.from_diffusers(sd_pipe)
     cond, uncond, _ = _embeds(1)
-    run = lambda seed: model.sample(cond, uncond, steps=3, guidance_scale=2.0, progress=False,  # noqa: E731
-                                    shape=(1, 4, 16, 16), eta=0.5,
-                                    generator=torch.Generator().manual_seed(seed))
+    def run(seed):
+        return model.sample(cond, uncond, steps=3, guidance_scale=2.0, progress=False,
+                            shape=(1, 4, 16, 16), eta=0.5,
+                            generator=torch.Generator().manual_seed(seed))
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a, b) and not torch.allclose(a, c)
     steps_seen = []
@@ -290,7 +291,11 @@ def test_class_conditional_through_y():
                  **NO_XATTN)
     seen = []
     forward = model.unet.forward
-    model.unet.forward = lambda x, t, context=None, y=None: seen.append(y) or forward(x, t, context, y)
+    def spy(x, t, context=None, y=None):
+        seen.append(y)
+        return forward(x, t, context, y)
+
+    model.unet.forward = spy
     z = model.sample_class([4, 7], steps=2, seed=0, height=16, width=16, progress=False,
                            output_type="latent")
     assert z.shape == (2, 4, 4, 4) and torch.equal(seen[0], torch.tensor([4, 7]))
@@ -344,7 +349,8 @@ def test_inpainting_model_concatenates_masked_latent_and_mask():
     torch.testing.assert_close(seen["x"][:, 4:8], model.encode((1 - mask) * x))
     assert torch.equal(seen["x"][:, 8:], torch.nn.functional.interpolate(mask, size=(8, 8)))
     torch.testing.assert_close(out[..., :16], x[..., :16])  # the known half is the input
-    pil = model.inpaint(im.to_pil(x)[0], Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8")),
+    mask_pil = Image.fromarray((mask[0, 0].numpy() * 255).astype("uint8"))
+    pil = model.inpaint(im.to_pil(x)[0], mask_pil,
                         steps=2, seed=0, progress=False)
     assert pil[0].size == (32, 32)
     with pytest.raises(ValueError, match="mask is"):

@@ -164,7 +164,8 @@ def test_point_mass_data_is_recovered_exactly(schedule, name, param):
         def forward(self, x, t, context=None, y=None):
             a = abar[t].reshape(-1, 1, 1, 1)
             eps = (x - a.sqrt() * c) / (1 - a).sqrt()
-            return {"eps": eps, "x0": c.expand_as(x), "v": a.sqrt() * eps - (1 - a).sqrt() * c}[param]
+            v = a.sqrt() * eps - (1 - a).sqrt() * c
+            return {"eps": eps, "x0": c.expand_as(x), "v": v}[param]
 
     model = EpsModel(Oracle(), abar, param, conditioning_key=None)
     fn, disc = get_sampler(name)
@@ -244,7 +245,8 @@ def test_seeds_callbacks_and_no_host_sync(schedule, name, monkeypatch):
     b = fn(toy_guided, x_T, st, disable=True, generator=torch.Generator().manual_seed(1), **opts)
     assert torch.equal(a, b)
     if name != "dpmpp_2m":  # the stochastic samplers depend on the seed
-        c = fn(toy_guided, x_T, st, disable=True, generator=torch.Generator().manual_seed(2), **opts)
+        c = fn(toy_guided, x_T, st, disable=True, generator=torch.Generator().manual_seed(2),
+               **opts)
         assert not torch.allclose(a, c)
 
 

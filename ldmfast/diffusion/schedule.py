@@ -4,7 +4,8 @@ Notation follows Ho et al. 2020 ("Denoising Diffusion Probabilistic Models", DDP
 Rombach et al. 2022 (LDM):  alpha_t = 1 - beta_t, abar_t = prod_{s<=t} alpha_s, and the
 forward process (DDPM eq. 4)
 
-    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),   x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
+    q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I),
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps.
 
 The model predicts one of eps ("eps", DDPM eq. 14), x_0 ("x0") or the velocity
 v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 ("v", Salimans & Ho 2022, section 4; the SD-2
@@ -261,7 +262,8 @@ class NoiseSchedule(nn.Module):
         return _bcast(a.sqrt(), x0) * x0 + _bcast((1 - a).sqrt(), x0) * noise
 
     def training_target(self, x0, noise, t):
-        return training_target(x0, noise, self.alphas_cumprod.to(x0.device)[t], self.parameterization)
+        a = self.alphas_cumprod.to(x0.device)[t]
+        return training_target(x0, noise, a, self.parameterization)
 
     def loss(self, model, x0, t=None, noise=None, extra_args=None, generator=None):
         """The LDM training loss: mean squared error between ``model(x_t, t, **extra_args)`` and
