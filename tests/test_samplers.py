@@ -197,6 +197,9 @@ def test_guidance_runs_one_batch_and_converts_v_before_guiding(schedule):
     v = v_u + 7.5 * (v_c - v_u)
     eps_ref = a.sqrt() * v + (1 - a).sqrt() * x  # guide in v, then convert
     torch.testing.assert_close(out.combine(), eps_ref, rtol=1e-5, atol=1e-5)
+    both = model._pair[2]  # the 2B conditioning is concatenated once, not at every step
+    model(x, torch.tensor(400), cond=cond, uncond=uncond, guidance_scale=7.5)
+    assert model._pair[2] is both
     # guidance_scale 1 or no uncond: a single conditional pass of batch B
     calls.clear()
     model(x, t, cond=cond, uncond=uncond, guidance_scale=1.0)

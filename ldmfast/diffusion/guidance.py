@@ -76,6 +76,16 @@ class EpsModel:
         self.alphas_cumprod = alphas_cumprod
         self.parameterization = parameterization
         self.conditioning_key = conditioning_key
+        self._pair = (None, None, None)  # (uncond, cond, their batch of 2N), made once per sample
+
+    def _both(self, uncond, cond):
+        """[uncond; cond] as one batch; a sampler passes the same objects every step, so the
+        concatenation is made on the first step only."""
+        u, c, both = self._pair
+        if u is not uncond or c is not cond:
+            both = _cat(uncond, cond)
+            self._pair = (uncond, cond, both)
+        return both
 
     def _kwargs(self, cond) -> dict:
         if cond is None:
@@ -91,14 +101,16 @@ class EpsModel:
 
     def __call__(self, x, t, cond=None, uncond=None, guidance_scale=1.0, concat=None):
         n = x.shape[0]
-        t = t.reshape(-1).expand(n) if t.numel() == 1 else t
         guide = uncond is not None and (isinstance(guidance_scale, torch.Tensor)
                                         or guidance_scale != 1.0)
         x_in = x if concat is None else torch.cat([x, concat.to(x.dtype)], dim=1)
         if guide:
-            out = self.unet(_cat(x_in, x_in), _cat(t, t), **self._kwargs(_cat(uncond, cond)))
+            t_in = t.reshape(-1).expand(2 * n) if t.numel() == 1 else _cat(t, t)
+            t = t_in[:n]
+            out = self.unet(_cat(x_in, x_in), t_in, **self._kwargs(self._both(uncond, cond)))
             out_uncond, out_cond = out.chunk(2)
             return GuidedEps(self._eps(out_cond, x, t), self._eps(out_uncond, x, t), guidance_scale)
+        t = t.reshape(-1).expand(n) if t.numel() == 1 else t
         return self._eps(self.unet(x_in, t, **self._kwargs(cond)), x, t)
 
     def _eps(self, out, x, t):
