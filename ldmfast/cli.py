@@ -4,9 +4,9 @@ Each subcommand is a module (or any object) with ``HELP`` (one line), ``add_argu
 and ``run(args) -> int``, registered by dotted path in ``COMMANDS`` and imported only when it
 runs, so ``--help`` stays fast and one command's heavy imports never slow another.
 
-Errors a user can fix (a missing file, a bad option value) are reported as one line on stderr
-with exit status 2 for bad usage or a missing input and 1 otherwise; ``LDMFAST_DEBUG=1`` shows
-the traceback instead.
+Errors a user can fix (a missing file, a bad option value, an input the model cannot take)
+are reported as one line on stderr with exit status 2; other I/O errors as one line with status
+1. ``LDMFAST_DEBUG=1`` shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -156,12 +156,13 @@ def main(argv=None) -> int:
     debug = os.environ.get("LDMFAST_DEBUG", "") not in ("", "0")
     try:
         return int(args._command.run(args) or 0)
-    except UsageError as e:
+    except (UsageError, ValueError, FileNotFoundError) as e:
+        # bad options or inputs (a missing file, a size the model cannot take, ...)
         if debug:
             raise
         sys.stderr.write(f"ldmfast {args._name}: error: {e}\n")
         return 2
-    except (ValueError, FileNotFoundError, OSError) as e:
+    except OSError as e:
         if debug:
             raise
         sys.stderr.write(f"ldmfast {args._name}: error: {e}\n")

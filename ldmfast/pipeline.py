@@ -135,6 +135,12 @@ class LatentDiffusion(nn.Module):
         model = cls(unet, first_stage, cond_stage, config)
         return model.to(pipe.unet.device)
 
+    def save(self, path) -> str:
+        """Writes the model atomically (``ldmfast.checkpoint.save``: .safetensors with its
+        config, or a CompVis-layout .ckpt)."""
+        from . import checkpoint
+        return checkpoint.save(self, path)
+
     # --- properties ----------------------------------------------------------------------------
     @property
     def device(self) -> torch.device:

@@ -78,6 +78,9 @@ def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
     assert "--steps" in capsys.readouterr().err
     assert cli.main(base + ["--sampler", "heun"]) == 2
     assert "unknown sampler" in capsys.readouterr().err
+    assert cli.main(base + ["--steps", "1", "--height", "15", "--width", "16"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "multiples of 4" in err[0]
     with pytest.raises(SystemExit) as e:  # argparse's own usage errors are also status 2
         cli.main(["generate", "a cat"])
     assert e.value.code == 2
