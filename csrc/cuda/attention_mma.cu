@@ -127,8 +127,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   constexpr int KC = DPAD / 16;          // k16 chunks of the QK^T reduction
   constexpr int NT = kBlockK / 8;        // n8 key tiles of S
   constexpr int DT = D / 8;              // n8 tiles of O
-  __shared__ alignas(16) uint16_t raw_k[kBlockK * kStride];
-  __shared__ alignas(16) uint16_t raw_v[kBlockK * kStride];
+  // uint4 storage: 16-byte aligned for the 16-byte stores and ldmatrix rows.
+  __shared__ uint4 raw_k[kBlockK * kStride * sizeof(T) / 16];
+  __shared__ uint4 raw_v[kBlockK * kStride * sizeof(T) / 16];
   T* sK = reinterpret_cast<T*>(raw_k);
   T* sV = reinterpret_cast<T*>(raw_v);
 

@@ -283,24 +283,33 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
     const int64_t min_work = static_cast<int64_t>(kStreamThreads) * V * 2;
     while (K < kMaxCluster && ng * K < target && a.E / (2 * K) >= min_work) K *= 2;
   }
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  cfg.blockDim = dim3(kStreamThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = stream;
+  attr[0].id = cudaLaunchAttributeClusterDimension;
+  attr[0].val.clusterDim.y = 1;
+  attr[0].val.clusterDim.z = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = 1;
+  // A cluster of K must fit in one GPC (a MIG slice or a busy MPS share may not offer that).
+  while (K > 1) {
+    cfg.gridDim = dim3(static_cast<unsigned>(imin(ng * K, INT32_MAX)));
+    attr[0].val.clusterDim.x = static_cast<unsigned>(K);
+    int clusters = 0;
+    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) break;
+    (void)cudaGetLastError();  // the query's own error, not the caller's
+    K /= 2;
+  }
   if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const unsigned grid = static_cast<unsigned>(ng * K);
   if (K == 1) {
     kernel<<<grid, kStreamThreads, 0, stream>>>(a, 1);
     return launch_status();
   }
-  cudaLaunchConfig_t cfg = {};
   cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(kStreamThreads);
-  cfg.dynamicSmemBytes = 0;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.x = static_cast<unsigned>(K);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, K);
   const int last = launch_status();
   return err != cudaSuccess ? static_cast<int>(err) : last;

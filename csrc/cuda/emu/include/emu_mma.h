@@ -1,0 +1,81 @@
+// Software ldmatrix / mma.sync.m16n8k16 following the PTX ISA fragment layouts, so the
+// tensor-core attention kernel can run in the emulator.
+#pragma once
+#include <cstdint>
+#include <cstring>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+namespace emu_mma {
+inline uint32_t* wbuf() { return &emu::g_block->wx[(threadIdx.x / 32) * 32 * 16]; }
+inline int lane() { return threadIdx.x % 32; }
+inline uint16_t ld16(uintptr_t a) { uint16_t v; std::memcpy(&v, reinterpret_cast<const void*>(a), 2); return v; }
+// Every lane posts its row address; returns the 32 addresses.
+inline void post_addrs(const void* p, uintptr_t (&addr)[32]) {
+  uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  std::memcpy(&wbuf()[lane() * 16], &a, sizeof a);
+  __syncwarp();
+  for (int l = 0; l < 32; ++l) std::memcpy(&addr[l], &wbuf()[l * 16], sizeof(uintptr_t));
+  __syncwarp();
+}
+template <int N, bool kTrans>
+inline void ldmatrix(uint32_t* r, const void* p) {
+  uintptr_t addr[32];
+  post_addrs(p, addr);
+  const int l = lane();
+  for (int j = 0; j < N; ++j) {
+    if (!kTrans) {
+      const uintptr_t row = addr[j * 8 + l / 4];
+      r[j] = ld16(row + 2 * (2 * (l % 4))) | (uint32_t(ld16(row + 2 * (2 * (l % 4) + 1))) << 16);
+    } else {
+      const uintptr_t r0 = addr[j * 8 + 2 * (l % 4)], r1 = addr[j * 8 + 2 * (l % 4) + 1];
+      r[j] = ld16(r0 + 2 * (l / 4)) | (uint32_t(ld16(r1 + 2 * (l / 4))) << 16);
+    }
+  }
+}
+template <class T> inline float b16_to_float(uint16_t v) {
+  T t; std::memcpy(static_cast<void*>(&t), &v, 2);
+  if constexpr (std::is_same_v<T, __half>) return __half2float(t); else return __bfloat162float(t);
+}
+template <class T>
+inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  uint32_t* w = wbuf();
+  const int l = lane();
+  uint32_t mine[10] = {a[0], a[1], a[2], a[3], b0, b1};
+  std::memcpy(&mine[6], d, 16);
+  std::memcpy(&w[l * 16], mine, sizeof mine);
+  __syncwarp();
+  auto A = [&](int row, int k) {  // a_i layout: reg = (row / 8) + 2 * (k / 8), half = k % 2
+    const int ln = (row % 8) * 4 + (k % 8) / 2, reg = row / 8 + 2 * (k / 8);
+    const uint32_t v = w[ln * 16 + reg];
+    return b16_to_float<T>(uint16_t(k % 2 ? v >> 16 : v & 0xffff));
+  };
+  auto B = [&](int k, int n) {  // b_i layout: lane n*4 + (k%8)/2, reg k / 8, half k % 2
+    const int ln = n * 4 + (k % 8) / 2;
+    const uint32_t v = w[ln * 16 + 4 + k / 8];
+    return b16_to_float<T>(uint16_t(k % 2 ? v >> 16 : v & 0xffff));
+  };
+  float out[4];
+  for (int c = 0; c < 4; ++c) {
+    const int row = l / 4 + 8 * (c / 2), col = 2 * (l % 4) + (c % 2);
+    float acc = d[c];
+    for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
+    out[c] = acc;
+  }
+  __syncwarp();
+  std::memcpy(d, out, 16);
+}
+}  // namespace emu_mma
+
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu_mma::ldmatrix<2, true>(r, p); }
+template <class T> struct Mma {
+  static void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) { emu_mma::mma<T>(d, a, b0, b1); }
+  static uint32_t pack(float lo, float hi) {
+    uint16_t x[2];
+    if constexpr (std::is_same_v<T, __half>) { __half h[2] = {__float2half_rn(lo), __float2half_rn(hi)}; std::memcpy(x, h, 4); }
+    else { __nv_bfloat16 h[2] = {__float2bfloat16_rn(lo), __float2bfloat16_rn(hi)}; std::memcpy(x, h, 4); }
+    return x[0] | (uint32_t(x[1]) << 16);
+  }
+};

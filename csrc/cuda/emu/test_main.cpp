@@ -1,0 +1,224 @@
+// Runs the ldmfast CUDA kernels on the CPU through emu.h and compares them with float64
+// references: every path the host code picks (vector / scalar, fused / stream, NCHW /
+// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma]
+#include <cuda_runtime.h>
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#include <algorithm>
+#include <cmath>
+#include <string>
+#include <cstdio>
+#include <cstring>
+#include <random>
+#include <vector>
+#include "ldmfast/attention.h"
+#include "ldmfast/ddim_step.h"
+#include "ldmfast/group_norm_silu.h"
+#include "attention_mma.cuh"
+
+extern "C" {
+cudaError_t cudaGetLastError(void) { return cudaSuccess; }
+cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
+  *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
+  return cudaSuccess;
+}
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = 80; return cudaSuccess; }
+cudaError_t cudaOccupancyMaxActiveClusters(int* n, const void*, const cudaLaunchConfig_t*) { *n = 1; return cudaSuccess; }
+cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) { abort(); }
+}
+
+using namespace ldmfast;
+static std::mt19937 rng(1234);
+static double urand() { return std::uniform_real_distribution<double>(-1, 1)(rng); }
+static double nrand() { return std::normal_distribution<double>(0, 1)(rng); }
+
+// Storage of one dtype with an element offset (to test unaligned pointers), values readable as double.
+struct Buf {
+  DType t; std::vector<unsigned char> raw; int off;
+  Buf(DType t_, size_t n, int off_ = 0) : t(t_), raw((n + off_ + 8) * 4 + 64), off(off_) {}
+  size_t es() const { return t == DType::kFloat32 ? 4 : 2; }
+  void* ptr() { uintptr_t p = reinterpret_cast<uintptr_t>(raw.data()); p = (p + 63) & ~uintptr_t(63); return reinterpret_cast<void*>(p + off * es()); }
+  double get(size_t i) { void* p = ptr();
+    if (t == DType::kFloat32) return static_cast<float*>(p)[i];
+    if (t == DType::kFloat16) return __half2float(static_cast<__half*>(p)[i]);
+    return __bfloat162float(static_cast<__nv_bfloat16*>(p)[i]); }
+  void set(size_t i, double v) { void* p = ptr();
+    if (t == DType::kFloat32) static_cast<float*>(p)[i] = (float)v;
+    else if (t == DType::kFloat16) static_cast<__half*>(p)[i] = __float2half_rn((float)v);
+    else static_cast<__nv_bfloat16*>(p)[i] = __float2bfloat16_rn((float)v); }
+  void poison(size_t n) { for (size_t i = 0; i < n; ++i) set(i, NAN); }
+};
+static double tol(DType t) { return t == DType::kFloat32 ? 2e-5 : t == DType::kFloat16 ? 4e-3 : 3e-2; }
+static int failures = 0, checks = 0;
+static void report(bool ok, const char* what) { ++checks; if (!ok) { ++failures; printf("FAIL %s\n", what); } }
+
+static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_t N, int64_t C, int64_t S, int64_t G, int off, double mean0) {
+  DType pt = param32 ? DType::kFloat32 : dt;
+  const int64_t n_el = N * C * S;
+  Buf x(dt, n_el, off), e(dt, N * C, off), w(pt, C, off), b(pt, C, off), y(dt, n_el, off);
+  for (int64_t i = 0; i < n_el; ++i) x.set(i, mean0 + nrand() * (mean0 != 0 ? 1 : 1));
+  for (int64_t i = 0; i < N * C; ++i) e.set(i, nrand());
+  for (int64_t i = 0; i < C; ++i) { w.set(i, 1 + 0.5 * urand()); b.set(i, urand()); }
+  y.poison(n_el);
+  GroupNormSiluParams p;
+  p.x = x.ptr(); p.emb = emb ? e.ptr() : nullptr; p.weight = w.ptr(); p.bias = b.ptr(); p.y = y.ptr();
+  p.N = N; p.C = C; p.S = S; p.G = G; p.eps = 1e-5f; p.silu = silu; p.channels_last = cl; p.dtype = dt; p.param_dtype = pt;
+  int rc = cuda::group_norm_silu(p, nullptr);
+  const int64_t Cg = C / G;
+  double maxerr = 0; bool nan = false;
+  auto idx = [&](int64_t n, int64_t c, int64_t s) { return cl ? (n * S + s) * C + c : (n * C + c) * S + s; };
+  for (int64_t n = 0; n < N; ++n) for (int64_t g = 0; g < G; ++g) {
+    double sum = 0, sq = 0; const double cnt = double(Cg * S);
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) for (int64_t s = 0; s < S; ++s) sum += x.get(idx(n, c, s)) + (emb ? e.get(n * C + c) : 0);
+    const double mean = sum / cnt;
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) for (int64_t s = 0; s < S; ++s) { double d = x.get(idx(n, c, s)) + (emb ? e.get(n * C + c) : 0) - mean; sq += d * d; }
+    const double rstd = 1 / std::sqrt(sq / cnt + 1e-5);
+    for (int64_t c = g * Cg; c < (g + 1) * Cg; ++c) for (int64_t s = 0; s < S; ++s) {
+      double v = (x.get(idx(n, c, s)) + (emb ? e.get(n * C + c) : 0) - mean) * rstd * w.get(c) + b.get(c);
+      if (silu) v = v / (1 + std::exp(-v));
+      const double got = y.get(idx(n, c, s));
+      if (std::isnan(got)) nan = true;
+      maxerr = std::max(maxerr, std::fabs(got - v) / std::max(1.0, std::fabs(v)));
+    }
+  }
+  double t = tol(dt) * (mean0 != 0 ? 10 : 1);  // fp32 x at 1000 carries 6e-5 of rounding itself
+  char what[256];
+  snprintf(what, sizeof what, "gn dt=%d p32=%d cl=%d emb=%d silu=%d N=%ld C=%ld S=%ld G=%ld off=%d mean=%g rc=%d err=%.3g nan=%d", (int)dt, param32, cl, emb, silu, N, C, S, G, off, mean0, rc, maxerr, nan);
+  report(rc == 0 && !nan && maxerr <= t, what);
+  if (getenv("VERBOSE")) printf("%s\n", what);
+}
+
+static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool noise, int scalar_mode) {
+  const int64_t n_el = N * M;
+  Buf x(dt, n_el, off), ep(dt, n_el, off), u(dt, n_el, off), z(dt, n_el, off), xp(dt, n_el, off), px(dt, n_el, off);
+  for (int64_t i = 0; i < n_el; ++i) { x.set(i, nrand()); ep.set(i, nrand()); u.set(i, nrand()); z.set(i, nrand()); }
+  xp.poison(n_el); px.poison(n_el);
+  std::vector<float> at(N), ap(N), sg(N), gs(N);
+  for (int64_t n = 0; n < N; ++n) { at[n] = 0.3f + 0.1f * n; ap[n] = 0.5f + 0.1f * n; sg[n] = 0.2f + 0.05f * n; gs[n] = 7.5f - n; }
+  DdimStepParams p;
+  p.x = x.ptr(); p.eps = ep.ptr(); p.eps_uncond = unc ? u.ptr() : nullptr; p.noise = noise ? z.ptr() : nullptr;
+  p.x_prev = xp.ptr(); p.pred_x0 = px.ptr(); p.N = N; p.M = M; p.dtype = dt;
+  DdimScalar* sc[4] = {&p.alpha_t, &p.alpha_prev, &p.sigma_t, &p.guidance_scale};
+  std::vector<float>* arr[4] = {&at, &ap, &sg, &gs};
+  for (int i = 0; i < 4; ++i) {
+    if (scalar_mode == 0) { sc[i]->value = (*arr[i])[0]; }
+    else if (scalar_mode == 1) { sc[i]->ptr = arr[i]->data(); sc[i]->count = 1; }
+    else { sc[i]->ptr = arr[i]->data(); sc[i]->count = N; }
+  }
+  int rc = cuda::ddim_step(p, nullptr);
+  double maxerr = 0; bool nan = false;
+  for (int64_t i = 0; i < n_el; ++i) {
+    const int64_t n = scalar_mode == 2 ? i / M : 0;
+    double a = at[n], a2 = ap[n], s = sg[n], g = gs[n];
+    double e = ep.get(i);
+    if (unc) e = u.get(i) + g * (e - u.get(i));
+    double p0 = (x.get(i) - std::sqrt(1 - a) * e) / std::sqrt(a);
+    double xv = std::sqrt(a2) * p0 + std::sqrt(std::max(1 - a2 - s * s, 0.0)) * e + (noise ? s * z.get(i) : 0);
+    if (std::isnan(xp.get(i)) || std::isnan(px.get(i))) nan = true;
+    if (getenv("DBG") && (std::fabs(xp.get(i) - xv) > 1e-2 || std::fabs(px.get(i) - p0) > 1e-2)) printf("  i=%ld got %g %g want %g %g\n", i, xp.get(i), px.get(i), xv, p0);
+    maxerr = std::max({maxerr, std::fabs(xp.get(i) - xv) / std::max(1.0, std::fabs(xv)), std::fabs(px.get(i) - p0) / std::max(1.0, std::fabs(p0))});
+  }
+  char what[256];
+  snprintf(what, sizeof what, "ddim dt=%d N=%ld M=%ld off=%d unc=%d noise=%d mode=%d rc=%d err=%.3g nan=%d", (int)dt, N, M, off, unc, noise, scalar_mode, rc, maxerr, nan);
+  report(rc == 0 && !nan && maxerr <= tol(dt), what);
+  if (getenv("VERBOSE")) printf("%s\n", what);
+}
+
+// q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
+static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, bool mma = false) {
+  const int64_t L = std::max(Lq, Lk);
+  Buf qkv(dt, B * L * 3 * H * D, off), q(dt, B * Lq * H * D, off), k(dt, B * Lk * H * D, off), v(dt, B * Lk * H * D, off), o(dt, B * Lq * H * D, off);
+  std::vector<float> lsev(B * H * Lq, NAN);
+  AttentionParams p;
+  if (fused) {
+    for (int64_t i = 0; i < B * L * 3 * H * D; ++i) qkv.set(i, nrand());
+    char* base = static_cast<char*>(qkv.ptr()); size_t es = qkv.es();
+    p.q = base; p.k = base + H * D * es; p.v = base + 2 * H * D * es;
+    for (auto* st : {&p.q_stride_b, &p.k_stride_b, &p.v_stride_b}) *st = L * 3 * H * D;
+    for (auto* st : {&p.q_stride_l, &p.k_stride_l, &p.v_stride_l}) *st = 3 * H * D;
+    for (auto* st : {&p.q_stride_h, &p.k_stride_h, &p.v_stride_h}) *st = D;
+  } else {
+    for (int64_t i = 0; i < B * Lq * H * D; ++i) q.set(i, nrand());
+    for (int64_t i = 0; i < B * Lk * H * D; ++i) { k.set(i, nrand()); v.set(i, nrand()); }
+    p.q = q.ptr(); p.k = k.ptr(); p.v = v.ptr();
+    p.q_stride_b = Lq * H * D; p.k_stride_b = p.v_stride_b = Lk * H * D;
+    p.q_stride_l = p.k_stride_l = p.v_stride_l = H * D;
+    p.q_stride_h = p.k_stride_h = p.v_stride_h = D;
+  }
+  o.poison(B * Lq * H * D);
+  p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
+  p.lse = lse ? lsev.data() : nullptr;
+  p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
+  int rc = mma ? cuda::attention_mma(p, nullptr) : cuda::attention(p, nullptr);
+  auto rd = [&](const void* base, int64_t i) {
+    if (dt == DType::kFloat32) return (double)static_cast<const float*>(base)[i];
+    if (dt == DType::kFloat16) return (double)__half2float(static_cast<const __half*>(base)[i]);
+    return (double)__bfloat162float(static_cast<const __nv_bfloat16*>(base)[i]); };
+  double maxerr = 0, lerr = 0; bool nan = false;
+  for (int64_t b = 0; b < B; ++b) for (int64_t h = 0; h < H; ++h) for (int64_t i = 0; i < Lq; ++i) {
+    std::vector<double> s(Lk); double mx = -INFINITY;
+    for (int64_t j = 0; j < Lk; ++j) {
+      double acc = 0;
+      for (int64_t d = 0; d < D; ++d) acc += rd(p.q, b * p.q_stride_b + i * p.q_stride_l + h * p.q_stride_h + d) * rd(p.k, b * p.k_stride_b + j * p.k_stride_l + h * p.k_stride_h + d);
+      s[j] = acc * p.scale; mx = std::max(mx, s[j]);
+    }
+    double sum = 0; for (auto& x : s) { x = std::exp(x - mx); sum += x; }
+    for (int64_t d = 0; d < D; ++d) {
+      double acc = 0;
+      for (int64_t j = 0; j < Lk; ++j) acc += s[j] * rd(p.v, b * p.v_stride_b + j * p.v_stride_l + h * p.v_stride_h + d);
+      acc /= sum;
+      double got = o.get(b * p.o_stride_b + i * p.o_stride_l + h * p.o_stride_h + d);
+      if (std::isnan(got)) nan = true;
+      maxerr = std::max(maxerr, std::fabs(got - acc));
+    }
+    if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
+  }
+  char what[256];
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma ? "-mma" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
+  report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
+  if (getenv("VERBOSE")) printf("%s\n", what);
+}
+
+int main(int argc, char** argv) {
+  const std::string which = argc > 1 ? argv[1] : "all";
+  const DType dts[3] = {DType::kFloat32, DType::kFloat16, DType::kBFloat16};
+  if (which == "all" || which == "ddim") {
+    for (DType dt : dts) for (int off : {0, 1}) for (int mode : {0, 1, 2}) {
+      test_ddim(dt, 3, 64, off, true, true, mode);
+      test_ddim(dt, 3, 37, off, mode != 1, mode == 1, mode);
+      test_ddim(dt, 1, 1, off, false, false, mode);
+    }
+  }
+  if (which == "all" || which == "gn") {
+    for (DType dt : dts) for (bool cl : {false, true}) for (int off : {0, 1}) {
+      bool p32 = (off == 0) != (dt == DType::kFloat32);
+      test_gn(dt, p32, cl, true, true, 2, 32, 16, 4, off, 0);          // fused, vector when off == 0
+      test_gn(dt, !p32, cl, false, false, 1, 6, 7, 3, off, 0);         // fused, odd sizes
+      test_gn(dt, p32, cl, true, true, 1, 16, 1, 1, off, 0);           // S = 1
+      test_gn(dt, p32, cl, off == 1, true, 1, 64, 520, 2, off, 0);     // stream (E = 16640)
+      test_gn(dt, p32, cl, true, false, 2, 10, 1301, 1, off, 0);       // stream, odd S, one group
+    }
+    test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
+    test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
+  }
+  if (which == "all" || which == "attn") {
+    const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
+    for (DType dt : dts) for (int D : Ds) {
+      test_attn(dt, 1, 2, 33, 70, D, dt != DType::kFloat32, 0, true);
+      test_attn(dt, 2, 1, 5, 1, D, false, D == 40 ? 1 : 0, false);   // Lk = 1
+    }
+    test_attn(DType::kFloat16, 1, 1, 1, 77, 40, true, 1, true);      // one query, unaligned, context 77
+    test_attn(DType::kFloat32, 1, 1, 64, 64, 64, false, 1, true);
+  }
+  if (which == "all" || which == "mma") {
+    const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
+      test_attn(dt, 1, 2, 70, 130, D, true, 0, true, true);    // vector loads, fused QKV strides, tails
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, true);      // Lk = 1, scalar loads
+    }
+    test_attn(DType::kFloat16, 2, 1, 64, 77, 40, false, 0, true, true);  // context 77
+  }
+  printf("%d/%d checks passed\n", checks - failures, checks);
+  return failures != 0;
+}
