@@ -190,7 +190,19 @@ def _resolve_config(config, where):
                      f"not {type(config).__name__}")
 
 
-def _assemble(sd, config, where, use_ema, dtype, parameterization=None):
+def _set_tokenizer(cond, tokenizer, where):
+    kind = (cond or {}).get("type")
+    if kind == "clip" and isinstance(tokenizer, (str, os.PathLike)):
+        cond["tokenizer_path"] = os.fspath(tokenizer)
+    elif kind == "transformer":
+        cond["tokenizer"] = (dict(tokenizer) if isinstance(tokenizer, dict) else
+                             {"type": "hf", "path": os.fspath(tokenizer)})
+    else:
+        raise ValueError(f"{where}: tokenizer= applies to a 'clip' (a folder) or 'transformer' "
+                         f"text encoder, not to cond_stage type {kind!r}")
+
+
+def _assemble(sd, config, where, use_ema, dtype, parameterization=None, tokenizer=None):
     sd = _bare(sd)
     if config is None:
         try:
@@ -199,6 +211,18 @@ def _assemble(sd, config, where, use_ema, dtype, parameterization=None):
             raise ValueError(f"{where}: {e}") from None
     elif parameterization is not None and config.get("diffusion"):
         config["diffusion"]["parameterization"] = parameterization
+    if tokenizer is not None:
+        _set_tokenizer(config.get("cond_stage"), tokenizer, where)
+    openclip = "cond_stage_model.model."
+    if any(k.startswith(openclip) for k in sd) and (config.get("cond_stage") or {}).get("type") == "clip":
+        tower = {k[len(openclip):]: v for k, v in sd.items() if k.startswith(openclip)}
+        sd = {k: v for k, v in sd.items() if not k.startswith(openclip)}
+        layers = config["cond_stage"]["clip_config"]["num_hidden_layers"]
+        try:
+            sd.update({PREFIXES["cond_stage"] + k: v
+                       for k, v in convert.openclip_to_clip(tower, layers).items()})
+        except KeyError as e:
+            raise ValueError(f"{where}: OpenCLIP text encoder weights lack {e}") from None
     parts = _split(sd)
     if use_ema:
         if not config.get("unet"):
@@ -223,7 +247,7 @@ def _assemble(sd, config, where, use_ema, dtype, parameterization=None):
 
 
 def load_components(path, config=None, use_ema: bool = False, *, parameterization=None,
-                    dtype: torch.dtype | None = torch.float32) -> Components:
+                    dtype: torch.dtype | None = torch.float32, tokenizer=None) -> Components:
     """Loads U-Net, first stage and conditioning encoder from ``path``.
 
     path: a CompVis/SD ``.ckpt``/``.safetensors`` (``model.diffusion_model.*``,
@@ -233,6 +257,9 @@ def load_components(path, config=None, use_ema: bool = False, *, parameterizatio
     an original LDM YAML file. use_ema: take the U-Net from ``model_ema.*``.
     parameterization: "eps"/"v"/"x0", overriding the config (SD-2 checkpoints do not say).
     dtype: floating-point weights are cast to it (None keeps the stored dtypes).
+    tokenizer: a local tokenizer folder for the text encoder (checkpoints hold no tokenizer:
+    CLIP's, or a Hugging Face one such as BERT's for the paper's text encoder), or a tokenizer
+    config dict for the transformer encoder ({"type": "word", "vocab": [...]}).
     """
     where = os.fspath(path)
     if parameterization not in (None, "eps", "v", "x0"):
@@ -243,10 +270,10 @@ def load_components(path, config=None, use_ema: bool = False, *, parameterizatio
                              "does not apply")
         sd, found = _read_diffusers(where)
         cfg = _resolve_config(config, where) or found
-        return _assemble(sd, cfg, where, False, dtype, parameterization)
+        return _assemble(sd, cfg, where, False, dtype, parameterization, tokenizer)
     sd, stored = read_state_dict(where)
     cfg = _resolve_config(config, where) if config is not None else stored
-    return _assemble(sd, cfg, where, use_ema, dtype, parameterization)
+    return _assemble(sd, cfg, where, use_ema, dtype, parameterization, tokenizer)
 
 
 # ---------------------------------------------------------------------------------- diffusers

@@ -365,8 +365,16 @@ def infer_cond_stage(sd: dict) -> dict | None:
         o, i = sd["channel_mapper.weight"].shape[:2]
         return {"type": "rescaler", "in_channels": int(i), "out_channels": int(o),
                 "bias": "channel_mapper.bias" in sd}
-    if any(k.startswith("model.") for k in sd):
-        return {"type": "openclip"}
+    if "model.token_embedding.weight" in sd:  # SD-2's OpenCLIP, read at its penultimate layer
+        vocab, hidden = sd["model.token_embedding.weight"].shape
+        blocks = 1 + max(int(m.group(1)) for m in map(
+            re.compile(r"model\.transformer\.resblocks\.(\d+)\.").match, sd) if m)
+        clip = dict(_OPENCLIP_H, vocab_size=int(vocab), hidden_size=int(hidden),
+                    num_hidden_layers=blocks - 1, num_attention_heads=int(hidden) // 64,
+                    intermediate_size=int(sd["model.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]),
+                    max_position_embeddings=int(sd["model.positional_embedding"].shape[0]))
+        return {"type": "clip", "clip_config": clip, "tokenizer_path": None, "max_length": 77,
+                "layer": "last"}
     raise ValueError("cond_stage_model weights of an unknown encoder (keys such as "
                      f"{', '.join(sorted(sd)[:5])})")
 

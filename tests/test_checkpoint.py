@@ -141,6 +141,11 @@ def test_compvis_checkpoint_with_config_dict(sd_folder, tmp_path):
                   torch.arange(77)[None]})  # older checkpoints carry it
     back = load_components(tmp_path / "plain.ckpt", config=comps.config)
     check_outputs(back, *modules)
+    cfg = dict(comps.config, cond_stage=dict(comps.config["cond_stage"], tokenizer_path=None))
+    with pytest.raises(ValueError, match="no tokenizer"):
+        load_components(tmp_path / "plain.ckpt", config=cfg).cond_stage.encode("a cat")
+    back = load_components(tmp_path / "plain.ckpt", config=cfg, tokenizer=root / "tokenizer")
+    assert back.cond_stage.encode("a cat").shape == (1, 77, 32)
 
 
 def test_architecture_inferred_from_weights(tmp_path):
@@ -335,3 +340,36 @@ def test_save_failures_write_nothing(tmp_path, monkeypatch):
     assert open(target, "rb").read() == before  # the old file is untouched
     with pytest.raises(ValueError, match="carries no .config"):
         save(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_sd2_openclip_text_encoder_converts(tmp_path):
+    """SD-2 stores OpenCLIP's text tower (cond_stage_model.model.*) and reads its penultimate
+    layer through ln_final; it loads as a CLIPTextModel without the last block."""
+    cfg = dict(CLIP_CONFIG, num_hidden_layers=3, hidden_act="gelu", hidden_size=64,
+               intermediate_size=128, num_attention_heads=1)  # 64-wide heads, as OpenCLIP
+    torch.manual_seed(0)
+    ref = randomize(CLIPTextModel(CLIPTextConfig(**cfg)), seed=4, std=0.2)
+    r = {k: v for k, v in ref.state_dict().items()}
+    oc = {"model.token_embedding.weight": r["embeddings.token_embedding.weight"],
+          "model.positional_embedding": r["embeddings.position_embedding.weight"],
+          "model.ln_final.weight": r["final_layer_norm.weight"],
+          "model.ln_final.bias": r["final_layer_norm.bias"],
+          "model.text_projection": torch.zeros(64, 64), "model.logit_scale": torch.zeros(())}
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+    for i in range(3):
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                oc[f"model.transformer.resblocks.{i}.{a}.{p}"] = r[f"encoder.layers.{i}.{b}.{p}"]
+        for p in ("weight", "bias"):
+            oc[f"model.transformer.resblocks.{i}.attn.in_proj_{p}"] = torch.cat(
+                [r[f"encoder.layers.{i}.self_attn.{x}_proj.{p}"] for x in "qkv"])
+    comps = build(configs.get("tiny"))
+    compvis_ckpt(Components(comps.unet, comps.first_stage, None, {}), tmp_path / "sd2ish.ckpt",
+                 {"cond_stage_model." + k: v for k, v in oc.items()})
+    back = load_components(tmp_path / "sd2ish.ckpt")
+    assert back.config["cond_stage"]["clip_config"]["num_hidden_layers"] == 2
+    ids = torch.randint(0, 64, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref.final_layer_norm(ref(ids, output_hidden_states=True).hidden_states[-2])
+        assert rel_err(back.cond_stage.encode(ids), want) < RTOL

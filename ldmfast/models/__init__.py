@@ -74,10 +74,9 @@ def build_cond_stage(cfg: dict | None) -> nn.Module | None:
     builders = {"class": ClassEmbedder, "transformer": TransformerEmbedder,
                 "clip": CLIPTextEmbedder, "rescaler": SpatialRescaler, "identity": IdentityEncoder}
     if kind == "openclip":
-        raise ValueError("cond_stage type 'openclip' (SD-2's OpenCLIP ViT-H text encoder, keys "
-                         "cond_stage_model.model.*) is not supported: convert it to a "
-                         "transformers CLIPTextModel (a diffusers SD-2 folder's text_encoder) "
-                         "and use type 'clip'")
+        raise ValueError("cond_stage type 'openclip' is not built as such: SD-2's OpenCLIP "
+                         "text encoder runs as a transformers CLIPTextModel (type 'clip'; "
+                         "ldmfast.checkpoint converts cond_stage_model.model.* weights to it)")
     if kind not in builders:
         raise ValueError(f"cond_stage type {kind!r} is unknown ({', '.join(builders)}, "
                          "first_stage, None)")

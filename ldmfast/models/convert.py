@@ -340,3 +340,30 @@ def clip_from_transformers(sd: dict, cfg: dict):
            and not k.startswith("text_projection")}
     return out, {"type": "clip", "clip_config": clip_config, "tokenizer_path": None,
                  "max_length": 77, "layer": "last"}
+
+
+def openclip_to_clip(sd: dict, num_layers: int) -> dict:
+    """SD-2's OpenCLIP text tower (``cond_stage_model.model.*`` without the prefix) as
+    ``CLIPTextModel`` weights (``transformer.text_model.*``) keeping the first ``num_layers``
+    residual blocks: SD-2 reads the penultimate layer through ``ln_final``, which a 23-layer
+    CLIPTextModel's last hidden state reproduces (as diffusers' SD-2 text encoder)."""
+    t = "transformer.text_model."
+    out = {t + "embeddings.token_embedding.weight": sd["token_embedding.weight"],
+           t + "embeddings.position_embedding.weight": sd["positional_embedding"],
+           t + "final_layer_norm.weight": sd["ln_final.weight"],
+           t + "final_layer_norm.bias": sd["ln_final.bias"]}
+    blocks = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.resblocks."))
+    if num_layers > blocks:
+        raise ValueError(f"OpenCLIP text encoder has {blocks} blocks, the config wants {num_layers}")
+    names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "mlp.c_fc": "mlp.fc1",
+             "mlp.c_proj": "mlp.fc2", "attn.out_proj": "self_attn.out_proj"}
+    for i in range(num_layers):
+        src, dst = f"transformer.resblocks.{i}.", f"{t}encoder.layers.{i}."
+        for a, b in names.items():
+            for p in ("weight", "bias"):
+                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+        for p in ("weight", "bias"):
+            q, k, v = sd[f"{src}attn.in_proj_{p}"].chunk(3, dim=0)
+            out.update({f"{dst}self_attn.q_proj.{p}": q, f"{dst}self_attn.k_proj.{p}": k,
+                        f"{dst}self_attn.v_proj.{p}": v})
+    return out
