@@ -284,6 +284,7 @@ def _read_json(path):
 
 
 def _read_weights(folder, stems):
+    stems = list(stems) + [s + ".fp16" for s in stems]  # the fp16 variant when alone
     names = os.listdir(folder)
     for stem in stems:
         for ext in (".safetensors", ".bin"):

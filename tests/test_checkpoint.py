@@ -373,3 +373,25 @@ def test_sd2_openclip_text_encoder_converts(tmp_path):
     with torch.no_grad():
         want = ref.final_layer_norm(ref(ids, output_hidden_states=True).hidden_states[-2])
         assert rel_err(back.cond_stage.encode(ids), want) < RTOL
+
+
+@pytest.mark.parametrize("name", ["sd1", "sd2", "txt2img-1p4b", "cin256", "celebahq", "bsr-sr",
+                                  "inpainting"])
+def test_presets_recognised_from_weights(name):
+    """Plain checkpoints of each preset's shape (meta tensors: shapes only) infer to the preset,
+    including what the weights do not hold (heads, schedule, CLIP activation)."""
+    want = configs.get(name)
+    with torch.device("meta"):
+        comps = build(want)
+    sd = {}
+    for part, prefix in checkpoint.PREFIXES.items():
+        if getattr(comps, part) is not None:
+            sd.update({prefix + k: v for k, v in getattr(comps, part).state_dict().items()})
+    got = configs.infer(sd)
+    defaults = {"num_heads": -1, "num_head_channels": -1, "use_linear_in_transformer": False,
+                "context_dim": None}
+    for k, v in defaults.items():
+        assert got["unet"].get(k, v) == want["unet"].get(k, v), k
+    assert got["first_stage"] == want["first_stage"]
+    assert got["cond_stage"] == want["cond_stage"]
+    assert got["diffusion"] == want["diffusion"]

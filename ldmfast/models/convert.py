@@ -43,8 +43,18 @@ def _rename(sd, prefix, table):
     return out
 
 
-def _split_prefix(sd, prefix):
-    return {k: v for k, v in sd.items() if k.startswith(prefix)}
+_OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+
+def _modern_names(sd):
+    """diffusers' pre-0.14 attention names (query/key/value/proj_attn) -> the current ones."""
+    out = {}
+    for k, v in sd.items():
+        parts = k.split(".")
+        if len(parts) > 2 and parts[-2] in _OLD_ATTENTION and ".attentions." in k:
+            k = ".".join(parts[:-2] + [_OLD_ATTENTION[parts[-2]], parts[-1]])
+        out[k] = v
+    return out
 
 
 # -------------------------------------------------------------------------------------- U-Net
@@ -156,6 +166,7 @@ def _unet_attention_2d(sd, prefix, heads):
 def unet_from_diffusers(sd: dict, cfg: dict, cls: str = "UNet2DConditionModel"):
     """(CompVis U-Net state dict, ldmfast U-Net config) from a diffusers U-Net."""
     ucfg = unet_config_from_diffusers(cfg, cls)
+    sd = _modern_names(sd)
     # diffusers applies downsample_type/upsample_type to its attention blocks only, so whether a
     # resampler is a ResBlock is read from the weights; CompVis needs one kind throughout
     samplers = {m.group(0) for m in (re.match(r"(down|up)_blocks\.\d+\.(down|up)samplers\.0\.", k)
@@ -279,6 +290,7 @@ def _vae_attention(sd, src):
 def first_stage_from_diffusers(sd: dict, cfg: dict, cls: str = "AutoencoderKL"):
     """(CompVis first-stage state dict, ldmfast first-stage config) from a diffusers VAE."""
     fcfg = first_stage_config_from_diffusers(cfg, cls)
+    sd = _modern_names(sd)
     n = len(fcfg["ddconfig"]["ch_mult"])
     out, done = {}, set()
 
