@@ -206,9 +206,6 @@ class LatentDiffusion(nn.Module):
             raise ValueError("this model has no conditioning encoder (cond_stage) for text")
         if isinstance(prompts, str):
             prompts = [prompts]
-        if hasattr(self.cond_stage, "tokenize"):
-            # tokenize, then run the encoder on the model's device
-            return self.cond_stage(self.cond_stage.tokenize(list(prompts)).to(self.device))
         return self.cond_stage.encode(list(prompts))
 
     @torch.no_grad()
