@@ -170,9 +170,10 @@ def sample_dpmpp_2m(model, x, schedule: StepSchedule, extra_args=None, callback=
     h = torch.log(alpha_t / sigma_t) - torch.log(alpha_s / sigma_s)
     r = torch.cat([h[:1], h[:-1]]) / h
     n = len(schedule)
-    second = torch.arange(n, device=x.device) >= 1
+    step = torch.arange(n, device=a_s.device)
+    second = step >= 1
     if lower_order_final:
-        second &= torch.arange(n, device=x.device) < n - 1
+        second &= step < n - 1
     b = torch.where(second, c0 * (1 + 1 / (2 * r)), c0).to(x.dtype)
     c = torch.where(second, -c0 / (2 * r), torch.zeros_like(c0)).to(x.dtype)
     ratio = ratio.to(x.dtype)

@@ -314,5 +314,10 @@ def randn_like(x, generator=None):
     model runs on (a CPU generator with a CUDA model, as diffusers recommends)."""
     if generator is None:
         return torch.randn_like(x)
-    return torch.randn(x.shape, generator=generator, device=generator.device,
-                       dtype=x.dtype).to(x.device)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    if noise.device == x.device:
+        return noise
+    if noise.device.type == "cpu" and x.device.type == "cuda":
+        # A copy from pageable memory would wait for the GPU; from pinned memory it is queued.
+        return noise.pin_memory().to(x.device, non_blocking=True)
+    return noise.to(x.device)
