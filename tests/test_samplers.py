@@ -46,7 +46,7 @@ def ddim_scheduler(**kw):
 
 @pytest.mark.parametrize("eta", [0.0, 0.7])
 @pytest.mark.parametrize("guided", [False, True])
-def test_ddim_matches_diffusers(schedule, eta, guided):
+def test_ddim_matches_diffusers(schedule, eta, guided, device):
     steps = 20
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
     sched = ddim_scheduler()
@@ -58,9 +58,10 @@ def test_ddim_matches_diffusers(schedule, eta, guided):
         eps = out.combine() if guided else out
         x = sched.step(eps, t, x, eta=eta, generator=g).prev_sample
     model = toy_guided if guided else toy_eps
-    ours = sample_ddim(model, x_T.clone(), schedule.steps(steps, "leading", 1, "first"),
+    ours = sample_ddim(model, x_T.to(device), schedule.steps(steps, "leading", 1, "first",
+                                                             device=device),
                        disable=True, eta=eta, generator=torch.Generator().manual_seed(1))
-    assert rel_err(ours, x) < REL
+    assert ours.device.type == device.type and rel_err(ours.cpu(), x) < REL
 
 
 def test_ddpm_matches_diffusers(schedule):
@@ -225,10 +226,10 @@ def test_concat_conditioning_and_routing(schedule):
 
 
 @pytest.mark.parametrize("name", ["ddim", "ddpm", "dpmpp_2m"])
-def test_seeds_callbacks_and_no_host_sync(schedule, name, monkeypatch):
+def test_seeds_callbacks_and_no_host_sync(schedule, name, monkeypatch, device):
     fn, disc = get_sampler(name)
-    st = schedule.steps(6, **disc)
-    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    st = schedule.steps(6, **disc, device=device)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
     opts = {"eta": 0.5} if name == "ddim" else {}
     seen = []
 
