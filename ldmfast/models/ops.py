@@ -3,8 +3,8 @@
 Modules call ``group_norm_silu`` and ``attention`` from here, never ``ldmfast.ops`` directly, so
 one flag selects the implementation for the whole model layer: the compiled ops by default, the
 references of ``ldmfast.ref`` when ``use_reference_ops(True)`` is in effect (the benchmark's
-"ldmfast with reference ops" provider) or when the compiled library is not built (logged once); float64 inputs, which the kernels do
-not take, always use the references.
+"ldmfast with reference ops" provider) or when the compiled library is not built (logged once); float64 inputs, and CUDA inputs
+when only the CPU kernels were built, use the references too.
 The choice is read when a module runs, i.e. at trace time under ``torch.compile``.
 """
 from __future__ import annotations
@@ -24,7 +24,9 @@ def _compiled():
     if _state["compiled"] is None:
         try:
             from .. import ops as compiled
-        except ImportError as e:  # the extension is optional for the model layer
+        # the extension is optional for the model layer; a library built for another torch
+        # fails to load with OSError/RuntimeError rather than ImportError
+        except (ImportError, OSError, RuntimeError) as e:
             compiled = False
             if not _state["warned"]:
                 log.warning("ldmfast's compiled ops are unavailable (%s); the model layer uses "
@@ -35,10 +37,16 @@ def _compiled():
 
 
 def _impl(x=None):
-    # float64 (used by tests as ground truth) has no kernels; its dtype is static under tracing
+    # float64 (used by tests as ground truth) has no kernels, nor has CUDA in a CPU-only build;
+    # dtype and device are static under tracing, so this is no data-dependent branch
     if _state["reference"] or (x is not None and x.dtype == torch.float64):
         return _ref
-    return _compiled() or _ref
+    compiled = _compiled()
+    if not compiled:
+        return _ref
+    if x is not None and x.device.type == "cuda" and not compiled.cuda_available():
+        return _ref
+    return compiled
 
 
 def using_reference_ops() -> bool:
