@@ -20,10 +20,11 @@ extern "C" {
 cudaError_t cudaGetLastError(void) { return cudaSuccess; }
 cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
-  *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrComputeCapabilityMajor ? 8 : 0;
+  const int major = getenv("EMU_SM90") ? 9 : 8;  // 9: the group_norm_silu cluster path runs
+  *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrComputeCapabilityMajor ? major : 0;
   return cudaSuccess;
 }
-cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = 80; return cudaSuccess; }
+cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = getenv("EMU_SM90") ? 90 : 80; return cudaSuccess; }
 cudaError_t cudaOccupancyMaxActiveClusters(int* n, const void*, const cudaLaunchConfig_t*) { *n = 1; return cudaSuccess; }
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) { abort(); }
 }
@@ -201,6 +202,8 @@ int main(int argc, char** argv) {
     }
     test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
+    test_gn(DType::kFloat16, true, false, true, true, 1, 16, 2048, 1, 1, 0);      // stream, K = 8 on "sm_90"
+    test_gn(DType::kBFloat16, false, true, true, true, 1, 16, 2048, 1, 0, 0);
   }
   if (which == "all" || which == "attn") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};

@@ -1,10 +1,17 @@
 """Rewrites a kernel source for the CPU emulator: emu.h before common.cuh, dynamic shared memory
 from emu::dyn_smem, `k<<<grid, block, smem, stream>>>(args)` as emu::launch(...), and for the
 mma kernel the inline-PTX helpers replaced by the software ones of emu_mma.h."""
-import re, sys
+import os, re, sys, zlib
 src = open(sys.argv[1]).read()
 src = src.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"')
 src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];', r'\1* \2 = emu::dyn_smem<\1>();', src)
+# Static __shared__ variables: one instance per CTA, in the CTA's arena.
+counter = iter(range(1, 1 << 30))
+src = re.sub(r'__shared__ ([\w:]+) (\w+)((?:\[[^\]]+\])*);',
+             lambda m: f'auto& {m.group(2)} = emu::shared_var<{m.group(1)}{m.group(3)}>({next(counter) + zlib.crc32(os.path.basename(sys.argv[1]).encode()) % 100000 * 1000});', src)
+# The sm_90 cluster code runs too: the emulator provides clusters.
+src = src.replace('defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900', '1')
+src = src.replace('cudaLaunchKernelEx(&cfg,', 'emu::launch_ex(&cfg,')
 def launch(m):
     k, cfg, args = m.group(1), m.group(2), m.group(3)
     # split top-level commas of the launch config

@@ -1,2 +1,15 @@
-// Stand-in for the real header: the cluster code it serves is compiled only for sm_90+.
+// Stand-in for the real header: the cluster group of the emulator (see emu.h).
 #pragma once
+#include "emu.h"
+
+namespace cooperative_groups {
+struct cluster_group {
+  void sync() const { emu::t_block->cluster_bar->arrive_and_wait(); }
+  // The same shared variable in the CTA of cluster rank r.
+  template <class T> T* map_shared_rank(T* p, unsigned r) const {
+    const auto off = reinterpret_cast<unsigned char*>(p) - emu::t_block->arena.data();
+    return reinterpret_cast<T*>(emu::t_block->cluster[r]->arena.data() + off);
+  }
+};
+inline cluster_group this_cluster() { return {}; }
+}  // namespace cooperative_groups

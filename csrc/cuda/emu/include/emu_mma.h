@@ -7,7 +7,7 @@
 #include <cuda_fp16.h>
 
 namespace emu_mma {
-inline uint32_t* wbuf() { return &emu::g_block->wx[(threadIdx.x / 32) * 32 * 16]; }
+inline uint32_t* wbuf() { return &emu::t_block->wx[(threadIdx.x / 32) * 32 * 16]; }
 inline int lane() { return threadIdx.x % 32; }
 inline uint16_t ld16(uintptr_t a) { uint16_t v; std::memcpy(&v, reinterpret_cast<const void*>(a), 2); return v; }
 // Every lane posts its row address; returns the 32 addresses.
