@@ -333,6 +333,8 @@ def test_bad_arguments(tiny, tmp_path):
         export_onnx(tiny, tmp_path / "a", height=32, width=32, components=["vae_encoder"])
     with pytest.raises(ValueError, match="dtype"):
         export_onnx(tiny, tmp_path / "a", height=32, width=32, dtype="int8")
+    with pytest.raises(ValueError, match="opset >= 22"):
+        export_onnx(tiny, tmp_path / "a", height=32, width=32, dtype="bf16")
     with pytest.raises(TypeError, match="cannot export"):
         export_onnx(torch.nn.Linear(2, 2), tmp_path / "a")
     assert list(tmp_path.iterdir()) == []

@@ -113,9 +113,12 @@ def _downsampling(model, factor):
         return int(factor)
     if hasattr(model, "downsampling_factor"):
         return int(model.downsampling_factor)
-    fs = model if _is_first_stage(model) else None
-    mult = getattr(getattr(fs, "decoder", None), "ch_mult", None) if fs is not None else None
-    return 2 ** (len(mult) - 1) if mult else 8
+    if _is_first_stage(model):
+        # the decoder upsamples once per level but the last (num_resolutions = len(ch_mult))
+        levels = getattr(getattr(model, "decoder", None), "num_resolutions", None)
+        if levels:
+            return 2 ** (int(levels) - 1)
+    return 8
 
 
 def _unet_spec(unet, batch, h, w, dtype, text_len):
@@ -320,6 +323,9 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    if torch_dtype == torch.bfloat16 and opset < 22:
+        raise ValueError("dtype bf16 needs opset >= 22: Conv and most other ops accept "
+                         f"bfloat16 only from opset 22 (opset {opset} was requested)")
     gn_form, attn_form = resolve_forms(opset, group_norm, attention)
     parts = _parts(model)
     if components is not None:
