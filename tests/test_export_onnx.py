@@ -277,6 +277,24 @@ def test_slim_keeps_results(tiny, tmp_path):
     assert _rel_err(got, expected) < FP32_RTOL
 
 
+def test_clip_text_encoder(tmp_path):
+    """SD's text encoder (transformers CLIPTextModel inside CLIPTextEmbedder), shrunk."""
+    from ldmfast.models import CLIPTextEmbedder
+
+    torch.manual_seed(0)
+    enc = CLIPTextEmbedder({"vocab_size": 49408, "hidden_size": 64, "intermediate_size": 128,
+                            "num_hidden_layers": 2, "num_attention_heads": 4,
+                            "max_position_embeddings": 77, "hidden_act": "quick_gelu"},
+                           layer="penultimate").eval()
+    paths = export_onnx(enc, tmp_path / "clip", batch=2)
+    ids = torch.randint(0, 49408, (2, 77), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = enc(ids)
+    (got,) = _run(_session(str(paths["text_encoder"])), {"input_ids": ids})
+    assert got.shape == (2, 77, 64)
+    assert _rel_err(got, expected) < FP32_RTOL
+
+
 # --- atomic writing -------------------------------------------------------------------------------
 
 def _fake_part(name, wrapper, args, input_names, output_names, dest, **kw):
