@@ -152,8 +152,6 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
             config.set_flag(trt.BuilderFlag.FP16)
         if bf16:
             config.set_flag(trt.BuilderFlag.BF16)
-    elif fp16 is False and _graph_is_low_precision(onnx_path):
-        log.info("strongly typed build of a low-precision graph: precision comes from the graph")
     if not tf32:
         config.clear_flag(trt.BuilderFlag.TF32)
     if refit:

@@ -171,7 +171,8 @@ def resolve_forms(opset: int, group_norm: str = "auto", attention: str = "auto")
     if attention == "auto":
         attention = "matmul"
     if group_norm not in GROUP_NORM_FORMS:
-        raise ValueError(f"group_norm must be one of {GROUP_NORM_FORMS} or 'auto', not {group_norm!r}")
+        raise ValueError(f"group_norm must be one of {GROUP_NORM_FORMS} or 'auto', "
+                         f"not {group_norm!r}")
     if attention not in ATTENTION_FORMS:
         raise ValueError(f"attention must be one of {ATTENTION_FORMS} or 'auto', not {attention!r}")
     if group_norm == "group" and opset < 21:
