@@ -221,9 +221,11 @@ def from_ldm_yaml(path) -> dict:
         cp = {k: v for k, v in (cs.get("params") or {}).items() if k not in ("device", "freeze")}
         cond = {"type": _COND_TARGETS[cls]}
         if cls == "FrozenCLIPEmbedder":
+            if cp.get("layer", "last") != "last":
+                raise ValueError(f"{path}: FrozenCLIPEmbedder layer {cp['layer']!r} is not "
+                                 "supported (only 'last')")
             cond.update(clip_config=dict(_CLIP_L), tokenizer_path=None,
-                        max_length=cp.get("max_length", 77),
-                        layer="penultimate" if cp.get("layer") == "hidden" else "last")
+                        max_length=cp.get("max_length", 77), layer="last")
         elif cls == "FrozenOpenCLIPEmbedder":
             cond = {"type": "clip", "clip_config": dict(_OPENCLIP_H), "tokenizer_path": None,
                     "max_length": 77, "layer": "last"}
@@ -235,10 +237,9 @@ def from_ldm_yaml(path) -> dict:
                         max_seq_len=cp.get("max_seq_len", 77), tokenizer=None)
         else:
             cond.update(cp)
-    if key is None and cs != "__is_unconditional__":
-        key = "concat" if p.get("concat_mode", True) and cs == "__is_first_stage__" else (
-            "concat" if p.get("concat_mode", False) else "crossattn")
-    if cs == "__is_unconditional__" or cs is None:
+    if key is None:  # LatentDiffusion's defaults: concat_mode=True unless a key is given
+        key = "concat" if p.get("concat_mode", True) else "crossattn"
+    if cs in (None, "__is_unconditional__"):
         key = None
     diffusion = {"parameterization": p.get("parameterization", "eps"),
                  "beta_schedule": p.get("beta_schedule", "linear"),

@@ -395,3 +395,77 @@ def test_presets_recognised_from_weights(name):
     assert got["first_stage"] == want["first_stage"]
     assert got["cond_stage"] == want["cond_stage"]
     assert got["diffusion"] == want["diffusion"]
+
+
+V1_INFERENCE = """
+model:
+  base_learning_rate: 1.0e-04
+  target: ldm.models.diffusion.ddpm.LatentDiffusion
+  params:
+    linear_start: 0.00085
+    linear_end: 0.0120
+    num_timesteps_cond: 1
+    log_every_t: 200
+    timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_key: "txt"
+    image_size: 64
+    channels: 4
+    cond_stage_trainable: false
+    conditioning_key: crossattn
+    monitor: val/loss_simple_ema
+    scale_factor: 0.18215
+    use_ema: False
+    unet_config:
+      target: ldm.modules.diffusionmodules.openaimodel.UNetModel
+      params:
+        image_size: 32
+        in_channels: 4
+        out_channels: 4
+        model_channels: 320
+        attention_resolutions: [ 4, 2, 1 ]
+        num_res_blocks: 2
+        channel_mult: [ 1, 2, 4, 4 ]
+        num_heads: 8
+        use_spatial_transformer: True
+        transformer_depth: 1
+        context_dim: 768
+        use_checkpoint: True
+        legacy: False
+    first_stage_config:
+      target: ldm.models.autoencoder.AutoencoderKL
+      params:
+        embed_dim: 4
+        monitor: val/rec_loss
+        ddconfig:
+          double_z: true
+          z_channels: 4
+          resolution: 256
+          in_channels: 3
+          out_ch: 3
+          ch: 128
+          ch_mult: [1, 2, 4, 4]
+          num_res_blocks: 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+    cond_stage_config:
+      target: ldm.modules.encoders.modules.FrozenCLIPEmbedder
+"""
+
+
+def test_sd1_yaml_reads_as_the_preset(tmp_path):
+    (tmp_path / "v1-inference.yaml").write_text(V1_INFERENCE)
+    got = configs.from_ldm_yaml(str(tmp_path / "v1-inference.yaml"))
+    want = configs.get("sd1")
+    assert got["diffusion"] == want["diffusion"]
+    assert got["cond_stage"] == want["cond_stage"]
+    assert {k: v for k, v in got["first_stage"]["ddconfig"].items() if k != "attn_type"} == \
+        {k: v for k, v in want["first_stage"]["ddconfig"].items() if k != "attn_type"}
+    with torch.device("meta"):
+        u = build({"unet": got["unet"]}).unet
+    assert sum(p.numel() for p in u.parameters()) == 859_520_964
+    with pytest.raises(ValueError, match="not an LDM config"):
+        (tmp_path / "bad.yaml").write_text("model: 3\n")
+        configs.from_ldm_yaml(str(tmp_path / "bad.yaml"))
