@@ -318,6 +318,8 @@ def _read_diffusers(folder):
         ucfg.get("_class_name", "UNet2DConditionModel"))
     sd.update({PREFIXES["unet"] + k: v for k, v in unet_sd.items()})
     scale = 1.0
+    if not os.path.isdir(sub["vae"]) and os.path.isdir(os.path.join(folder, "vqvae")):
+        sub["vae"] = os.path.join(folder, "vqvae")  # diffusers' LDMPipeline names it so
     vcfg_path = os.path.join(sub["vae"], "config.json")
     if os.path.isfile(vcfg_path):
         vcfg = _read_json(vcfg_path)

@@ -469,3 +469,28 @@ def test_sd1_yaml_reads_as_the_preset(tmp_path):
     with pytest.raises(ValueError, match="not an LDM config"):
         (tmp_path / "bad.yaml").write_text("model: 3\n")
         configs.from_ldm_yaml(str(tmp_path / "bad.yaml"))
+
+
+def test_unconditional_vq_diffusers_folder(tmp_path):
+    """diffusers' LDMPipeline layout (CompVis/ldm-celebahq-256): unet (UNet2DModel) + vqvae."""
+    from diffusers import UNet2DModel, VQModel
+    unet = randomize(UNet2DModel(
+        sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+        block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"), attention_head_dim=32))
+    vq = randomize(VQModel(in_channels=3, out_channels=3, block_out_channels=(32, 32),
+                           down_block_types=("DownEncoderBlock2D",) * 2,
+                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=3,
+                           num_vq_embeddings=16, layers_per_block=1))
+    unet.save_pretrained(tmp_path / "unet")
+    vq.save_pretrained(tmp_path / "vqvae")
+    DDIMScheduler(beta_schedule="linear", beta_start=0.0015, beta_end=0.0195).save_pretrained(
+        tmp_path / "scheduler")
+    comps = load_components(tmp_path)
+    assert comps.cond_stage is None and comps.config["diffusion"]["conditioning_key"] is None
+    assert comps.config["diffusion"]["beta_schedule"] == "sqrt_linear"
+    assert comps.config["first_stage"]["type"] == "vq"
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert rel_err(comps.unet(x, torch.tensor([9])), unet(x, torch.tensor([9])).sample) < RTOL
+        assert rel_err(comps.first_stage.decode(x), vq.decode(x).sample) < RTOL
