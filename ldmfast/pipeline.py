@@ -129,7 +129,11 @@ class LatentDiffusion(nn.Module):
                 "scale_factor": scale,
                 "conditioning_key": {(True, False): "crossattn", (True, True): "hybrid",
                                      (False, True): "concat", (False, False): None}[
-                    (cond_stage is not None, unet.in_channels > unet.out_channels)],
+                    # Cross-attention is a property of the U-Net (it has a context_dim), not
+                    # of whether the pipeline carries a text encoder: with prompt_embeds a
+                    # pipeline may have none.
+                    ((getattr(unet, "config", None) or {}).get("context_dim") is not None,
+                     unet.in_channels > unet.out_channels)],
             },
         }
         model = cls(unet, first_stage, cond_stage, config)

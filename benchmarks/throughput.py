@@ -1,0 +1,242 @@
+"""ldmfast's headline benchmark: the whole model, side by side with diffusers, in one run.
+
+    python benchmarks/throughput.py [--preset sd15|cpu] [--height H --width W] [--batch 2]
+                                    [--dtype fp16|bf16|fp32] [--steps 50] [--providers ...]
+                                    [--compile] [--csv PATH]
+
+With no arguments it runs on whatever device is present: on a GPU the SD-1.5 architecture at
+512x512 in fp16, on CPU a small SD-shaped preset that finishes in about a minute. Both sides use
+the same random weights (the diffusers modules are built first and converted with
+`ldmfast.from_diffusers`). Printed per provider: U-Net steps per second at the given batch (2 =
+classifier-free guidance), VAE decode time at batch 1, and the end-to-end latency of one DDIM image
+with guidance plus decode; the ratios to diffusers eager; and the floor, the model's FLOPs over
+the matmul throughput measured in the same run.
+
+Providers: ldmfast (fused kernels; the U-Net step replayed from a CUDA graph on GPU),
+ldmfast-eager (no graph), ldmfast-ref (the model layer on the plain-PyTorch reference ops),
+diffusers (eager), diffusers-graph (U-Net step replayed from a CUDA graph, GPU only) and
+diffusers-compile (torch.compile of the U-Net and decoder; opt-in with --compile, slow to build).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers-graph", "diffusers-compile"]
+
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+              block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+# An SD-shaped model a 2-core CPU runs through every provider in about a minute.
+CPU_UNET = dict(SD15_UNET, sample_size=16, layers_per_block=1, block_out_channels=(32, 64, 128, 128),
+                cross_attention_dim=64, attention_head_dim=4)
+CPU_VAE = dict(SD_VAE, sample_size=128, layers_per_block=1, block_out_channels=(32, 32, 64, 64))
+PRESETS = {
+    "sd15": dict(unet=SD15_UNET, vae=SD_VAE, height=512, width=512, dtype="fp16", steps=50, context=(77, 768)),
+    "cpu": dict(unet=CPU_UNET, vae=CPU_VAE, height=128, width=128, dtype="fp32", steps=50, context=(77, 64)),
+}
+
+
+def build(preset, dtype, device):
+    """A random-weight diffusers pipeline and the ldmfast model converted from it."""
+    try:
+        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    except ImportError:
+        sys.exit("diffusers is not installed: the peers need it (pip install diffusers); "
+                 "nothing was measured")
+    import ldmfast
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(**preset["unet"])
+    vae = AutoencoderKL(**preset["vae"])
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = pipe.to(device=device, dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    model = ldmfast.from_diffusers(pipe).to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return pipe, model
+
+
+def graphed(fn, *args):
+    """fn(*args) captured once in a CUDA graph; the returned callable replays it."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn(*args)
+    return lambda *_: g.replay()
+
+
+def matmul_throughput(device, dtype):
+    """FLOP/s of a large square matmul in dtype, measured now (the floor's denominator)."""
+    n = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = C.time_fn(lambda i: a @ b, device, inner=10 if device.type == "cuda" else 2, repeats=5)
+    return 2 * n ** 3 / t
+
+
+def count_flops(fn):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as fc:
+        fn()
+    return fc.get_total_flops()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="model preset (default: sd15 on a GPU, cpu otherwise)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    ap.add_argument("--height", type=int, default=None)
+    ap.add_argument("--width", type=int, default=None)
+    ap.add_argument("--batch", type=int, default=2, help="U-Net batch (2 = one image with guidance)")
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default=None)
+    ap.add_argument("--steps", type=int, default=None, help="DDIM steps of the end-to-end image")
+    ap.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")
+    ap.add_argument("--compile", action="store_true", help="add diffusers-compile (takes minutes)")
+    ap.add_argument("--repeats", type=int, default=None, help="end-to-end repeats (median)")
+    ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA device is available")
+    preset = dict(PRESETS[args.preset or ("sd15" if device.type == "cuda" else "cpu")])
+    dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]
+    height, width = args.height or preset["height"], args.width or preset["width"]
+    steps = args.steps or preset["steps"]
+    if height % 8 or width % 8 or height <= 0 or width <= 0:
+        ap.error(f"--height/--width must be positive multiples of 8, got {height}x{width}")
+    if args.batch < 1 or steps < 1:
+        ap.error("--batch and --steps must be >= 1")
+    providers = args.providers.split(",") if args.providers else [p for p in ALL_PROVIDERS if p != "diffusers-compile"]
+    if args.compile and "diffusers-compile" not in providers:
+        providers.append("diffusers-compile")
+    for p in providers:
+        if p not in ALL_PROVIDERS:
+            ap.error(f"--providers: unknown provider {p!r} (choose from {', '.join(ALL_PROVIDERS)})")
+    if device.type != "cuda":
+        providers = [p for p in providers if p not in ("ldmfast-eager", "diffusers-graph")]
+
+    from tqdm import tqdm
+
+    import ldmfast.models.ops as model_ops
+
+    print(f"device: {C.device_name(device)}  torch {torch.__version__}  commit {C.git_sha()}  "
+          f"dtype {str(dtype).split('.')[-1]}  {height}x{width}  U-Net batch {args.batch}  {steps} DDIM steps")
+    pipe, model = build(preset, dtype, device)
+    if model_ops.using_reference_ops():
+        sys.exit("ldmfast's compiled ops did not load, so no ldmfast figure would be real: build them first")
+    h, w = height // 8, width // 8
+    T, D = preset["context"]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    lat = torch.randn(args.batch, 4, h, w, generator=g).to(device, dtype)
+    ctx = torch.randn(args.batch, T, D, generator=g).to(device, dtype)
+    tsteps = torch.full((args.batch,), 500, device=device, dtype=torch.long)
+    z1 = torch.randn(1, 4, h, w, generator=g).to(device, dtype)
+    x_T = torch.randn(1, 4, h, w, generator=g).to(device, dtype)
+    cond, uncond = ctx[:1], torch.zeros_like(ctx[:1])
+    if device.type == "cuda":
+        lat, z1 = lat.contiguous(memory_format=torch.channels_last), z1.contiguous(memory_format=torch.channels_last)
+
+    peak = matmul_throughput(device, dtype)
+    with torch.no_grad():
+        step_flops = count_flops(lambda: model.unet(lat, tsteps, context=ctx))
+        dec_flops = count_flops(lambda: model.first_stage.decode(z1))
+    floor = {"step": step_flops / peak, "decode": dec_flops / peak}
+    floor["e2e"] = steps * step_flops * (2 / args.batch) / peak + floor["decode"]
+    print(f"floor: U-Net step {step_flops / 1e12:.3f} TFLOP, decode {dec_flops / 1e12:.3f} TFLOP, "
+          f"matmul {peak / 1e9:.0f} GFLOP/s measured")
+
+    e2e_repeats = args.repeats or (3 if device.type == "cuda" else 1)
+    inner_step = 10 if device.type == "cuda" else 2
+    results = {}
+    for prov in tqdm(providers, desc="providers", disable=not sys.stderr.isatty()):
+        ref_ops = model_ops.use_reference_ops(prov == "ldmfast-ref")
+        try:
+            with torch.no_grad():
+                if prov.startswith("ldmfast"):
+                    step = lambda *_: model.unet(lat, tsteps, context=ctx)  # noqa: E731
+                    decode = lambda *_: model.first_stage.decode(z1)  # noqa: E731
+
+                    def e2e(*_):
+                        z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=7.5,
+                                         x_T=x_T, progress=False)
+                        return model.decode(z)
+                    if prov == "ldmfast" and device.type == "cuda":
+                        step = graphed(step)
+                else:
+                    unet, vae = pipe.unet, pipe.vae
+                    if prov == "diffusers-compile":
+                        unet, vae_decode = torch.compile(pipe.unet), torch.compile(pipe.vae.decode)
+                    else:
+                        vae_decode = vae.decode
+                    step = lambda *_: unet(lat, tsteps, encoder_hidden_states=ctx, return_dict=False)  # noqa: E731
+                    decode = lambda *_: vae_decode(z1, return_dict=False)  # noqa: E731
+
+                    def e2e(*_):
+                        return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T,
+                                    num_inference_steps=steps, guidance_scale=7.5, height=height,
+                                    width=width, output_type="pt").images
+                    if prov == "diffusers-graph":
+                        step = graphed(step)
+                    if prov == "diffusers-compile":
+                        orig = pipe.unet
+                        pipe.unet = unet
+                r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3),
+                     "decode": C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1, repeats=5 if device.type == "cuda" else 3),
+                     "e2e": C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)}
+                if prov == "diffusers-compile":
+                    pipe.unet = orig
+            results[prov] = r
+        finally:
+            ref_ops.__exit__()
+
+    base = results.get("diffusers")
+    rows = []
+    print()
+    C.print_table(
+        [{"provider": p, "unet_steps_per_s": 1 / r["step"], "step_ms": r["step"] * 1e3,
+          "decode_ms": r["decode"] * 1e3, "e2e_s": r["e2e"],
+          "x_step_vs_diffusers": base["step"] / r["step"] if base else "",
+          "x_e2e_vs_diffusers": base["e2e"] / r["e2e"] if base else ""} for p, r in results.items()]
+        + [{"provider": "floor", "unet_steps_per_s": 1 / floor["step"], "step_ms": floor["step"] * 1e3,
+            "decode_ms": floor["decode"] * 1e3, "e2e_s": floor["e2e"]}],
+        ["provider", "unet_steps_per_s", "step_ms", "decode_ms", "e2e_s", "x_step_vs_diffusers", "x_e2e_vs_diffusers"])
+    shape = f"{height}x{width}_b{args.batch}"
+    for p, r in list(results.items()) + [("floor", floor)]:
+        for metric, t in r.items():
+            rows.append({"bench": "throughput", "op": {"step": "unet_step", "decode": "vae_decode_b1",
+                                                        "e2e": f"ddim{steps}_cfg_decode"}[metric],
+                         "shape": shape, "dtype": str(dtype).split(".")[-1], "layout": "", "provider": p,
+                         "time_us": t * 1e6, "steps_per_s": 1 / t if metric == "step" else "",
+                         "note": f"preset={args.preset or ('sd15' if device.type == 'cuda' else 'cpu')}"})
+    path = C.append_results(rows, device, args.csv)
+    print(f"\nresults appended to {path}")
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
