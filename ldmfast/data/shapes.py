@@ -156,12 +156,13 @@ def _coverage(attrs: dict, size: int) -> np.ndarray:
     cy = attrs["cy"].astype(np.float32)[:, None, None]
     r = attrs["radius"].astype(np.float32)[:, None, None]
     shape = attrs["shape"][:, None, None]
+    step = np.float32(IMAGE_SIZE / size)  # geometry is defined on the 64x64 grid
     base = np.arange(size, dtype=np.float32)
     cover = np.zeros((len(attrs["cx"]), size, size), dtype=np.float32)
     for oy in (0.25, 0.75):
         for ox in (0.25, 0.75):
-            dx = (base + np.float32(ox))[None, None, :] - cx
-            dy = (base + np.float32(oy))[None, :, None] - cy
+            dx = ((base + np.float32(ox)) * step)[None, None, :] - cx
+            dy = ((base + np.float32(oy)) * step)[None, :, None] - cy
             circle = dx * dx + dy * dy <= r * r
             square = (np.abs(dx) <= r) & (np.abs(dy) <= r)
             # apex at (cx, cy - r), base from (cx - r, cy + r) to (cx + r, cy + r): the half
@@ -173,7 +174,8 @@ def _coverage(attrs: dict, size: int) -> np.ndarray:
 
 
 def render(attrs: dict, size: int = IMAGE_SIZE) -> torch.Tensor:
-    """Images (B, 3, size, size) float32 in [-1, 1] for ``attrs``."""
+    """Images (B, 3, size, size) float32 in [-1, 1] for ``attrs`` (the same scene at any size:
+    the geometry lives on the 64x64 grid)."""
     cover = _coverage(attrs, size)[:, None]
     fg = _COLOUR_RGB[attrs["colour"]][:, :, None, None]
     bg = _BG_RGB[attrs["background"]][:, :, None, None]
@@ -182,7 +184,8 @@ def render(attrs: dict, size: int = IMAGE_SIZE) -> torch.Tensor:
 
 
 class ShapesBatches:
-    """Fast batches of one split: ``batch(indices)`` -> {"image", "caption", "colour", "shape"}.
+    """Fast batches of one split: ``batch(indices)`` -> {"image", "caption", "colour", "shape",
+    "label", "index"}.
 
     ``for_step(step, batch_size, rank, world)`` gives the batch a training step uses: indices
     ``[(step * world + rank) * batch_size, ...)``, so each rank sees distinct samples and a
@@ -200,6 +203,8 @@ class ShapesBatches:
                 "caption": [caption(attrs, i) for i in range(n)],
                 "colour": [_COLOUR_NAMES[c] for c in attrs["colour"]],
                 "shape": [SHAPES[s] for s in attrs["shape"]],
+                # class label: the (colour, shape) pair's index in pairs("val")
+                "label": torch.as_tensor(attrs["colour"] * len(SHAPES) + attrs["shape"]),
                 "index": torch.as_tensor(np.asarray(indices, dtype=np.int64).reshape(-1))}
 
     def for_step(self, step: int, batch_size: int, rank: int = 0, world: int = 1) -> dict:

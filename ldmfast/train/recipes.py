@@ -1,0 +1,263 @@
+"""Training recipes: a model config, both stages' schedules, and ``run`` to carry them out.
+
+- ``shapes``: an f = 4 KL autoencoder (64x64x3 -> 16x16x4) and a text-to-image LDM on the
+  built-in shapes data: the paper's transformer text encoder tau_theta over a word-level
+  vocabulary of the captions, cross-attention in a small U-Net. Sized to train on a CPU.
+- ``shapes-sr``: LDM-SR, 16x16 -> 64x64: the low-resolution image is concatenated to the 16x16
+  latent (the pipeline's ``super_resolve``); reported against bicubic upsampling by PSNR.
+
+``run(recipe, out)`` trains the autoencoder (unless a trained one is given), then the LDM,
+resuming from ``out`` when checkpoints are there, writes the EMA model with
+``ldmfast.checkpoint.save`` and evaluates it. Under ``torchrun`` every stage runs DDP.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ..data import shapes
+from . import engine
+from .autoencoder import AETrainConfig, AutoencoderTrainer, evaluate_psnr, psnr
+from .ldm import LDMTrainConfig, LDMTrainer, export_model
+from .losses import AutoencoderLoss
+
+log = logging.getLogger("ldmfast")
+
+__all__ = ["Recipe", "RECIPES", "get", "run", "evaluate_txt2img", "evaluate_sr"]
+
+
+@dataclasses.dataclass
+class Recipe:
+    name: str
+    model: dict                        # {"unet", "first_stage", "cond_stage", "diffusion"}
+    ae_loss: dict                      # AutoencoderLoss keyword arguments
+    ae: AETrainConfig
+    ldm: LDMTrainConfig
+    data_seed: int = 0
+    task: str = "txt2img"              # txt2img or sr
+    eval_steps: int = 50               # DDIM steps for the evaluation samples
+    guidance_scale: float = 3.0
+
+
+def _first_stage() -> dict:
+    # f = 4: three levels (two downsamplings). 32 channels (the least GroupNorm(32) allows) at
+    # 64x64 and 32x32 keeps the full-resolution convolutions, which dominate the cost, cheap.
+    return {"type": "kl", "embed_dim": 4,
+            "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
+                         "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 1,
+                         "attn_resolutions": [], "dropout": 0.0}}
+
+
+def _ae_loss(disc_start: int) -> dict:
+    return {"kind": "kl", "disc_start": disc_start, "kl_weight": 1e-6, "disc_weight": 0.5,
+            "disc_layers": 2, "disc_channels": 32, "perceptual_weight": 1.0}
+
+
+def _shapes() -> Recipe:
+    vocab = shapes.vocabulary()
+    max_len = 12  # the longest caption is 7 words, plus [CLS] and [SEP]
+    context = 128
+    model = {
+        "first_stage": _first_stage(),
+        "cond_stage": {"type": "transformer", "n_embed": context, "n_layer": 2,
+                       "vocab_size": len(vocab) + 4, "max_seq_len": max_len, "heads": 4,
+                       "dim_head": 32,
+                       "tokenizer": {"type": "word", "vocab": vocab, "max_length": max_len}},
+        # 64 and 128 channels at 16x16 and 8x8, cross-attention at 16x16 and in the middle
+        # block: 3.2M parameters, so that the whole model (4.6M) ships in under 20 MB of float32
+        "unet": {"image_size": 16, "in_channels": 4, "out_channels": 4, "model_channels": 64,
+                 "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [1],
+                 "num_head_channels": 32, "use_spatial_transformer": True,
+                 "transformer_depth": 1, "context_dim": context, "legacy": False},
+        "diffusion": {"timesteps": 1000, "beta_schedule": "linear", "linear_start": 0.0015,
+                      "linear_end": 0.0195, "parameterization": "eps", "scale_factor": 1.0,
+                      "conditioning_key": "crossattn"},
+    }
+    ae = AETrainConfig(steps=2000, batch_size=16, lr=4e-4)
+    ldm = LDMTrainConfig(steps=6000, batch_size=32, lr=3e-4, warmup_steps=200, ema_decay=0.999,
+                         cond_drop=0.1)
+    return Recipe("shapes", model, _ae_loss(disc_start=1200), ae, ldm)
+
+
+def _shapes_sr() -> Recipe:
+    model = {
+        "first_stage": _first_stage(),
+        "cond_stage": {"type": "identity"},
+        "unet": {"image_size": 16, "in_channels": 4 + 3, "out_channels": 4,
+                 "model_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
+                 "attention_resolutions": [2], "num_head_channels": 32, "legacy": False},
+        "diffusion": {"timesteps": 1000, "beta_schedule": "linear", "linear_start": 0.0015,
+                      "linear_end": 0.0155, "parameterization": "eps", "scale_factor": 1.0,
+                      "conditioning_key": "concat"},
+    }
+    ae = AETrainConfig(steps=2000, batch_size=16, lr=4e-4)
+    ldm = LDMTrainConfig(steps=4000, batch_size=32, lr=3e-4, warmup_steps=200, ema_decay=0.999,
+                         cond_drop=0.0)
+    return Recipe("shapes-sr", model, _ae_loss(disc_start=1200), ae, ldm, task="sr",
+                  eval_steps=50)
+
+
+RECIPES = {"shapes": _shapes, "shapes-sr": _shapes_sr}
+
+
+def get(name: str) -> Recipe:
+    if name not in RECIPES:
+        raise ValueError(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    return RECIPES[name]()
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_captions():
+    """One caption per (colour, shape) pair, the held-out ones included."""
+    return [f"a {c} {s}" for c, s in shapes.pairs("val")]
+
+
+@torch.no_grad()
+def evaluate_txt2img(model, captions=None, steps: int = 50, guidance_scale: float = 3.0,
+                     seed: int = 0, batch: int = 32) -> dict:
+    """Generates one image per caption and asks ``shapes.judge`` for its (colour, shape):
+    accuracy over all captions and over the held-out pairs."""
+    captions = captions or eval_captions()
+    verdicts = []
+    for i in range(0, len(captions), batch):
+        chunk = captions[i:i + batch]
+        imgs = model.txt2img(chunk, steps=steps, guidance_scale=guidance_scale, seed=seed + i,
+                             progress=False, output_type="tensor")
+        verdicts += shapes.judge_batch(imgs.float().cpu())
+    rows = []
+    for cap, got in zip(captions, verdicts):
+        words = cap.split()
+        want = next((c for c in shapes.COLOURS if c in words), None), \
+            next((s for s in shapes.SHAPES if s in words), None)
+        rows.append({"caption": cap, "judged": list(got), "ok": tuple(got) == want,
+                     "heldout": want in shapes.HELDOUT})
+    held = [r for r in rows if r["heldout"]]
+    return {"accuracy": sum(r["ok"] for r in rows) / len(rows),
+            "heldout_accuracy": (sum(r["ok"] for r in held) / len(held)) if held else None,
+            "samples": rows}
+
+
+@torch.no_grad()
+def evaluate_sr(model, images, steps: int = 50, seed: int = 0, batch: int = 32) -> dict:
+    """PSNR (dB) of LDM-SR's 4x upsampling of area-downsampled ``images`` and of bicubic
+    upsampling of the same low-resolution images."""
+    sr_vals, bic_vals = [], []
+    f = model.downsampling_factor
+    for i in range(0, images.shape[0], batch):
+        x = images[i:i + batch]
+        lr = F.interpolate(x, scale_factor=1.0 / f, mode="area")
+        bic = F.interpolate(lr, scale_factor=f, mode="bicubic", align_corners=False).clamp(-1, 1)
+        sr = model.super_resolve(lr, steps=steps, seed=seed + i, progress=False,
+                                 output_type="tensor").float().cpu()
+        sr_vals.append(psnr(sr, x))
+        bic_vals.append(psnr(bic, x))
+    return {"psnr_sr": torch.cat(sr_vals).mean().item(),
+            "psnr_bicubic": torch.cat(bic_vals).mean().item()}
+
+
+# -------------------------------------------------------------------------------- running
+
+def _load_first_stage(first_stage, path):
+    """Weights for the first stage from an autoencoder training checkpoint or a model file."""
+    if path.endswith(".pt"):
+        state = engine.load_checkpoint(path)
+        sd = state["autoencoder"] if state.get("kind") == "autoencoder" else state["first_stage"]
+        first_stage.load_state_dict(sd)
+        return
+    from .. import checkpoint
+    comp = checkpoint.load_components(path)
+    if comp.first_stage is None:
+        raise ValueError(f"{path!r} holds no first stage")
+    first_stage.load_state_dict(comp.first_stage.state_dict())
+
+
+def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | None = None,
+        first_stage: str | None = None, lpips: str | None = None, precision: str | None = None,
+        grad_checkpoint: bool = False, batch_size: int | None = None, progress: bool = True,
+        evaluate: bool = True, export: str | None = None, seed: int | None = None) -> dict:
+    """Trains both stages into ``out`` (resuming from its checkpoints) and returns a summary:
+    seconds per step of each stage, the autoencoder's held-out PSNR, the evaluation, paths."""
+    from ..models import build
+    from ..pipeline import LatentDiffusion
+
+    recipe = copy.deepcopy(recipe)
+    info = engine.init_distributed()
+    os.makedirs(out, exist_ok=True)
+    if seed is not None:
+        recipe.ae.seed = recipe.ldm.seed = recipe.data_seed = seed
+    for cfg in (recipe.ae, recipe.ldm):
+        cfg.out, cfg.progress = out, progress
+        if precision:
+            cfg.precision = precision
+        if batch_size:
+            cfg.batch_size = batch_size
+    if ae_steps is not None:
+        recipe.ae.steps = ae_steps
+        recipe.ae_loss["disc_start"] = min(recipe.ae_loss["disc_start"], int(ae_steps * 0.6))
+    if ldm_steps is not None:
+        recipe.ldm.steps = ldm_steps
+        recipe.ldm.warmup_steps = min(recipe.ldm.warmup_steps, max(ldm_steps // 10, 1))
+    recipe.ldm.grad_checkpoint = grad_checkpoint
+    torch.manual_seed(recipe.ldm.seed)  # identical initial weights on every rank
+    comp = build(recipe.model)
+    data = shapes.ShapesBatches("train", recipe.data_seed)
+    held = shapes.ShapesBatches("val", recipe.data_seed + 1).batch(range(256))["image"]
+    summary = {"recipe": recipe.name, "out": out, "world_size": info.world}
+
+    # stage 1: the autoencoder
+    if first_stage:
+        _load_first_stage(comp.first_stage, first_stage)
+        log.info("first stage: weights from %s", first_stage)
+    else:
+        loss = AutoencoderLoss(**dict(recipe.ae_loss, perceptual_path=lpips))
+        ae_tr = AutoencoderTrainer(comp.first_stage, loss, data, recipe.ae, info)
+        ae_tr.resume()
+        t0 = time.perf_counter()
+        ae_tr.train()
+        summary["ae_seconds"] = time.perf_counter() - t0
+        summary["ae_sec_per_step"] = ae_tr.timer.mean
+        summary["ae_cpu_sec_per_step"] = ae_tr.timer.cpu_mean
+        summary["ae_steps"] = ae_tr.step
+    comp.first_stage.eval()
+    summary["ae_psnr_heldout"] = evaluate_psnr(comp.first_stage.to(info.device),
+                                               held.to(info.device))
+    log.info("autoencoder: PSNR %.2f dB on held-out images", summary["ae_psnr_heldout"])
+
+    # stage 2: the latent diffusion model
+    model = LatentDiffusion(comp.unet, comp.first_stage, comp.cond_stage, comp.config)
+    tr = LDMTrainer(model, data, recipe.ldm, info)
+    tr.resume()
+    t0 = time.perf_counter()
+    tr.train()
+    summary["ldm_seconds"] = time.perf_counter() - t0
+    summary["ldm_sec_per_step"] = tr.timer.mean
+    summary["ldm_cpu_sec_per_step"] = tr.timer.cpu_mean
+    summary["ldm_steps"] = tr.step
+    summary["scale_factor"] = model.scale_factor
+
+    if info.main:
+        final = tr.ema_model()
+        path = export or os.path.join(out, f"{recipe.name}.safetensors")
+        try:
+            summary["weights"] = export_model(final, path)
+            log.info("wrote %s", path)
+        except RuntimeError as e:
+            log.warning("%s", e)
+        if evaluate:
+            if recipe.task == "sr":
+                summary["eval"] = evaluate_sr(final, held[:64].to(info.device),
+                                              recipe.eval_steps)
+            else:
+                summary["eval"] = evaluate_txt2img(final, steps=recipe.eval_steps,
+                                                   guidance_scale=recipe.guidance_scale)
+        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+    return summary
