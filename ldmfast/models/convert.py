@@ -26,21 +26,12 @@ def _expect(cfg, what, **wanted):
                              f"(supported: {', '.join(map(repr, allowed))})")
 
 
-def _per_level(value, n, what, name):
+def _per_level(value, what, name):
     if isinstance(value, (list, tuple)):
         if len(set(value)) != 1:
             raise ValueError(f"{what}: per-level {name} {list(value)} is not supported")
         return value[0]
     return value if value is not None else None
-
-
-def _rename(sd, prefix, table):
-    """Moves the keys under ``prefix`` whose first component is in ``table``."""
-    out = {}
-    for k, v in sd.items():
-        head, _, rest = k[len(prefix):].partition(".")
-        out[table[head] + "." + rest] = v
-    return out
 
 
 _OLD_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -73,7 +64,7 @@ def _unet_config(cfg, cls):
         raise ValueError(f"{what}: block_out_channels {boc} are not multiples of the first")
     nrb = cfg.get("layers_per_block", 2)
     if isinstance(nrb, (list, tuple)):
-        nrb = _per_level(nrb, len(boc), what, "layers_per_block")
+        nrb = _per_level(nrb, what, "layers_per_block")
     out = dict(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
                model_channels=mc, channel_mult=[c // mc for c in boc], num_res_blocks=nrb,
                dropout=float(cfg.get("dropout", 0.0)),
@@ -107,8 +98,8 @@ def unet_config_from_diffusers(cfg: dict, cls: str) -> dict:
         heads = list(heads) if isinstance(heads, (list, tuple)) else [heads] * n
         context_dim = cfg.get("cross_attention_dim")
         if isinstance(context_dim, (list, tuple)):
-            context_dim = _per_level(context_dim, n, what, "cross_attention_dim")
-        depth = _per_level(cfg.get("transformer_layers_per_block", 1), n, what,
+            context_dim = _per_level(context_dim, what, "cross_attention_dim")
+        depth = _per_level(cfg.get("transformer_layers_per_block", 1), what,
                            "transformer_layers_per_block")
         out.update(use_spatial_transformer=True, context_dim=context_dim, transformer_depth=depth,
                    use_linear_in_transformer=bool(cfg.get("use_linear_projection", False)))

@@ -5,7 +5,6 @@ op in the (B, L, H, D) layout: projections are reshaped with a view, never trans
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 
