@@ -21,6 +21,7 @@ log = logging.getLogger("ldmfast")
 # name -> "module" or "module:attribute"; later commands (export, bench, train) register here.
 COMMANDS = {
     "generate": "ldmfast.cli:Generate",
+    "export": "ldmfast.export.command",
 }
 
 

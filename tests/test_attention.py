@@ -54,8 +54,8 @@ LDM_SHAPES = [
     pytest.param(2, 256, 77, 2, 160, id="sd-cross-16x16-d160"),
     pytest.param(1, 1024, 1024, 2, 64, id="sd2-self-d64"),
     pytest.param(2, 1024, 77, 2, 64, id="sd2-cross-d64"),
-    # The autoencoder's mid-block attention: one head of 512 channels is beyond the CPU
-    # kernel's D <= 256, so LDM's own VAE shapes are covered at D = 256 below.
+    # The autoencoder's mid-block attention: one head of 512 channels over a 32x32 latent.
+    pytest.param(1, 1024, 1024, 1, 512, id="vae-mid-32x32-d512"),
 ]
 
 
@@ -85,8 +85,10 @@ EDGE = [
     pytest.param(2, 17, 19, 3, 1, {}, id="d1"),
     pytest.param(1, 31, 45, 2, 7, {}, id="d7"),
     pytest.param(1, 20, 33, 2, 100, {}, id="d100"),
-    # The largest head dim the CPU kernel takes; 64-key tiles.
+    # 64-key tiles from D = 129 up, 32-key tiles past 256, up to the largest head dim (512).
     pytest.param(1, 70, 150, 2, 256, {}, id="d256"),
+    pytest.param(1, 70, 150, 1, 384, {}, id="d384"),
+    pytest.param(1, 37, 90, 1, 512, {}, id="d512"),
     # Peaked softmax (large scores): the running maximum must be tracked across key tiles.
     pytest.param(1, 64, 400, 2, 40, {"scale": 3.0}, id="peaked-scale-3"),
     # Tiny scale: nearly uniform softmax, sums of many similar terms.
@@ -230,8 +232,8 @@ def test_rejects_bad_scale(scale):
 
 
 def test_rejects_head_dim_beyond_cpu_limit():
-    q, k, v = _qkv(1, 4, 4, 1, 300, torch.float32, "cpu")
-    with pytest.raises(NotImplementedError, match="head dim D=300 is not supported on CPU"):
+    q, k, v = _qkv(1, 4, 4, 1, 600, torch.float32, "cpu")
+    with pytest.raises(NotImplementedError, match="head dim D=600 is not supported on CPU"):
         ops.attention(q, k, v)
 
 

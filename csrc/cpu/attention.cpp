@@ -43,8 +43,8 @@ constexpr float kLn2 = 0.693147180559945309f;
 int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 
 // Keys per tile: 128 keeps K^T, V and the scores of a task in L2 up to D = 128; larger head dims
-// take 64 so that D = 256 still fits.
-int64_t key_tile(int64_t D) { return D > 128 ? 64 : 128; }
+// take fewer so that D = 256 (64 keys) and the autoencoders' single 512-wide head (32) still fit.
+int64_t key_tile(int64_t D) { return D > 256 ? 32 : D > 128 ? 64 : 128; }
 
 // s[r][j] = sum_d q[r][d] kt[d][j] for 6 rows and 16 keys.
 inline void qk_micro(const float* __restrict q, int64_t ldq, const float* __restrict kt, int64_t ldk,

@@ -25,7 +25,7 @@ struct AttentionParams {
 };
 
 namespace cpu {
-constexpr int64_t kAttentionMaxHeadDim = 256;
+constexpr int64_t kAttentionMaxHeadDim = 512;  // the autoencoders' mid-block attention has one head of 512
 void attention(const AttentionParams& p);
 }
 namespace cuda {
