@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from .. import ref as _ref
 
@@ -79,9 +80,27 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: b
     return _impl(x).group_norm_silu(x, weight, bias, num_groups, eps, silu, emb)
 
 
+# Head dims the compiled kernels take (csrc/include/ldmfast/attention.h): the CUDA kernel is
+# instantiated for the U-Net's widths; the autoencoders' single 512-wide head and cin256's
+# 192..960-wide ones go to PyTorch's fused attention instead. A static shape check, made once
+# at trace time.
+_CUDA_HEAD_DIMS = frozenset((32, 40, 64, 80, 96, 128, 160))
+_CPU_MAX_HEAD_DIM = 512
+
+
+def _kernel_takes(q) -> bool:
+    d = q.shape[-1]
+    return d in _CUDA_HEAD_DIMS if q.device.type == "cuda" else d <= _CPU_MAX_HEAD_DIM
+
+
 def attention(q, k, v, scale=None):
     """softmax(scale q k^T) v with (B, L, H, D) tensors whose last dim is contiguous."""
-    return _impl(q).attention(q, k, v, scale)
+    impl = _impl(q)
+    if impl is _ref or _kernel_takes(q):
+        return impl.attention(q, k, v, scale)
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         scale=q.shape[-1] ** -0.5 if scale is None else scale)
+    return out.transpose(1, 2)
 
 
 def group_norm(x, norm, silu: bool = False, emb=None):
