@@ -23,12 +23,23 @@ import torch.nn.functional as F
 
 from . import images as im
 from .diffusion.guidance import EpsModel
-from .diffusion.samplers import get_sampler, sample_ddim
+from .diffusion.samplers import get_sampler, sample_ddim, sample_dpmpp_2m
 from .diffusion.schedule import NoiseSchedule, StepSchedule, randn_like
 
 log = logging.getLogger("ldmfast")
 
 __all__ = ["LatentDiffusion"]
+
+
+class _DecodeLatent(nn.Module):
+    """A first stage's ``decode_latent`` as a module's forward (for ``functional_call``)."""
+
+    def __init__(self, fs):
+        super().__init__()
+        self.fs = fs
+
+    def forward(self, z):
+        return self.fs.decode_latent(z)
 
 # diffusers scheduler configs -> ldmfast's diffusion config
 _DIFFUSERS_BETAS = {"scaled_linear": "linear", "linear": "sqrt_linear",
@@ -194,11 +205,64 @@ class LatentDiffusion(nn.Module):
         return z * self.scale_factor
 
     @torch.no_grad()
-    def decode(self, z) -> torch.Tensor:
+    def decode(self, z, cuda_graph: bool = False, fp16_guard: bool = True) -> torch.Tensor:
         """Latents -> images in [-1, 1]: the decoder applied to z / scale_factor (a VQ first
-        stage quantises first)."""
-        z = z.to(self._fs_dtype())
-        return self._first_stage().decode_latent(z / self.scale_factor)
+        stage quantises first).
+
+        cuda_graph: replay the decoder from a CUDA graph captured per latent shape.
+        fp16_guard: with a float16 first stage, samples whose output has a NaN or Inf (fp16
+        overflow, SD's VAE at large sizes) are decoded again in float32 and replace them
+        (``_decode_fp32``); the check costs one host sync per call. Logged once per model.
+        """
+        fs = self._first_stage()
+        dtype = self._fs_dtype()
+        if cuda_graph:
+            self._check_graphable("decode")
+            x = self._decode_graphed(fs, z, dtype)
+        else:
+            x = fs.decode_latent(z.to(dtype) / self.scale_factor)
+        if fp16_guard and dtype == torch.float16:
+            x = self._fp16_guard(x, z)
+        return x
+
+    def _decode_graphed(self, fs, z, dtype):
+        from .graphs import tensor_spec
+        from .models.ops import using_reference_ops
+
+        z = z.to(next(fs.parameters()).device)
+        scale = self.scale_factor
+        key = ("decode", tensor_spec(z), dtype, scale, using_reference_ops())
+
+        def body(z):
+            return fs.decode_latent(z.to(dtype) / scale)
+        return self.graph_cache().run(key, body, {"z": z}, watch=tuple(fs.parameters()))
+
+    def _fp16_guard(self, x, z):
+        bad = ~torch.isfinite(x).flatten(1).all(dim=1)
+        if not bool(bad.any()):
+            return x
+        idx = bad.nonzero().flatten()
+        if not self.__dict__.get("_fp16_guard_logged"):
+            self.__dict__["_fp16_guard_logged"] = True
+            log.warning("fp16 decode gave non-finite values for %d of %d samples; decoding "
+                        "them again in float32 (logged once)", idx.numel(), x.shape[0])
+        else:
+            log.debug("fp16 decode: %d samples redone in float32", idx.numel())
+        x = x.clone()
+        x[idx] = self._decode_fp32(z[idx.to(z.device)]).to(x.dtype)
+        return x
+
+    def _decode_fp32(self, z):
+        """The first stage's decode in float32 without touching the module: its decoder-side
+        parameters are upcast into temporary copies (float32 = twice their fp16 size, ~200 MB
+        for SD's VAE decoder, freed on return) and applied with ``torch.func.functional_call``.
+        The module's own tensors, which captured graphs and shared weights point at, stay
+        where they are."""
+        fs = self._first_stage()
+        params = {"fs." + n: p.float() for n, p in fs.named_parameters()
+                  if not n.startswith(("encoder.", "quant_conv."))}
+        z32 = z.to(next(fs.parameters()).device, torch.float32) / self.scale_factor
+        return torch.func.functional_call(_DecodeLatent(fs), params, (z32,), strict=False)
 
     def _fs_dtype(self):
         return next(self._first_stage().parameters()).dtype
@@ -279,7 +343,7 @@ class LatentDiffusion(nn.Module):
     def sample(self, cond=None, uncond=None, steps: int = 50, guidance_scale: float = 1.0,
                sampler: str = "ddim", eta: float = 0.0, x_T=None, generator=None, shape=None,
                concat=None, mask=None, x0=None, progress: bool = True, callback=None,
-               start_step: int = 0) -> torch.Tensor:
+               start_step: int = 0, cuda_graph: bool = False) -> torch.Tensor:
         """Samples latents (B, C, h, w).
 
         cond / uncond: encoded conditionings (text contexts (B, T, D), class labels (B,) long,
@@ -292,7 +356,16 @@ class LatentDiffusion(nn.Module):
         mask / x0: latent-space inpainting with any model (mask == 1: keep x0's content), as in
         LDM's DDIM sampler; the known region is pasted once more at the end.
         start_step: skip the first steps (img2img: x_T must be noised to that step).
+        cuda_graph: run the whole loop (U-Net on cond + uncond, guidance, sampler update) as one
+        CUDA graph, captured on the first call for these shapes and settings and replayed after
+        (``graph_body`` is the function captured; see ``ldmfast.graphs``). CUDA only; DDIM with
+        eta = 0 and DPM-Solver++(2M), without callback or mask (their per-step host work or
+        noise cannot be replayed). The guidance scale is a device input: changing it does not
+        capture again.
         """
+        if cuda_graph:
+            self._check_graphable("sample", sampler=sampler, eta=eta, callback=callback,
+                                  mask=mask)
         sampler_fn, disc = get_sampler(sampler)
         dev = self.device
         if x_T is not None:
@@ -339,18 +412,90 @@ class LatentDiffusion(nn.Module):
                 raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
             schedule = StepSchedule(schedule.timesteps[start_step:], schedule.alphas[start_step:],
                                     schedule.alphas_prev[start_step:])
+        opts = {"eta": eta} if sampler_fn is sample_ddim else {}
+        if eta and not opts:
+            raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
+        if cuda_graph:
+            return self._sample_graphed(sampler_fn, schedule, opts, x, cond, uncond,
+                                        guidance_scale if guide else None, concat, steps,
+                                        start_step)
         model = EpsModel(self.unet, self.schedule.alphas_cumprod, self.parameterization,
                          self.conditioning_key)
         extra = {"cond": cond, "uncond": uncond, "guidance_scale": guidance_scale,
                  "concat": concat}
-        opts = {"eta": eta} if sampler_fn is sample_ddim else {}
-        if eta and not opts:
-            raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
         x = sampler_fn(model, x, schedule, extra_args=extra, callback=callback,
                        disable=not progress, generator=generator, mask=mask, x0=x0, **opts)
         if mask is not None:
             x = mask * x0 + (1 - mask) * x
         return x
+
+    # --- CUDA graphs ---------------------------------------------------------------------------
+    def graph_cache(self):
+        """This model's ``ldmfast.graphs.GraphCache`` (made on first use; assign another, e.g.
+        one with ``eager_capture``, to run the graph path without capturing)."""
+        cache = self.__dict__.get("_graphs")
+        if cache is None:
+            from .graphs import GraphCache
+            cache = self.__dict__["_graphs"] = GraphCache()
+        return cache
+
+    def set_graph_cache(self, cache) -> None:
+        self.__dict__["_graphs"] = cache
+
+    def _check_graphable(self, what, sampler="ddim", eta=0.0, callback=None, mask=None):
+        if self.graph_cache().requires_cuda and self.device.type != "cuda":
+            raise ValueError(f"{what}(cuda_graph=True) needs the model on a CUDA device; it is on "
+                             f"{self.device.type} (move it with .to('cuda') or pass "
+                             "cuda_graph=False)")
+        if what != "sample":
+            return
+        fn, _ = get_sampler(sampler)
+        if fn not in (sample_ddim, sample_dpmpp_2m):
+            raise ValueError(f"sample(cuda_graph=True) supports the 'ddim' and 'dpmpp_2m' "
+                             f"samplers, not {sampler!r} (its per-step noise would be frozen "
+                             "into the graph)")
+        if eta:
+            raise ValueError("sample(cuda_graph=True) supports eta=0 only: eta > 0 draws noise at "
+                             "every step, which a replayed graph would repeat")
+        if callback is not None:
+            raise ValueError("sample(cuda_graph=True) takes no callback: the loop runs as one "
+                             "graph with no host code between steps")
+        if mask is not None:
+            raise ValueError("sample(cuda_graph=True) takes no mask/x0: the known region is "
+                             "re-noised at every step, which a replayed graph would repeat")
+
+    def graph_body(self, sampler_fn, schedule: StepSchedule, opts=None):
+        """The function ``sample(cuda_graph=True)`` captures: x_T, the encoded conditionings,
+        the guidance scale (a device tensor, or None for no guidance) and the concat ->
+        latents, with the sampler loop, the U-Net on [uncond; cond] and guidance inside. Plain
+        PyTorch: it runs eagerly as well (that is how it is tested without a GPU)."""
+        opts = dict(opts or {})
+        unet, abar = self.unet, self.schedule.alphas_cumprod
+        param, key = self.parameterization, self.conditioning_key
+
+        def body(x_T, cond=None, uncond=None, guidance_scale=None, concat=None):
+            model = EpsModel(unet, abar, param, key)
+            guided = guidance_scale is not None
+            extra = {"cond": cond, "uncond": uncond if guided else None,
+                     "guidance_scale": guidance_scale if guided else 1.0, "concat": concat}
+            return sampler_fn(model, x_T, schedule, extra_args=extra, disable=True, **opts)
+        return body
+
+    def _sample_graphed(self, sampler_fn, schedule, opts, x, cond, uncond, guidance_scale,
+                        concat, steps, start_step):
+        from .graphs import tensor_spec
+        from .models.ops import using_reference_ops
+
+        scale = None
+        if guidance_scale is not None:
+            scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.device)
+        inputs = {"x_T": x, "cond": cond, "uncond": uncond, "guidance_scale": scale,
+                  "concat": concat}
+        key = ("sample", sampler_fn.__name__, int(steps), int(start_step),
+               tuple(sorted(opts.items())), self.parameterization, self.conditioning_key,
+               using_reference_ops()) + tuple((k, tensor_spec(v)) for k, v in inputs.items())
+        body = self.graph_body(sampler_fn, schedule, opts)
+        return self.graph_cache().run(key, body, inputs, watch=tuple(self.unet.parameters()))
 
     # --- tasks ---------------------------------------------------------------------------------
     def _generator(self, seed, generator):

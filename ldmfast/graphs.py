@@ -1,0 +1,196 @@
+"""CUDA-graph capture and replay of whole pieces of work (a sampling loop, a decode).
+
+A ``GraphCache`` maps a key, everything that changes the captured work (shapes, dtypes, device,
+step count, sampler...), to one captured graph with its static input and output buffers. A call
+copies the inputs into the static buffers, replays the graph and returns a copy of the static
+output; a key it has not seen captures a new graph, so a shape change can never replay a stale
+one. All graphs of a cache allocate from one memory pool (``torch.cuda.graph_pool_handle``):
+their temporaries are dead once a replay ends and every static buffer stays referenced by its
+entry, so replaying them one after another on one stream, in any order, is safe; replaying two
+of them concurrently on different streams is not (and this class is not thread-safe).
+
+What a graph reads stays where it was at capture: parameters updated in place
+(``param.data.add_()``, LoRA merging) are seen by the next replay. Parameters whose storage was
+replaced (``module.to(...)``, ``param.data = new``) are not, so every entry remembers the
+addresses of the tensors it was captured against (``watch``) and is captured again when they
+moved.
+
+``capture`` is injectable: ``cuda_capture`` records a graph; ``eager_capture`` runs the same
+function eagerly on every call (any device), which is how the cache logic and the captured body
+are tested without a GPU, and a debugging aid on one.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Optional
+
+import torch
+
+log = logging.getLogger("ldmfast")
+
+__all__ = ["GraphCache", "cuda_capture", "eager_capture", "tensor_spec"]
+
+
+def _map(fn, obj):
+    """fn applied to every tensor of a None / tensor / dict / tuple / list structure."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: _map(fn, obj[k]) for k in sorted(obj)}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_map(fn, v) for v in obj)
+    raise TypeError(f"graph inputs must be tensors, or dicts/tuples/lists of them; got "
+                    f"{type(obj).__name__}")
+
+
+def _tensors(obj):
+    out = []
+    _map(out.append, obj)
+    return out
+
+
+def tensor_spec(obj):
+    """A hashable description of a structure of tensors: shape, dtype and device of each (what a
+    captured graph depends on; values are copied in at every replay)."""
+    if obj is None:
+        return None
+    if isinstance(obj, torch.Tensor):
+        return (tuple(obj.shape), obj.dtype, obj.device, _channels_last(obj))
+    if isinstance(obj, dict):
+        return tuple((k, tensor_spec(obj[k])) for k in sorted(obj))
+    if isinstance(obj, (tuple, list)):
+        return tuple(tensor_spec(v) for v in obj)
+    raise TypeError(f"no tensor spec for {type(obj).__name__}")
+
+
+def _channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(
+        memory_format=torch.channels_last)
+
+
+def _static_like(t: torch.Tensor) -> torch.Tensor:
+    # Dense whatever the input's strides (an expanded batch-1 conditioning has stride 0), in
+    # the input's memory format where it has one (the kernels captured depend on it: part of
+    # the key through tensor_spec); copy_ converts at every call.
+    fmt = torch.channels_last if _channels_last(t) else torch.contiguous_format
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
+
+
+def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2):
+    """Captures ``fn(**static)`` in a CUDA graph allocating from ``pool``.
+
+    The warm-up runs on a side stream first (as torch.cuda.graph requires: lazy initialisation,
+    cuBLAS/cuDNN workspaces and algorithm choices happen outside the capture). Returns
+    (replay, static output)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn(**static)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        out = fn(**static)
+    return graph.replay, out
+
+
+def eager_capture(fn: Callable, static: dict, pool=None, warmup: int = 0):
+    """A stand-in for ``cuda_capture`` that captures nothing: "replay" runs ``fn`` eagerly on the
+    static buffers and writes its result into the static output, so everything around the
+    graph (keys, static copies, output copies) runs as it would with a real one."""
+    out = fn(**static)
+
+    def replay():
+        new = fn(**static)
+        for dst, src in zip(_tensors(out), _tensors(new)):
+            dst.copy_(src)
+    return replay, out
+
+
+class _Entry:
+    __slots__ = ("static", "replay", "out", "watch", "replays")
+
+    def __init__(self, static, replay, out, watch):
+        self.static, self.replay, self.out, self.watch = static, replay, out, watch
+        self.replays = 0
+
+
+class GraphCache:
+    """Captured graphs by key, sharing one memory pool.
+
+    ``run(key, fn, inputs, watch=())`` -> fn's output for ``inputs`` (a dict of tensors, or of
+    dicts/tuples of tensors, or None), computed by replaying the graph captured for ``key``.
+    ``fn`` must be a pure function of its tensor arguments and of state that ``key`` describes:
+    Python values it reads at capture are frozen into the graph. ``watch``: tensors (parameters)
+    the graph reads whose storage must not have moved since capture.
+    """
+
+    def __init__(self, capture: Optional[Callable] = None, warmup: int = 2,
+                 max_entries: Optional[int] = None):
+        self.capture = cuda_capture if capture is None else capture
+        self.requires_cuda = self.capture is cuda_capture
+        self.warmup = warmup
+        self.max_entries = max_entries
+        self._entries: dict = {}
+        self._pool = None
+        self.captures = 0  # graphs captured so far (recaptures included)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, key) -> bool:
+        return key in self._entries
+
+    def keys(self):
+        return list(self._entries)
+
+    def clear(self) -> None:
+        """Drops every graph and the pool (the memory returns to the caching allocator)."""
+        self._entries.clear()
+        self._pool = None
+
+    def pool(self):
+        if self._pool is None and self.requires_cuda:
+            self._pool = torch.cuda.graph_pool_handle()
+        return self._pool
+
+    @staticmethod
+    def _addresses(watch):
+        return tuple(t.data_ptr() for t in watch)
+
+    def run(self, key, fn: Callable, inputs: dict, watch=()):
+        watch = tuple(watch)
+        entry = self._entries.get(key)
+        if entry is not None and entry.watch != self._addresses(watch):
+            log.info("ldmfast graphs: parameters moved since capture; capturing again")
+            del self._entries[key]
+            entry = None
+        if entry is None:
+            entry = self._capture(key, fn, inputs, watch)
+        else:
+            for name, value in inputs.items():
+                for dst, src in zip(_tensors(entry.static[name]), _tensors(value)):
+                    dst.copy_(src)
+            entry.replay()
+        entry.replays += 1
+        return _map(torch.clone, entry.out)
+
+    def _capture(self, key, fn, inputs, watch):
+        if self.max_entries is not None and len(self._entries) >= self.max_entries:
+            self._entries.pop(next(iter(self._entries)))  # the oldest
+        static = {}
+        for name, value in inputs.items():
+            static[name] = _map(_static_like, value)
+            for dst, src in zip(_tensors(static[name]), _tensors(value)):
+                dst.copy_(src)
+        replay, out = self.capture(fn, static, self.pool(), warmup=self.warmup)
+        if self.requires_cuda:
+            # The capture itself computed nothing: run it once for these inputs.
+            replay()
+        entry = _Entry(static, replay, out, self._addresses(watch))
+        self._entries[key] = entry
+        self.captures += 1
+        log.debug("ldmfast graphs: captured %s (%d graphs)", key, len(self._entries))
+        return entry

@@ -1,0 +1,252 @@
+"""CUDA-graph sampling and decoding: the captured body, the cache, and (on a GPU) the graphs.
+
+Without a GPU the graph path runs with ``eager_capture``: the same body, static buffers, keys
+and output copies, with each "replay" executed eagerly. The real captures carry the ``cuda``
+marker and are skipped, visibly, where there is no GPU.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldmfast import graphs
+from ldmfast.diffusion.samplers import get_sampler
+from ldmfast.graphs import GraphCache, eager_capture
+from ldmfast.pipeline import LatentDiffusion
+
+configs = pytest.importorskip("ldmfast.configs")
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    model = LatentDiffusion.from_components(configs.build(configs.get("tiny")))
+    with torch.no_grad():  # random weights give eps ~0.3; scale to ~1 as a trained model's
+        model.unet.out[2].weight.mul_(3)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+def inputs(model, b=2, seed=0, device="cpu", hw=None):
+    g = torch.Generator().manual_seed(seed)
+    hw = hw or (8, 8)  # small latents: the tests run the tiny U-Net many times on 2 cores
+    ctx = model.config["unet"]["context_dim"]
+    x_T = torch.randn(b, model.latent_channels, *hw, generator=g)
+    cond = torch.randn(b, 7, ctx, generator=g)
+    uncond = torch.randn(b, 7, ctx, generator=g)
+    return x_T.to(device), cond.to(device), uncond.to(device)
+
+
+class CountingCapture:
+    """eager_capture that counts captures (the injected capture step)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, fn, static, pool=None, warmup=0):
+        self.calls += 1
+        return eager_capture(fn, static, pool, warmup)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+# ------------------------------------------------------------------------------- CPU: the body
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_graph_body_run_eagerly_equals_sample(model, sampler):
+    x_T, cond, uncond = inputs(model)
+    ref = model.sample(cond, uncond, steps=4, guidance_scale=5.0, sampler=sampler, x_T=x_T,
+                       progress=False)
+    fn, _ = get_sampler(sampler)
+    body = model.graph_body(fn, model.steps(4, sampler), {"eta": 0.0} if sampler == "ddim" else {})
+    out = body(x_T.clone(), cond, uncond, torch.tensor(5.0))
+    assert (ref - x_T).norm() > 0.1 * x_T.norm()  # the model moved the sample
+    assert rel(out, ref) < 1e-6
+    # no guidance: scale None
+    ref1 = model.sample(cond, None, steps=3, guidance_scale=1.0, sampler=sampler, x_T=x_T,
+                        progress=False)
+    body1 = model.graph_body(fn, model.steps(3, sampler))
+    assert rel(body1(x_T.clone(), cond), ref1) < 1e-6
+
+
+def test_graph_path_with_eager_capture_matches_and_caches(model):
+    cap = CountingCapture()
+    model.set_graph_cache(GraphCache(capture=cap))
+    try:
+        x_T, cond, uncond = inputs(model)
+        kw = dict(steps=3, progress=False)
+
+        def both(**a):
+            args = dict(kw, **a)
+            return (model.sample(cuda_graph=True, **args), model.sample(**args))
+
+        g, e = both(cond=cond, uncond=uncond, guidance_scale=7.5, x_T=x_T)
+        assert cap.calls == 1 and rel(g, e) < 1e-6
+        # new values of every input, same key: reused, eager result for those inputs
+        x2, c2, u2 = inputs(model, seed=1)
+        for a in (dict(cond=cond, uncond=uncond, guidance_scale=3.0, x_T=x_T),
+                  dict(cond=c2, uncond=uncond, guidance_scale=7.5, x_T=x_T),
+                  dict(cond=cond, uncond=u2, guidance_scale=7.5, x_T=x2)):
+            g, e = both(**a)
+            assert rel(g, e) < 1e-6
+        assert cap.calls == 1 and len(model.graph_cache()) == 1
+        # everything that changes the captured work makes a new entry
+        changes = [dict(steps=4), dict(sampler="dpmpp_2m"), dict(guidance_scale=1.0, uncond=None),
+                   dict(x_T=inputs(model, b=1)[0], cond=cond[:1], uncond=uncond[:1]),
+                   dict(x_T=inputs(model, hw=(8, 12))[0]),
+                   dict(cond=cond[:, :5], uncond=uncond[:, :5])]
+        for i, ch in enumerate(changes):
+            args = dict(dict(cond=cond, uncond=uncond, guidance_scale=7.5, x_T=x_T), **ch)
+            g, e = both(**args)
+            assert rel(g, e) < 1e-6, ch
+            assert cap.calls == 2 + i, ch
+        assert len(model.graph_cache()) == 1 + len(changes)
+        # and the first key is still there and still right
+        g, e = both(cond=cond, uncond=uncond, guidance_scale=2.0, x_T=x2)
+        assert cap.calls == 1 + len(changes) and rel(g, e) < 1e-6
+    finally:
+        model.set_graph_cache(None)
+
+
+def test_in_place_weight_update_is_seen_and_moved_weights_recapture(model):
+    cap = CountingCapture()
+    m = tiny_model()
+    m.set_graph_cache(GraphCache(capture=cap))
+    x_T, cond, uncond = inputs(m)
+    kw = dict(cond=cond, uncond=uncond, guidance_scale=4.0, x_T=x_T, steps=2, progress=False)
+    before = m.sample(cuda_graph=True, **kw)
+    w = m.unet.out[2].weight
+    with torch.no_grad():
+        w.data.add_(0.05 * torch.randn_like(w))  # LoRA-style, in place
+    after = m.sample(cuda_graph=True, **kw)
+    assert cap.calls == 1 and rel(after, before) > 1e-3
+    assert rel(after, m.sample(**kw)) < 1e-6
+    w.data = w.data.clone()  # storage replaced: the graph would read the old one
+    m.sample(cuda_graph=True, **kw)
+    assert cap.calls == 2
+
+
+def test_decode_graph_path_with_eager_capture(model):
+    cap = CountingCapture()
+    model.set_graph_cache(GraphCache(capture=cap))
+    try:
+        z = torch.randn(1, 4, 8, 8)
+        assert torch.equal(model.decode(z, cuda_graph=True), model.decode(z))
+        z2 = torch.randn(1, 4, 8, 8)
+        assert torch.equal(model.decode(z2, cuda_graph=True), model.decode(z2))
+        assert cap.calls == 1
+        model.decode(torch.randn(2, 4, 8, 8), cuda_graph=True)
+        assert cap.calls == 2
+    finally:
+        model.set_graph_cache(None)
+
+
+def test_cuda_graph_refusals(model):
+    x_T, cond, uncond = inputs(model)
+    kw = dict(cond=cond, uncond=uncond, x_T=x_T, steps=2, progress=False, cuda_graph=True)
+    with pytest.raises(ValueError, match="cuda_graph.*CUDA device"):
+        model.sample(**kw)
+    with pytest.raises(ValueError, match="cuda_graph.*CUDA device"):
+        model.decode(torch.randn(1, 4, 8, 8), cuda_graph=True)
+    model.set_graph_cache(GraphCache(capture=eager_capture))
+    try:
+        with pytest.raises(ValueError, match="eta"):
+            model.sample(eta=0.5, **kw)
+        with pytest.raises(ValueError, match="ddpm"):
+            model.sample(sampler="ddpm", **kw)
+        with pytest.raises(ValueError, match="callback"):
+            model.sample(callback=lambda d: None, **kw)
+        with pytest.raises(ValueError, match="mask"):
+            model.sample(mask=torch.ones_like(x_T), x0=x_T, **kw)
+    finally:
+        model.set_graph_cache(None)
+
+
+def test_graph_cache_structures_and_eviction():
+    cache = GraphCache(capture=CountingCapture(), max_entries=2)
+
+    def f(a, b=None):
+        return {"sum": a + b["x"], "n": (a * 2,)}
+    a = torch.ones(3)
+    out = cache.run("k1", f, {"a": a, "b": {"x": torch.full((3,), 2.0)}})
+    assert torch.equal(out["sum"], torch.full((3,), 3.0)) and torch.equal(out["n"][0], 2 * a)
+    out2 = cache.run("k1", f, {"a": 2 * a, "b": {"x": torch.zeros(3)}})
+    assert torch.equal(out2["sum"], 2 * a) and torch.equal(out["sum"], torch.full((3,), 3.0))
+    cache.run("k2", f, {"a": a, "b": {"x": a}})
+    cache.run("k3", f, {"a": a, "b": {"x": a}})
+    assert cache.keys() == ["k2", "k3"] and cache.captures == 3
+    spec = graphs.tensor_spec(torch.empty(1, 4, 2, 2).to(memory_format=torch.channels_last))
+    assert spec != graphs.tensor_spec(torch.empty(1, 4, 2, 2))
+    with pytest.raises(TypeError, match="graph inputs"):
+        cache.run("k4", f, {"a": 1.0})
+
+
+# --------------------------------------------------------------------------- GPU: real graphs
+
+def _cuda_model(dtype=torch.float32):
+    return tiny_model().to("cuda", dtype)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
+def test_cuda_graph_replay_equals_eager(sampler):
+    m = _cuda_model()
+    x_T, cond, uncond = inputs(m, device="cuda")
+    kw = dict(steps=5, sampler=sampler, progress=False)
+    g = m.sample(cond, uncond, guidance_scale=7.5, x_T=x_T, cuda_graph=True, **kw)
+    e = m.sample(cond, uncond, guidance_scale=7.5, x_T=x_T, **kw)
+    assert rel(g, e) < 1e-5
+    cache = m.graph_cache()
+    assert cache.captures == 1
+    # new scale, prompt and noise: same graph, the eager result for those inputs
+    x2, c2, u2 = inputs(m, seed=3, device="cuda")
+    for a in (dict(cond=cond, uncond=uncond, guidance_scale=2.0, x_T=x_T),
+              dict(cond=c2, uncond=u2, guidance_scale=7.5, x_T=x_T),
+              dict(cond=cond, uncond=uncond, guidance_scale=7.5, x_T=x2)):
+        assert rel(m.sample(cuda_graph=True, **a, **kw), m.sample(**a, **kw)) < 1e-5
+    assert cache.captures == 1
+    # a shape change captures a new graph; the old one still replays right
+    x1 = inputs(m, b=1, hw=(8, 16), device="cuda")[0]
+    a1 = dict(cond=cond[:1], uncond=uncond[:1], guidance_scale=7.5, x_T=x1)
+    assert rel(m.sample(cuda_graph=True, **a1, **kw), m.sample(**a1, **kw)) < 1e-5
+    assert cache.captures == 2
+    assert rel(m.sample(cond, uncond, guidance_scale=7.5, x_T=x_T, cuda_graph=True, **kw), e) < 1e-5
+    assert cache.captures == 2
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_sees_in_place_weight_updates_and_decodes():
+    m = _cuda_model()
+    x_T, cond, uncond = inputs(m, device="cuda")
+    kw = dict(cond=cond, uncond=uncond, guidance_scale=5.0, x_T=x_T, steps=3, progress=False)
+    before = m.sample(cuda_graph=True, **kw)
+    p = m.unet.out[2].weight
+    with torch.no_grad():
+        p.data.add_(0.05 * torch.randn_like(p))
+    after = m.sample(cuda_graph=True, **kw)
+    assert m.graph_cache().captures == 1 and rel(after, before) > 1e-3
+    assert rel(after, m.sample(**kw)) < 1e-5
+    z = torch.randn(2, 4, 8, 8, device="cuda")
+    assert rel(m.decode(z, cuda_graph=True), m.decode(z)) < 1e-5
+    z2 = torch.randn(2, 4, 8, 8, device="cuda")
+    assert rel(m.decode(z2, cuda_graph=True), m.decode(z2)) < 1e-5
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_graph_fp16():
+    m = _cuda_model(torch.float16)
+    x_T, cond, uncond = inputs(m, device="cuda")
+    kw = dict(cond=cond.half(), uncond=uncond.half(), guidance_scale=7.5, x_T=x_T.half(),
+              steps=4, progress=False)
+    g, e = m.sample(cuda_graph=True, **kw), m.sample(**kw)
+    assert torch.isfinite(g).all() and rel(g, e) < 1e-3
