@@ -1,0 +1,347 @@
+"""``ldmfast.accelerate(pipe)``: ldmfast's U-Net and VAE decoder inside a diffusers pipeline.
+
+    pipe = StableDiffusionPipeline.from_pretrained(...).to("cuda", torch.float16)
+    ldmfast.accelerate(pipe)                 # same API, same outputs, ldmfast kernels
+    ldmfast.accelerate(pipe, restore=True)   # back to diffusers' own modules
+
+The diffusers modules stay where they are (``pipe.unet``, ``pipe.vae``, their ``.config``,
+``.dtype``, hooks, ``.to()``); their ``forward`` (U-Net) and ``decode`` (VAE) are replaced, on the
+instance, by thin adapters that take diffusers' arguments and return diffusers' output types,
+computed by an ldmfast module built over THE SAME TENSORS: each ldmfast parameter is the diffusers
+``nn.Parameter`` object itself (found through the diffusers->CompVis key map of
+``ldmfast.models.convert``), or, where the layouts differ only by a reshape (the VAE attention's
+linear layers, 1x1 convolutions in CompVis), a view of it. Nothing is copied, so in-place updates
+(``param.data.add_()``, LoRA fusing) and ``.to()`` on the diffusers module are seen by the ldmfast
+one; a parameter object that was replaced is noticed at the next call (its identity is checked)
+and the ldmfast module is rebuilt over the new tensors.
+
+What the adapters cannot honour they hand to the original diffusers code (logged once per
+module), never computing something else: U-Net calls with ``timestep_cond``, attention masks,
+``cross_attention_kwargs`` (LoRA scale, IP-Adapter), ``added_cond_kwargs``, ControlNet/T2I
+residuals, latent sizes the U-Net does not divide evenly, modules with PEFT adapters loaded,
+attention processors other than diffusers' plain ones (``AttnProcessor``, ``AttnProcessor2_0``,
+``XFormersAttnProcessor``, ``SlicedAttnProcessor``) or fused QKV projections; VAE decodes with
+slicing or tiling enabled. Configurations the CompVis architecture cannot express at all (SDXL's
+added embeddings, class-embedding types...) are refused by ``accelerate`` itself with the
+converter's message. ``vae.encode`` is always diffusers' own.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import types
+
+import torch
+import torch.nn as nn
+
+log = logging.getLogger("ldmfast")
+
+__all__ = ["accelerate", "fast_module", "is_accelerated"]
+
+_MARK = "_ldmfast_accelerated"
+# diffusers attention processors that compute plain softmax(QK^T/sqrt(d))V on to_q/k/v/out
+_PLAIN_PROCESSORS = frozenset(("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor",
+                               "SlicedAttnProcessor"))
+
+
+# ------------------------------------------------------------------------- shared-weight build
+
+def _entries(src: nn.Module):
+    """state-dict name -> (owning module, attribute name, tensor) for src's parameters and
+    persistent buffers, the tensors being the module's own objects."""
+    out = {}
+    for mname, mod in src.named_modules():
+        prefix = mname + "." if mname else ""
+        for name, p in mod._parameters.items():
+            if p is not None:
+                out[prefix + name] = (mod, name, p)
+        for name, b in mod._buffers.items():
+            if b is not None and name not in mod._non_persistent_buffers_set:
+                out[prefix + name] = (mod, name, b)
+    return out
+
+
+def _config(src) -> dict:
+    cfg = src.config
+    return dict(cfg.to_dict() if hasattr(cfg, "to_dict") else cfg)
+
+
+class _Shared:
+    """An ldmfast module whose tensors are a diffusers module's, and the checks that keep it so."""
+
+    def __init__(self, src: nn.Module, part: str):
+        self.src, self.part = src, part
+        self.cls = type(src).__name__
+        self.attention = [m for m in src.modules() if type(m).__name__ == "Attention"]
+        self._build()
+
+    def _build(self):
+        from .models import build_first_stage, build_unet
+        from .models import convert
+
+        entries = _entries(self.src)
+        sd = {k: t for k, (_, _, t) in entries.items()}
+        with torch.no_grad():  # the VAE attention reshapes become plain views
+            if self.part == "unet":
+                mapped, cfg = convert.unet_from_diffusers(sd, _config(self.src), self.cls)
+                builder = build_unet
+            else:
+                mapped, cfg = convert.first_stage_from_diffusers(sd, _config(self.src), self.cls)
+                builder = build_first_stage
+        owner = {id(t): (mod, name) for mod, name, t in entries.values()}
+        with torch.device("meta"):
+            fast = builder(cfg)
+        same, views = [], []
+        for name, t in mapped.items():
+            mod_name, _, attr = name.rpartition(".")
+            dst = fast.get_submodule(mod_name) if mod_name else fast
+            slot = dst._parameters if attr in dst._parameters else dst._buffers
+            if attr not in slot:
+                raise ValueError(f"ldmfast.accelerate({self.cls}): {name} has no place in the "
+                                 "ldmfast module")
+            expected = slot[attr].shape
+            if id(t) in owner:
+                if tuple(t.shape) != tuple(expected):
+                    raise ValueError(f"ldmfast.accelerate({self.cls}): {name} is "
+                                     f"{tuple(t.shape)}, the ldmfast module expects {tuple(expected)}")
+                slot[attr] = t  # the diffusers object itself
+                same.append((*owner[id(t)], t))
+            else:
+                base = t._base
+                if base is None or id(base) not in owner or t.data_ptr() != base.data_ptr():
+                    raise ValueError(f"ldmfast.accelerate({self.cls}): {name} would be a copy, "
+                                     "not the diffusers tensor; sharing is impossible")
+                view = t.view(expected)
+                slot[attr] = nn.Parameter(view, requires_grad=False) if slot is dst._parameters \
+                    else view
+                views.append((base, slot[attr]))
+        left = [n for n, t in list(fast.named_parameters()) + list(fast.named_buffers())
+                if t.is_meta]
+        if left:
+            raise ValueError(f"ldmfast.accelerate({self.cls}): no diffusers tensor for "
+                             f"{', '.join(left[:8])}")
+        self.fast = fast.train(self.src.training)
+        self.config = cfg
+        self._same, self._views = same, views
+
+    def module(self) -> nn.Module:
+        """The ldmfast module, rebuilt first if a diffusers tensor object was replaced or moved
+        (an identity check per tensor: tens of microseconds for SD's U-Net)."""
+        stale = any(mod._parameters.get(name, mod._buffers.get(name)) is not t
+                    for mod, name, t in self._same)
+        stale = stale or any(v.data_ptr() != b.data_ptr() or v.dtype != b.dtype
+                             or v.device != b.device for b, v in self._views)
+        if stale:
+            log.info("ldmfast.accelerate: %s tensors were replaced; sharing them again", self.cls)
+            self._build()
+        return self.fast
+
+    def processors_ok(self):
+        for m in self.attention:
+            if getattr(m, "fused_projections", False):
+                return "fused QKV projections"
+            name = type(getattr(m, "processor", None)).__name__
+            if name not in _PLAIN_PROCESSORS:
+                return f"attention processor {name}"
+        return None
+
+
+class _Adapter:
+    """Shared bookkeeping of the two adapters: the original callable and one-time logging."""
+
+    def __init__(self, src, shared, attr):
+        self.src, self.shared, self.attr = src, shared, attr
+        self.own = src.__dict__.get(attr)  # an instance-level override we replace, if any
+        self._said = set()
+
+    def original(self):
+        return self.own if self.own is not None else getattr(type(self.src), self.attr).__get__(
+            self.src)
+
+    def passthrough(self, reason):
+        if reason not in self._said:
+            self._said.add(reason)
+            log.warning("ldmfast.accelerate: %s: %s; using diffusers' own %s for such calls",
+                        self.shared.cls, reason, self.attr)
+
+    def common_reason(self):
+        if getattr(self.src, "_hf_peft_config_loaded", False) or getattr(self.src, "peft_config",
+                                                                          None):
+            return "PEFT adapters are loaded"
+        return self.shared.processors_ok()
+
+
+def _output_type(module_path, name):
+    try:
+        mod = __import__(module_path, fromlist=[name])
+        return getattr(mod, name)
+    except (ImportError, AttributeError):
+        return None
+
+
+class _UNetForward(_Adapter):
+    """diffusers ``UNet2DConditionModel.forward`` computed by ldmfast's U-Net."""
+
+    def __init__(self, src, shared):
+        super().__init__(src, shared, "forward")
+        self.factor = 2 ** (len(src.config.block_out_channels) - 1)
+        self.output = _output_type("diffusers.models.unets.unet_2d_condition",
+                                   "UNet2DConditionOutput")
+
+    def __call__(self, sample, timestep, encoder_hidden_states=None, class_labels=None,
+                 timestep_cond=None, attention_mask=None, cross_attention_kwargs=None,
+                 added_cond_kwargs=None, down_block_additional_residuals=None,
+                 mid_block_additional_residual=None, down_intrablock_additional_residuals=None,
+                 encoder_attention_mask=None, return_dict=True):
+        reason = self.common_reason()
+        named = {"timestep_cond": timestep_cond, "attention_mask": attention_mask,
+                 "encoder_attention_mask": encoder_attention_mask,
+                 "down_block_additional_residuals": down_block_additional_residuals,
+                 "mid_block_additional_residual": mid_block_additional_residual,
+                 "down_intrablock_additional_residuals": down_intrablock_additional_residuals}
+        for k, v in named.items():
+            if reason is None and v is not None:
+                reason = f"{k} is given"
+        if reason is None and cross_attention_kwargs:
+            reason = f"cross_attention_kwargs {sorted(cross_attention_kwargs)}"
+        if reason is None and added_cond_kwargs:
+            reason = f"added_cond_kwargs {sorted(added_cond_kwargs)}"
+        if reason is None and (sample.shape[-2] % self.factor or sample.shape[-1] % self.factor):
+            reason = (f"the latent size {tuple(sample.shape[-2:])} is not a multiple of "
+                      f"{self.factor}")
+        fast = None if reason else self.shared.module()
+        if reason is None and class_labels is not None and fast.num_classes is None:
+            reason = "class_labels given to a U-Net without class embedding"
+        if reason is None and encoder_hidden_states is None and self.shared.config.get(
+                "context_dim") is not None:
+            reason = "no encoder_hidden_states"
+        if reason is not None:
+            self.passthrough(reason)
+            return self.original()(
+                sample, timestep, encoder_hidden_states, class_labels=class_labels,
+                timestep_cond=timestep_cond, attention_mask=attention_mask,
+                cross_attention_kwargs=cross_attention_kwargs,
+                added_cond_kwargs=added_cond_kwargs,
+                down_block_additional_residuals=down_block_additional_residuals,
+                mid_block_additional_residual=mid_block_additional_residual,
+                down_intrablock_additional_residuals=down_intrablock_additional_residuals,
+                encoder_attention_mask=encoder_attention_mask, return_dict=return_dict)
+        t = timestep
+        if not torch.is_tensor(t):
+            # as diffusers: a Python number becomes a one-element tensor (a host-to-device copy)
+            t = torch.tensor([t], dtype=torch.float32 if isinstance(t, float) else torch.int64,
+                             device=sample.device)
+        elif t.dim() == 0:
+            t = t[None]
+        t = t.to(sample.device).expand(sample.shape[0])
+        out = fast(sample, t, context=encoder_hidden_states,
+                   y=class_labels if fast.num_classes is not None else None)
+        if not return_dict:
+            return (out,)
+        return self.output(sample=out) if self.output is not None else (out,)
+
+
+class _VAEDecode(_Adapter):
+    """diffusers ``AutoencoderKL.decode`` computed by ldmfast's decoder."""
+
+    def __init__(self, src, shared):
+        super().__init__(src, shared, "decode")
+        self.output = _output_type("diffusers.models.autoencoders.vae", "DecoderOutput")
+
+    def __call__(self, z, return_dict=True, generator=None):
+        reason = self.common_reason()
+        if reason is None and (getattr(self.src, "use_slicing", False)
+                               or getattr(self.src, "use_tiling", False)):
+            reason = "slicing or tiling is enabled"
+        if reason is not None:
+            self.passthrough(reason)
+            return self.original()(z, return_dict=return_dict, generator=generator)
+        out = self.shared.module().decode(z)
+        if not return_dict:
+            return (out,)
+        return self.output(sample=out) if self.output is not None else (out,)
+
+
+# --------------------------------------------------------------------------------- the entry
+
+_KINDS = {"UNet2DConditionModel": ("unet", "forward", _UNetForward),
+          "AutoencoderKL": ("first_stage", "decode", _VAEDecode)}
+
+
+def is_accelerated(module) -> bool:
+    return isinstance(getattr(module, "__dict__", {}).get(_MARK), _Adapter)
+
+
+def fast_module(module) -> nn.Module:
+    """The ldmfast module behind an accelerated diffusers module (its tensors are the
+    module's)."""
+    if not is_accelerated(module):
+        raise ValueError(f"{type(module).__name__} is not accelerated by ldmfast")
+    return module.__dict__[_MARK].shared.module()
+
+
+def _accelerate_module(module, restore: bool):
+    cls = type(module).__name__
+    if cls not in _KINDS:
+        raise ValueError(f"ldmfast.accelerate: {cls} is not supported (UNet2DConditionModel, "
+                         "AutoencoderKL, or a pipeline holding them as .unet / .vae)")
+    part, attr, adapter_cls = _KINDS[cls]
+    current = module.__dict__.get(_MARK)
+    if restore:
+        if current is not None:
+            if current.own is not None:
+                module.__dict__[attr] = current.own
+            else:
+                module.__dict__.pop(attr, None)
+            del module.__dict__[_MARK]
+        return module
+    if current is not None:
+        return module  # already accelerated
+    if getattr(module, "_hf_hook", None) is not None:
+        raise ValueError(f"ldmfast.accelerate: this {cls} has accelerate hooks (model CPU "
+                         "offload, device maps); call ldmfast.accelerate before enabling them")
+    adapter = adapter_cls(module, _Shared(module, part))
+    module.__dict__[attr] = adapter
+    module.__dict__[_MARK] = adapter
+    return module
+
+
+def accelerate(obj, restore: bool = False):
+    """Puts ldmfast's U-Net and VAE decoder into a diffusers pipeline (``.unet``, and ``.vae``
+    when it is an ``AutoencoderKL``) or into a bare ``UNet2DConditionModel`` / ``AutoencoderKL``,
+    sharing their weight tensors; ``restore=True`` undoes it. Returns ``obj``."""
+    if isinstance(obj, nn.Module):
+        return _accelerate_module(obj, restore)
+    unet = getattr(obj, "unet", None)
+    vae = getattr(obj, "vae", None)
+    if unet is None and vae is None:
+        raise ValueError(f"ldmfast.accelerate: {type(obj).__name__} is neither a diffusers "
+                         "pipeline with .unet/.vae nor a UNet2DConditionModel/AutoencoderKL")
+    done = []
+    try:
+        if unet is not None:
+            _accelerate_module(unet, restore)
+            done.append(unet)
+        if vae is not None:
+            if type(vae).__name__ in _KINDS:
+                _accelerate_module(vae, restore)
+                done.append(vae)
+            elif not restore:
+                log.info("ldmfast.accelerate: %s is left to diffusers", type(vae).__name__)
+    except Exception:
+        if not restore:
+            for m in done:
+                _accelerate_module(m, True)
+        raise
+    return obj
+
+
+class _CallableModule(types.ModuleType):
+    """``ldmfast.accelerate`` is this module when reached as a submodule: calling it calls
+    ``accelerate``."""
+
+    def __call__(self, obj, restore: bool = False):
+        return accelerate(obj, restore=restore)
+
+
+sys.modules[__name__].__class__ = _CallableModule
