@@ -18,12 +18,12 @@ from .encoders import (ClassEmbedder, CLIPTextEmbedder, HFTokenizer, IdentityEnc
                        SpatialRescaler, TransformerEmbedder, WordTokenizer)
 from .ops import use_reference_ops, using_reference_ops
 from .quantize import VectorQuantizer
-from .transformer import SpatialTransformer
+from .transformer import PreparedContext, SpatialTransformer
 from .unet import AttentionBlock, ResBlock, UNetModel, timestep_embedding
 
 __all__ = [
     "AttentionBlock", "AutoencoderKL", "CLIPTextEmbedder", "ClassEmbedder", "Components",
-    "DiagonalGaussianDistribution", "HFTokenizer", "IdentityEncoder", "ResBlock",
+    "DiagonalGaussianDistribution", "HFTokenizer", "IdentityEncoder", "PreparedContext", "ResBlock",
     "SpatialRescaler", "SpatialTransformer", "TransformerEmbedder", "UNetModel", "VQModel",
     "VectorQuantizer", "WordTokenizer", "build", "build_cond_stage", "build_first_stage",
     "build_unet", "timestep_embedding", "use_reference_ops", "using_reference_ops",

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .transformer import SpatialTransformer
+from .transformer import BasicTransformerBlock, PreparedContext, SpatialTransformer
 
 NORM_GROUPS = 32
 
@@ -272,10 +272,30 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(_norm(ch), nn.SiLU(),
                                  _conv(dims, model_channels, out_channels, 3, padding=1))
+        for slot, layer in enumerate(self._context_layers()):
+            layer.context_slot = slot
+
+    def _context_layers(self):
+        return [layer for m in self.modules() if isinstance(m, BasicTransformerBlock)
+                for layer in m.context_layers()]
+
+    def prepare_context(self, context) -> PreparedContext:
+        """Every cross-attention layer's K and V projections of ``context`` (B, T, context_dim).
+
+        ``forward(x, t, context=prepared)`` then gives exactly what ``forward(x, t, context)``
+        gives, without re-projecting the context at every sampling step. Batches combine with
+        ``PreparedContext.cat`` (classifier-free guidance's [uncond; cond]). The K/V are tensors
+        computed from the current weights: prepare again after changing the weights.
+        """
+        if isinstance(context, PreparedContext):
+            return context
+        return PreparedContext(tuple(layer.project_context(context)
+                                     for layer in self._context_layers()))
 
     def forward(self, x, timesteps, context=None, y=None):
         """x (B, in_channels, H, W); timesteps (B,) or a scalar; context (B, T, context_dim)
-        for cross-attention; y (B,) class labels when ``num_classes`` is set."""
+        for cross-attention, or a ``PreparedContext`` from ``prepare_context``; y (B,) class
+        labels when ``num_classes`` is set."""
         if not torch.is_tensor(timesteps):
             timesteps = torch.tensor(timesteps, device=x.device)
         if timesteps.dim() == 0:
