@@ -62,17 +62,17 @@ def rel(a, b):
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_graph_body_run_eagerly_equals_sample(model, sampler):
     x_T, cond, uncond = inputs(model)
-    ref = model.sample(cond, uncond, steps=4, guidance_scale=5.0, sampler=sampler, x_T=x_T,
+    ref = model.sample(cond, uncond, steps=3, guidance_scale=5.0, sampler=sampler, x_T=x_T,
                        progress=False)
     fn, _ = get_sampler(sampler)
-    body = model.graph_body(fn, model.steps(4, sampler), {"eta": 0.0} if sampler == "ddim" else {})
+    body = model.graph_body(fn, model.steps(3, sampler), {"eta": 0.0} if sampler == "ddim" else {})
     out = body(x_T.clone(), cond, uncond, torch.tensor(5.0))
     assert (ref - x_T).norm() > 0.1 * x_T.norm()  # the model moved the sample
     assert rel(out, ref) < 1e-6
     # no guidance: scale None
-    ref1 = model.sample(cond, None, steps=3, guidance_scale=1.0, sampler=sampler, x_T=x_T,
+    ref1 = model.sample(cond, None, steps=2, guidance_scale=1.0, sampler=sampler, x_T=x_T,
                         progress=False)
-    body1 = model.graph_body(fn, model.steps(3, sampler))
+    body1 = model.graph_body(fn, model.steps(2, sampler))
     assert rel(body1(x_T.clone(), cond), ref1) < 1e-6
 
 
@@ -81,7 +81,7 @@ def test_graph_path_with_eager_capture_matches_and_caches(model):
     model.set_graph_cache(GraphCache(capture=cap))
     try:
         x_T, cond, uncond = inputs(model)
-        kw = dict(steps=3, progress=False)
+        kw = dict(steps=2, progress=False)
 
         def both(**a):
             args = dict(kw, **a)
@@ -98,7 +98,7 @@ def test_graph_path_with_eager_capture_matches_and_caches(model):
             assert rel(g, e) < 1e-6
         assert cap.calls == 1 and len(model.graph_cache()) == 1
         # everything that changes the captured work makes a new entry
-        changes = [dict(steps=4), dict(sampler="dpmpp_2m"), dict(guidance_scale=1.0, uncond=None),
+        changes = [dict(steps=3), dict(sampler="dpmpp_2m"), dict(guidance_scale=1.0, uncond=None),
                    dict(x_T=inputs(model, b=1)[0], cond=cond[:1], uncond=uncond[:1]),
                    dict(x_T=inputs(model, hw=(8, 12))[0]),
                    dict(cond=cond[:, :5], uncond=uncond[:, :5])]
