@@ -12,10 +12,15 @@ classifier-free guidance), VAE decode time at batch 1, and the end-to-end latenc
 with guidance plus decode; the ratios to diffusers eager; and the floor, the model's FLOPs over
 the matmul throughput measured in the same run.
 
-Providers: ldmfast (fused kernels; the U-Net step replayed from a CUDA graph on GPU),
-ldmfast-eager (no graph), ldmfast-ref (the model layer on the plain-PyTorch reference ops),
-diffusers (eager), diffusers-graph (U-Net step replayed from a CUDA graph, GPU only) and
-diffusers-compile (torch.compile of the U-Net and decoder; opt-in with --compile, slow to build).
+Providers: ldmfast (fused kernels; on GPU the U-Net step and the decode replayed from CUDA graphs,
+and the end-to-end image from `sample(cuda_graph=True)`, the whole denoising loop as one graph,
+plus `decode(cuda_graph=True)`), ldmfast-eager (no graphs, GPU only: on CPU it is ldmfast),
+ldmfast-ref (the model layer on the plain-PyTorch reference ops), diffusers (eager),
+diffusers+ldmfast (the same diffusers pipeline after `ldmfast.accelerate(pipe)`: ldmfast's U-Net
+and decoder over diffusers' own weight tensors, restored afterwards), diffusers-graph (U-Net
+step replayed from a CUDA graph, GPU only) and diffusers-compile (torch.compile of the U-Net and
+decoder; opt-in with --compile, slow to build). Without diffusers installed the ldmfast providers
+run on an ldmfast model built from the same architecture, and the diffusers ones are skipped.
 """
 from __future__ import annotations
 
@@ -30,7 +35,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers-graph", "diffusers-compile"]
+ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers+ldmfast", "diffusers-graph",
+                 "diffusers-compile"]
+DIFFUSERS_PROVIDERS = ("diffusers", "diffusers+ldmfast", "diffusers-graph", "diffusers-compile")
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -49,13 +56,30 @@ PRESETS = {
 }
 
 
+def build_ldmfast_only(preset, dtype, device):
+    """Without diffusers: the ldmfast model of the same architecture (the preset's diffusers
+    configs go through ldmfast's converter, which needs no diffusers), random weights."""
+    from ldmfast.models import build_first_stage, build_unet, convert
+    from ldmfast.pipeline import LatentDiffusion
+
+    torch.manual_seed(0)
+    ucfg = convert.unet_config_from_diffusers(dict(preset["unet"]), "UNet2DConditionModel")
+    fcfg = convert.first_stage_config_from_diffusers(dict(preset["vae"]), "AutoencoderKL")
+    config = {"unet": ucfg, "first_stage": fcfg, "cond_stage": None,
+              "diffusion": {"parameterization": "eps", "beta_schedule": "linear", "linear_start": 0.00085,
+                            "linear_end": 0.012, "timesteps": 1000, "conditioning_key": "crossattn",
+                            "scale_factor": preset["vae"]["scaling_factor"]}}
+    model = LatentDiffusion(build_unet(ucfg), build_first_stage(fcfg), None, config)
+    model = model.to(device=device, dtype=dtype)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def build(preset, dtype, device):
     """A random-weight diffusers pipeline and the ldmfast model converted from it."""
-    try:
-        from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    except ImportError:
-        sys.exit("diffusers is not installed: the peers need it (pip install diffusers); "
-                 "nothing was measured")
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
     import ldmfast
 
     torch.manual_seed(0)
@@ -139,14 +163,30 @@ def main(argv=None):
             ap.error(f"--providers: unknown provider {p!r} (choose from {', '.join(ALL_PROVIDERS)})")
     if device.type != "cuda":
         providers = [p for p in providers if p not in ("ldmfast-eager", "diffusers-graph")]
+    try:
+        import diffusers  # noqa: F401
+        have_diffusers = True
+    except ImportError:
+        have_diffusers = False
+        skipped = [p for p in providers if p in DIFFUSERS_PROVIDERS]
+        providers = [p for p in providers if p not in DIFFUSERS_PROVIDERS]
+        print(f"diffusers is not installed: skipping {', '.join(skipped) or 'no provider'}; the ldmfast "
+              "providers run on an ldmfast model of the same architecture (pip install diffusers for the "
+              "peers and the ratios)")
+        if not providers:
+            sys.exit("no provider left to measure; nothing was measured")
 
     from tqdm import tqdm
 
+    import ldmfast.accelerate
     import ldmfast.models.ops as model_ops
 
     print(f"device: {C.device_name(device)}  torch {torch.__version__}  commit {C.git_sha()}  "
           f"dtype {str(dtype).split('.')[-1]}  {height}x{width}  U-Net batch {args.batch}  {steps} DDIM steps")
-    pipe, model = build(preset, dtype, device)
+    if have_diffusers:
+        pipe, model = build(preset, dtype, device)
+    else:
+        pipe, model = None, build_ldmfast_only(preset, dtype, device)
     if model_ops.using_reference_ops():
         sys.exit("ldmfast's compiled ops did not load, so no ldmfast figure would be real: build them first")
     h, w = height // 8, width // 8
@@ -175,19 +215,28 @@ def main(argv=None):
     results = {}
     for prov in tqdm(providers, desc="providers", disable=not sys.stderr.isatty()):
         ref_ops = model_ops.use_reference_ops(prov == "ldmfast-ref")
+        accelerated = False
         try:
             with torch.no_grad():
                 if prov.startswith("ldmfast"):
+                    graphs = prov == "ldmfast" and device.type == "cuda"
                     step = lambda *_: model.unet(lat, tsteps, context=ctx)  # noqa: E731
-                    decode = lambda *_: model.first_stage.decode(z1)  # noqa: E731
+                    # z1 * scale_factor: decode() divides by it, so the decoder sees z1 as the peers do
+                    z1_scaled = z1 * model.scale_factor
+                    # the decode figure is the decoder alone; the fp16 guard's check (one host sync)
+                    # is in the end-to-end figure, as users get it
+                    decode = lambda *_: model.decode(z1_scaled, cuda_graph=graphs, fp16_guard=False)  # noqa: E731
 
                     def e2e(*_):
                         z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=7.5,
-                                         x_T=x_T, progress=False)
-                        return model.decode(z)
-                    if prov == "ldmfast" and device.type == "cuda":
+                                         x_T=x_T, progress=False, cuda_graph=graphs)
+                        return model.decode(z, cuda_graph=graphs)
+                    if graphs:
                         step = graphed(step)
                 else:
+                    if prov == "diffusers+ldmfast":
+                        ldmfast.accelerate.accelerate(pipe)
+                        accelerated = True
                     unet, vae = pipe.unet, pipe.vae
                     if prov == "diffusers-compile":
                         unet, vae_decode = torch.compile(pipe.unet), torch.compile(pipe.vae.decode)
@@ -213,6 +262,8 @@ def main(argv=None):
             results[prov] = r
         finally:
             ref_ops.__exit__()
+            if accelerated:
+                ldmfast.accelerate.accelerate(pipe, restore=True)
 
     base = results.get("diffusers")
     rows = []
