@@ -6,7 +6,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 
 #include "ldmfast/common.h"
 
@@ -34,6 +33,48 @@ template <class T> constexpr int kVec16 = static_cast<int>(16 / sizeof(T));
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// A 32-bit word as the float values of the 1 (float) or 2 (half, bf16) elements it holds, low
+// half first, and back. Bit intrinsics rather than pointer casts: those break strict aliasing.
+template <class T> struct Word;
+template <> struct Word<float> {
+  static constexpr int kPer = 1;
+  static __device__ __forceinline__ void unpack(uint32_t w, float* out) { out[0] = __uint_as_float(w); }
+  static __device__ __forceinline__ uint32_t pack(const float* in) { return __float_as_uint(in[0]); }
+};
+template <> struct Word<__half> {
+  static constexpr int kPer = 2;
+  static __device__ __forceinline__ void unpack(uint32_t w, float* out) {
+    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+  static __device__ __forceinline__ uint32_t pack(const float* in) {
+    return static_cast<uint32_t>(__half_as_ushort(__float2half_rn(in[0]))) |
+           (static_cast<uint32_t>(__half_as_ushort(__float2half_rn(in[1]))) << 16);
+  }
+};
+template <> struct Word<__nv_bfloat16> {
+  static constexpr int kPer = 2;
+  static __device__ __forceinline__ void unpack(uint32_t w, float* out) {
+    out[0] = __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w & 0xffffu)));
+    out[1] = __bfloat162float(__ushort_as_bfloat16(static_cast<unsigned short>(w >> 16)));
+  }
+  static __device__ __forceinline__ uint32_t pack(const float* in) {
+    return static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(in[0]))) |
+           (static_cast<uint32_t>(__bfloat16_as_ushort(__float2bfloat16_rn(in[1]))) << 16);
+  }
+};
+
+// One 16-byte global store. A plain uint4 store was split into four 4-byte ones in some unrolled
+// loops (the optimiser scalarises the aggregate); inline PTX keeps it one instruction.
+__device__ __forceinline__ void store16(uint4* p, uint4 v) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+               : "memory");
+#else
+  *p = v;  // the CPU emulator
+#endif
+}
+
 // Loads V consecutive elements as float. V == 1 is a scalar access; otherwise V * sizeof(T) must
 // be a multiple of 16 and p 16-byte aligned (the callers check alignment on the host).
 template <class T, int V>
@@ -43,14 +84,15 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
   } else {
     static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
     constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
-    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+    constexpr int kPer = Word<T>::kPer;
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
       const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
-      T e[kPer];
-      memcpy(static_cast<void*>(e), &raw, 16);  // not a pointer cast: that breaks strict aliasing
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) out[w * kPer + j] = to_float(e[j]);
+      float* o = out + w * 4 * kPer;
+      Word<T>::unpack(raw.x, o);
+      Word<T>::unpack(raw.y, o + kPer);
+      Word<T>::unpack(raw.z, o + 2 * kPer);
+      Word<T>::unpack(raw.w, o + 3 * kPer);
     }
   }
 }
@@ -62,15 +104,12 @@ __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
   } else {
     static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
     constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
-    constexpr int kPer = static_cast<int>(16 / sizeof(T));
+    constexpr int kPer = Word<T>::kPer;
 #pragma unroll
     for (int w = 0; w < kWords; ++w) {
-      T e[kPer];
-#pragma unroll
-      for (int j = 0; j < kPer; ++j) e[j] = from_float<T>(in[w * kPer + j]);
-      uint4 raw;
-      memcpy(&raw, e, 16);
-      reinterpret_cast<uint4*>(p)[w] = raw;
+      const float* i = in + w * 4 * kPer;
+      store16(reinterpret_cast<uint4*>(p) + w, make_uint4(Word<T>::pack(i), Word<T>::pack(i + kPer),
+                                                          Word<T>::pack(i + 2 * kPer), Word<T>::pack(i + 3 * kPer)));
     }
   }
 }

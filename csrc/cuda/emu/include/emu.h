@@ -34,20 +34,32 @@ struct Block {
 inline thread_local Block* t_block = nullptr;
 constexpr size_t kArenaBytes = 256 * 1024;
 
-// Offsets of the static __shared__ variables in every CTA's arena, assigned on first use; keyed
-// by declaration and type, since template instances of one declaration differ in size.
+// Offsets of the static __shared__ variables in every CTA's arena, assigned on first use within
+// one launch (all its CTAs share the table); keyed by declaration and type, since template
+// instances of one declaration differ in size.
+struct SharedTable {
+  std::mutex mu;
+  std::map<std::pair<int, std::type_index>, size_t> offsets;
+  size_t next = 0;
+};
+inline SharedTable g_shared;
+inline void reset_shared_table() {
+  std::lock_guard<std::mutex> lock(g_shared.mu);
+  g_shared.offsets.clear();
+  g_shared.next = 0;
+}
 inline size_t shared_offset(int id, std::type_index type, size_t bytes) {
-  static std::mutex mu;
-  static std::map<std::pair<int, std::type_index>, size_t> offsets;
-  static size_t next = 0;
-  std::lock_guard<std::mutex> lock(mu);
-  auto it = offsets.find({id, type});
-  if (it != offsets.end()) return it->second;
-  next = (next + 15) & ~size_t(15);
-  const size_t off = next;
-  next += bytes;
-  if (next > kArenaBytes) std::abort();
-  offsets[{id, type}] = off;
+  std::lock_guard<std::mutex> lock(g_shared.mu);
+  auto it = g_shared.offsets.find({id, type});
+  if (it != g_shared.offsets.end()) return it->second;
+  g_shared.next = (g_shared.next + 15) & ~size_t(15);
+  const size_t off = g_shared.next;
+  g_shared.next += bytes;
+  if (g_shared.next > kArenaBytes) {
+    fprintf(stderr, "emu: static shared memory over %zu bytes\n", kArenaBytes);
+    std::abort();
+  }
+  g_shared.offsets[{id, type}] = off;
   return off;
 }
 template <class T> T& shared_var(int id) {
@@ -80,6 +92,8 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
 [[noreturn]] inline void __trap() { std::abort(); }
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
 namespace emu {
 inline void poison(std::vector<unsigned char>& v) {
@@ -103,6 +117,7 @@ template <class K, class... Args>
 void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csize, Args... args) {
   const unsigned nthreads = block.x * block.y * block.z;
   if (getenv("EMU_TRACE")) fprintf(stderr, "launch grid=%u block=%u cluster=%u smem=%zu\n", grid.x, nthreads, csize, smem);
+  reset_shared_table();
   for (unsigned c0 = 0; c0 < grid.x; c0 += csize) {
     std::vector<std::unique_ptr<Block>> blocks;
     std::vector<Block*> ranks;

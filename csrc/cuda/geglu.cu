@@ -1,0 +1,65 @@
+// GEGLU, out = a * gelu(g) with the exact (erf) GELU, a and g the two halves of a row of h: one
+// read of h and one write of out, 16-byte accesses when the row layout allows them. erff is
+// CUDA's full-accuracy erf (a few ulp), the same function PyTorch's exact GELU uses.
+#include "common.cuh"
+#include "ldmfast/geglu.h"
+
+namespace ldmfast::cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kThreads = 256;
+constexpr int kMaxGridY = 65535;
+
+__device__ __forceinline__ float gelu_erf(float g) {
+  return 0.5f * g * (1.0f + erff(g * 0.707106781186547524f));
+}
+
+// blockIdx.x covers a row's items of V elements, blockIdx.y strides over the rows (so no
+// division per item). With V > 1, n and the row stride are multiples of V and both pointers
+// 16-byte aligned, so every vector lies inside one half of one row.
+template <class T, int V>
+__global__ void __launch_bounds__(kThreads) geglu_kernel(const GegluParams p) {
+  const T* h = static_cast<const T*>(p.h);
+  T* out = static_cast<T*>(p.out);
+  const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  if (col >= p.n) return;
+  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+    const T* row = h + r * p.h_row_stride;
+    float a[V], g[V], o[V];
+    load_vec<T, V>(row + col, a);
+    load_vec<T, V>(row + p.n + col, g);
+#pragma unroll
+    for (int j = 0; j < V; ++j) o[j] = a[j] * gelu_erf(g[j]);
+    store_vec<T, V>(out + r * p.n + col, o);
+  }
+}
+
+template <class T>
+int launch(const GegluParams& p, cudaStream_t stream) {
+  constexpr int V = kVec16<T>;
+  const bool vec = p.n % V == 0 && p.h_row_stride % V == 0 && aligned16(p.h) && aligned16(p.out);
+  const int64_t items = ceil_div(p.n, static_cast<int64_t>(vec ? V : 1));
+  const dim3 grid(static_cast<unsigned>(ceil_div(items, static_cast<int64_t>(kThreads))),
+                  static_cast<unsigned>(imin(p.rows, static_cast<int64_t>(kMaxGridY))));
+  if (vec)
+    geglu_kernel<T, V><<<grid, kThreads, 0, stream>>>(p);
+  else
+    geglu_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+  return launch_status();
+}
+
+}  // namespace
+
+int geglu(const GegluParams& p, cudaStream_t stream) {
+  if (p.rows <= 0 || p.n <= 0) return 0;
+  switch (p.dtype) {
+    case DType::kFloat32: return launch<float>(p, stream);
+    case DType::kFloat16: return launch<__half>(p, stream);
+    case DType::kBFloat16: return launch<__nv_bfloat16>(p, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace ldmfast::cuda
