@@ -34,7 +34,7 @@ def tiny_config(kind="text", first_stage="kl"):
     """A tiny LDM on 32x32 images: f = 2 autoencoder (16x16x4 latents), 32/64-channel U-Net."""
     vocab = shapes.vocabulary()
     dd = {"double_z": first_stage == "kl", "z_channels": 4, "resolution": SIZE,
-          "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 1,
+          "in_channels": 3, "out_ch": 3, "ch": 32, "ch_mult": [1, 2], "num_res_blocks": 0,
           "attn_resolutions": [], "dropout": 0.0}
     fs = ({"type": "kl", "embed_dim": 4, "ddconfig": dd} if first_stage == "kl"
           else {"type": "vq", "embed_dim": 4, "n_embed": 32, "ddconfig": dd})
@@ -326,14 +326,22 @@ def _ddp_worker(rank, world, port, folder):
         tr = LDMTrainer(model, data(), cfg, info)
         tr.train()
         state = {k: v.clone() for k, v in tr.denoiser.state_dict().items()}
+        # the autoencoder too, with the discriminator on from the second step (adaptive weight
+        # through autograd.grad, then DDP's backward)
+        ae = build(tiny_config()).first_stage
+        loss = AutoencoderLoss("kl", disc_start=1, disc_layers=2, disc_channels=32)
+        ae_cfg = AETrainConfig(steps=2, batch_size=2, progress=False, ckpt_every=0)
+        ae_tr = AutoencoderTrainer(ae, loss, data(), ae_cfg, info).train()
         torch.save({"state": state, "scale": tr.model.scale_factor,
-                    "batch": data().for_step(0, 4, rank, world)["index"]},
+                    "batch": data().for_step(0, 4, rank, world)["index"],
+                    "ae": ae_tr.ae.state_dict(), "loss": ae_tr.loss.state_dict()},
                    os.path.join(folder, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
 def test_ddp_two_gloo_processes_keep_parameters_identical(tmp_path):
+    """Two CPU processes (gloo), a couple of LDM and autoencoder steps each."""
     import torch.multiprocessing as mp
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -351,6 +359,11 @@ def test_ddp_two_gloo_processes_keep_parameters_identical(tmp_path):
         assert torch.equal(v, r1["state"][k]), f"{k} differs across ranks"
         changed += not torch.equal(v, init_sd[k])
     assert changed > len(r0["state"]) // 2  # and they did train
+    for part in ("ae", "loss"):
+        for k, v in r0[part].items():
+            if k.endswith(("running_mean", "running_var", "num_batches_tracked")):
+                continue  # BatchNorm statistics are per rank (DDP broadcasts rank 0's on use)
+            assert torch.equal(v, r1[part][k]), f"{part} {k} differs across ranks"
     assert (tmp_path / "ldm.pt").exists()
 
 
@@ -359,7 +372,7 @@ def test_ddp_two_gloo_processes_keep_parameters_identical(tmp_path):
 def _tiny_recipe():
     r = recipes._shapes()
     cfg = tiny_config()
-    cfg["first_stage"]["ddconfig"]["ch_mult"] = [1, 2, 2]  # f = 4 on 64x64, as the recipe
+    cfg["first_stage"]["ddconfig"]["ch_mult"] = [1, 1, 2]  # f = 4 on 64x64, as the recipe
     cfg["first_stage"]["ddconfig"]["resolution"] = 64
     r.model = cfg
     r.eval_steps = 2

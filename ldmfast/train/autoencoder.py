@@ -78,14 +78,20 @@ class AutoencoderTrainer:
         return self.ae.decoder.conv_out.weight
 
     # ------------------------------------------------------------------------------ one step
-    def _backward(self, loss, opt):
+    def _backward(self, loss, opt, extra=()):
+        """Backward and step; ``extra``: parameters outside the DDP-wrapped modules (the KL
+        loss' log-variance), whose gradients are averaged across ranks here."""
         opt.zero_grad(set_to_none=True)
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+        if self.info.distributed:
+            for p in extra:
+                if p.grad is not None:
+                    torch.distributed.all_reduce(p.grad)
+                    p.grad.div_(self.info.world)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.step(opt)
             self.scaler.update()
         else:
-            loss.backward()
             opt.step()
 
     def train_step(self) -> dict:
@@ -102,7 +108,7 @@ class AutoencoderTrainer:
             loss, logs = self.loss.generator_loss(x, recon, reg, self.step, self.last_layer)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"autoencoder loss is {loss.item()} at step {self.step}")
-        self._backward(loss, self.opt)
+        self._backward(loss, self.opt, [self.loss.logvar] if self.kind == "kl" else [])
         if self.loss.disc_active(self.step):
             with engine.autocast(dev, cfg.precision):
                 d_loss, d_logs = self.loss.discriminator_loss(x, recon, self.step, self.disc_ddp)

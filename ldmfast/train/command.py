@@ -32,6 +32,9 @@ def add_arguments(p):
                    "perceptual loss (off without; nothing is downloaded)")
     p.add_argument("--precision", default=None, choices=["fp32", "bf16", "fp16"],
                    help="autocast precision (default fp32; fp16 needs CUDA)")
+    p.add_argument("--ops", default="auto", choices=["auto", "fused", "reference"],
+                   help="train through the fused ops or their plain-PyTorch references "
+                   "(auto: the references on CPU, where their backward is faster)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute U-Net activations in the backward pass to save memory")
     p.add_argument("--export", default=None, help="where to write the trained model "
@@ -53,7 +56,7 @@ def run(args) -> int:
                           lpips=args.lpips, precision=args.precision,
                           grad_checkpoint=args.grad_checkpoint, batch_size=args.batch_size,
                           progress=not args.no_progress, evaluate=not args.no_eval,
-                          export=args.export, seed=args.seed)
+                          export=args.export, seed=args.seed, ops=args.ops)
     brief = {k: v for k, v in summary.items() if k != "eval"}
     if "eval" in summary:
         brief["eval"] = {k: v for k, v in summary["eval"].items() if k != "samples"}
