@@ -9,6 +9,7 @@ Each group holds one shape with one row per implementation:
                    (SDPA gets transposed views, as a model holding (B, L, H, D) projections would
                    pass them)
   ddim_step        ldmfast vs the plain-torch reference step (ldmfast.ref.ddim_step)
+  geglu            ldmfast vs a * F.gelu(gate) of the two halves (the original GEGLU)
 Medians of many rounds after warm-up; shapes are the SD / autoencoder ones, sized for a 2-core
 CPU, with inputs larger than L2. extra_info carries GB/s (bytes read + written once) for the
 memory-bound ops and TFLOP/s (4 B H Lq Lk D) for attention, computed from the median.
@@ -102,3 +103,29 @@ def test_ddim_step(benchmark, guided, impl):
     median = _run(benchmark, fn, rounds=30)
     tensors = (4 if guided else 2) + 2  # inputs read + two outputs written
     benchmark.extra_info["GB/s"] = round(tensors * x.numel() * x.element_size() / median / 1e9, 2)
+
+
+# ---- geglu --------------------------------------------------------------------------------------
+
+GEGLU_CASES = [
+    # (tokens, 2n): SD FeedForward gates, n = 4C; token counts cut to a 2-core CPU's scale
+    pytest.param((1024, 2 * 1280), id="sd-c320-1024tok"),
+    pytest.param((512, 2 * 5120), id="sd-c1280-512tok"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", GEGLU_CASES)
+def test_geglu(benchmark, shape, dtype, impl):
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
+    if impl == "ldmfast":
+        fn = lambda: ops.geglu(h)  # noqa: E731
+    else:
+        def fn():  # the original GEGLU: chunk, gelu, multiply
+            a, gate = h.chunk(2, dim=-1)
+            return a * F.gelu(gate)
+    benchmark.group = f"geglu {'x'.join(map(str, shape))} {str(dtype)[6:]}"
+    median = _run(benchmark, fn, rounds=20)
+    # h read once, out (half of h) written once
+    benchmark.extra_info["GB/s"] = round(1.5 * h.numel() * h.element_size() / median / 1e9, 2)

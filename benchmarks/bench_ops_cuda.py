@@ -1,6 +1,6 @@
 """Kernel benchmarks for the lent GPU (issues 5 and 6), side by side with the peers in one run.
 
-    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim] [--dtypes fp16,bf16] [--no-compile]
+    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu] [--dtypes fp16,bf16] [--no-compile]
                                         [--csv PATH] [--quick] [--device cuda|cpu]
 
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
@@ -8,7 +8,8 @@ SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB
 written once), fraction of the copy bandwidth measured in the same run, ratio to each peer.
 attention: ldmfast vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. ddim_step with guidance and noise vs the
-eager reference and its torch.compile. On CPU (--device cpu --quick) it checks itself on small shapes.
+eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
+a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. On CPU (--device cpu --quick) it checks itself on small shapes.
 """
 from __future__ import annotations
 
@@ -40,8 +41,11 @@ ATTN = ([(2, 8, L, L, 320 * m // 8) for L, m in [(4096, 1), (1024, 2), (256, 4),
         + [(2, h, L, 77, 64) for L, h in [(4096, 5), (1024, 10), (256, 20), (64, 20)]]
         + [(2, 8, 4096, 4096, 64)])
 DDIM = [(2, 4, 64, 64), (4, 4, 128, 128), (8, 4, 128, 128), (16, 4, 128, 128)]
+# (tokens, 2n) of the SD-1.x FeedForward gates with CFG batch 2: n = 4C for C = 320/640/1280 at
+# the 64/32/16/8 latent levels.
+GEGLU = [(2 * L, 2 * 4 * c) for L, c in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]]
 QUICK = {"gn": [(2, 32, 16, 16), (1, 16, 32, 32)], "attn": [(1, 2, 64, 64, 40), (1, 2, 64, 77, 64)],
-         "ddim": [(2, 4, 16, 16)]}
+         "ddim": [(2, 4, 16, 16)], "geglu": [(64, 2 * 40), (33, 2 * 37)]}
 
 
 def _compiled(fn, enabled):
@@ -165,9 +169,39 @@ def bench_ddim(args, dev, bw):
     return rows
 
 
+def _geglu_eager(h):
+    a, gate = h.chunk(2, dim=-1)
+    return a * F.gelu(gate)
+
+
+def bench_geglu(args, dev, bw):
+    rows = []
+    shapes = QUICK["geglu"] if args.quick else GEGLU
+    comp = _compiled(_geglu_eager, args.compile)
+    for shape in shapes:
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            n = torch.Size(shape).numel()
+            nbytes = (n + n // 2) * torch.finfo(dt).bits // 8  # read h (2n per row), write n
+            k = C.copies_for(nbytes, dev)
+            hs = [torch.randn(shape, device=dev, dtype=dt) for _ in range(k)]
+            provs = {"ldmfast": lambda i: ops.geglu(hs[i]), "eager": lambda i: _geglu_eager(hs[i])}
+            if comp is not None:
+                provs["compile"] = lambda i: comp(hs[i])
+            times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+            for p, t in times.items():
+                r = {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
+                     "dtype": dname, "layout": "rows", "provider": p, "time_us": t * 1e6,
+                     "gbps": nbytes / t / 1e9, "frac_copy": nbytes / t / bw}
+                if p == "ldmfast":
+                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+                rows.append(r)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="gn,attn,ddim")
+    ap.add_argument("--ops", default="gn,attn,ddim,geglu")
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peers")
@@ -186,7 +220,7 @@ def main(argv=None):
     bw = C.copy_bandwidth(dev)
     print(f"device: {C.device_name(dev)}  torch {torch.__version__}  commit {C.git_sha()}  "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim}
+    benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim, "geglu": bench_geglu}
     rows = []
     for name in args.ops.split(","):
         if name not in benches:

@@ -35,6 +35,12 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cpu(
   return {c.x_prev, c.pred_x0};
 }
 
+at::Tensor geglu_cpu(const at::Tensor& h) {
+  auto c = prepare_geglu(h);
+  if (c.out.numel() > 0) cpu::geglu(c.p);
+  return c.out;
+}
+
 }  // namespace
 }  // namespace ldmfast::binding
 
@@ -48,10 +54,13 @@ TORCH_LIBRARY(ldmfast, m) {
   m.def("ddim_step(Tensor x, Tensor eps, Tensor? eps_uncond, Tensor? noise, float alpha_t, "
         "float alpha_prev, float sigma_t, float guidance_scale, Tensor? alpha_t_t, "
         "Tensor? alpha_prev_t, Tensor? sigma_t_t, Tensor? guidance_scale_t) -> (Tensor, Tensor)");
+  // h[..., :n] * gelu(h[..., n:]) with the exact (erf) GELU, float32 math: the FeedForward gate.
+  m.def("geglu(Tensor h) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(ldmfast, CPU, m) {
   m.impl("group_norm_silu", &ldmfast::binding::group_norm_silu_cpu);
   m.impl("attention", &ldmfast::binding::attention_cpu);
   m.impl("ddim_step", &ldmfast::binding::ddim_step_cpu);
+  m.impl("geglu", &ldmfast::binding::geglu_cpu);
 }

@@ -67,6 +67,13 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
   return {c.x_prev, c.pred_x0};
 }
 
+at::Tensor geglu_cuda(const at::Tensor& h) {
+  CudaScope scope(h);
+  auto c = prepare_geglu(h);
+  if (c.out.numel() > 0) check_launch(cuda::geglu(c.p, scope.stream()), "geglu");
+  return c.out;
+}
+
 }  // namespace
 }  // namespace ldmfast::binding
 
@@ -74,4 +81,5 @@ TORCH_LIBRARY_IMPL(ldmfast, CUDA, m) {
   m.impl("group_norm_silu", &ldmfast::binding::group_norm_silu_cuda);
   m.impl("attention", &ldmfast::binding::attention_cuda);
   m.impl("ddim_step", &ldmfast::binding::ddim_step_cuda);
+  m.impl("geglu", &ldmfast::binding::geglu_cuda);
 }

@@ -15,6 +15,7 @@
 
 #include "ldmfast/attention.h"
 #include "ldmfast/ddim_step.h"
+#include "ldmfast/geglu.h"
 #include "ldmfast/group_norm_silu.h"
 
 namespace ldmfast::binding {
@@ -254,6 +255,39 @@ inline DdimStepCall prepare_ddim_step(const at::Tensor& x_in, const at::Tensor& 
   p.pred_x0 = c.pred_x0.data_ptr();
   p.N = N;
   p.M = N == 0 ? 0 : x_in.numel() / N;
+  return c;
+}
+
+// ---- geglu -------------------------------------------------------------------------------------
+
+struct GegluCall {
+  at::Tensor h, out;
+  GegluParams p;
+};
+
+inline GegluCall prepare_geglu(const at::Tensor& h_in) {
+  GegluCall c;
+  TORCH_CHECK_VALUE(h_in.dim() >= 1, "ldmfast.geglu: h must be (..., 2n), got a 0-d tensor");
+  c.p.dtype = to_dtype(h_in, "ldmfast.geglu: h");
+  const int64_t width = h_in.size(-1);
+  TORCH_CHECK_VALUE(width % 2 == 0 && width > 0, "ldmfast.geglu: the last dim of h must be even "
+                    "and positive (value and gate halves), got ", width, " (shape ", h_in.sizes(), ")");
+  const int64_t n = width / 2;
+  const int64_t rows = h_in.numel() / width;
+  // A unit-stride last dim is required by the kernel; leading dims that collapse to one row
+  // stride (a slice along the batch or the tokens) are taken as they are, others are copied.
+  const at::Tensor h = h_in.stride(-1) == 1 ? h_in : h_in.contiguous();
+  c.h = h.reshape({rows, width});
+  auto out_sizes = h_in.sizes().vec();
+  out_sizes.back() = n;
+  c.out = at::empty(out_sizes, h_in.options().memory_format(at::MemoryFormat::Contiguous));
+  maybe_poison(c.out);
+  auto& p = c.p;
+  p.h = c.h.data_ptr();
+  p.out = c.out.data_ptr();
+  p.rows = rows;
+  p.n = n;
+  p.h_row_stride = rows > 1 ? c.h.stride(0) : width;
   return c;
 }
 

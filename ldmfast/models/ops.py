@@ -1,6 +1,6 @@
-"""The two fused ops the model layer calls, and the switch to their plain-PyTorch references.
+"""The fused ops the model layer calls, and the switch to their plain-PyTorch references.
 
-Modules call ``group_norm_silu`` and ``attention`` from here, never ``ldmfast.ops`` directly, so
+Modules call ``group_norm_silu``, ``attention`` and ``geglu`` from here, never ``ldmfast.ops`` directly, so
 one flag selects the implementation for the whole model layer: the compiled ops by default, the
 references of ``ldmfast.ref`` when ``use_reference_ops(True)`` is in effect (the benchmark's
 "ldmfast with reference ops" provider) or when the compiled library is not built (logged once); float64 inputs, and CUDA inputs
@@ -101,6 +101,11 @@ def attention(q, k, v, scale=None):
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                          scale=q.shape[-1] ** -0.5 if scale is None else scale)
     return out.transpose(1, 2)
+
+
+def geglu(h):
+    """h[..., :n] * gelu(h[..., n:]), the exact (erf) GELU: the FeedForward's GEGLU gate."""
+    return _impl(h).geglu(h)
 
 
 def group_norm(x, norm, silu: bool = False, emb=None):

@@ -13,7 +13,7 @@ from . import _library
 _library.load()
 from . import _autograd, _fake  # noqa: E402,F401  (registrations need the schemas loaded)
 
-__all__ = ["attention", "ddim_step", "group_norm_silu", "cuda_available"]
+__all__ = ["attention", "ddim_step", "geglu", "group_norm_silu", "cuda_available"]
 
 
 def cuda_available() -> bool:
@@ -39,6 +39,15 @@ def attention(q, k, v, scale=None):
     QKV projection). Softmax in float32; ``scale`` defaults to D**-0.5.
     """
     return torch.ops.ldmfast.attention(q, k, v, scale)
+
+
+def geglu(h):
+    """h[..., :n] * gelu(h[..., n:]) for h (..., 2n) -> (..., n), the exact (erf) GELU.
+
+    The LDM FeedForward's gate in one pass over h. float32/float16/bfloat16, math in float32;
+    the last dim must be even with unit stride (other layouts are copied first).
+    """
+    return torch.ops.ldmfast.geglu(h)
 
 
 def ddim_step(x, eps, alpha_t, alpha_prev, sigma_t=0.0, noise=None, eps_uncond=None,

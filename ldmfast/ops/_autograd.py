@@ -122,3 +122,28 @@ def _ddim_backward(ctx, grad_x_prev, grad_pred_x0):
 
 
 torch.library.register_autograd("ldmfast::ddim_step", _ddim_backward, setup_context=_ddim_setup)
+
+
+# --- geglu ---------------------------------------------------------------------------------------
+
+_INV_SQRT_2PI = 0.3989422804014327  # 1 / sqrt(2 pi)
+
+
+def _geglu_setup(ctx, inputs, output):
+    (h,) = inputs
+    ctx.save_for_backward(h)
+
+
+def _geglu_backward(ctx, grad):
+    # out = a gelu(g), gelu(g) = g Phi(g):  d/da = gelu(g),  d/dg = a (Phi(g) + g phi(g)),
+    # Phi the standard normal CDF and phi its density.
+    (h,) = ctx.saved_tensors
+    f = _compute_dtype(h)
+    a, g = h.to(f).chunk(2, dim=-1)
+    go = grad.to(f)
+    cdf = 0.5 * (1 + torch.erf(g * 0.7071067811865476))
+    pdf = _INV_SQRT_2PI * torch.exp(-0.5 * g * g)
+    return torch.cat([go * g * cdf, go * a * (cdf + g * pdf)], dim=-1).to(h.dtype)
+
+
+torch.library.register_autograd("ldmfast::geglu", _geglu_backward, setup_context=_geglu_setup)

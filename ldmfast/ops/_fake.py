@@ -39,3 +39,10 @@ def _attention_fake(q, k, v, scale=None):
 def _ddim_step_fake(x, eps, eps_uncond, noise, alpha_t, alpha_prev, sigma_t, guidance_scale,
                     alpha_t_t, alpha_prev_t, sigma_t_t, guidance_scale_t):
     return _like(x), _like(x)
+
+
+@torch.library.register_fake("ldmfast::geglu")
+def _geglu_fake(h):
+    torch._check(h.dim() >= 1 and h.shape[-1] % 2 == 0,
+                 lambda: f"ldmfast.geglu: the last dim of h must be even, got shape {tuple(h.shape)}")
+    return h.new_empty(h.shape[:-1] + (h.shape[-1] // 2,))

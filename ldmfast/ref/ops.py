@@ -1,4 +1,4 @@
-"""References of the three fused ops."""
+"""References of the fused ops."""
 from __future__ import annotations
 
 import torch
@@ -55,3 +55,14 @@ def ddim_step(x, eps, alpha_t, alpha_prev, sigma_t=0.0, noise=None, eps_uncond=N
     if noise is not None:
         x_prev = x_prev + sig * noise.to(compute)
     return x_prev.to(x.dtype), pred_x0.to(x.dtype)
+
+
+def geglu(h):
+    """h[..., :n] * gelu(h[..., n:]) for h (..., 2n): the LDM ``GEGLU`` gate, exact (erf) GELU.
+
+    Computed in float32 (float64 for float64 inputs) and cast back once; the original computes
+    in the storage dtype, which for float16 rounds the GELU before the product.
+    """
+    compute = torch.float64 if h.dtype == torch.float64 else torch.float32
+    a, gate = h.to(compute).chunk(2, dim=-1)
+    return (a * F.gelu(gate)).to(h.dtype)
