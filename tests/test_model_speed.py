@@ -13,6 +13,16 @@ from ldmfast.models import PreparedContext, build_unet
 from ldmfast.models.transformer import CrossAttention
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # whole-model runs on a shared 2-core machine: OpenMP teams waiting on each other cost more
+    # than these small models take (as in test_unet's timing test)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _randomise(u):
     with torch.no_grad():  # zero-initialised layers of the original would hide mistakes
         for p in u.parameters():
@@ -46,7 +56,7 @@ UNETS = {
 }
 
 
-def _inputs(u, b=2, hw=16, t=7, seed=1):
+def _inputs(u, b=2, hw=8, t=7, seed=1):
     g = torch.Generator().manual_seed(seed)
     ctx_dim = u.config["context_dim"]
     return (torch.randn(b, u.in_channels, hw, hw, generator=g), torch.tensor([3, 900][:b]),
@@ -110,3 +120,92 @@ def test_prepared_context_from_another_model_is_refused():
     prepared = PreparedContext(((torch.zeros(1, 3, 2, 4), torch.zeros(1, 3, 2, 4)),))
     with pytest.raises(ValueError, match="no context slot"):
         attn(torch.zeros(1, 5, 8), prepared)
+
+
+# ---- 3. fused QKV projection --------------------------------------------------------------------
+
+def _self_attn_layers(u):
+    return [m for m in u.modules() if isinstance(m, CrossAttention) and m.is_self_attention]
+
+
+def test_fused_qkv_gives_identical_outputs_and_state_dict():
+    u = sd_like_unet()
+    x, t, c = _inputs(u)
+    sd_before = {k: v.clone() for k, v in u.state_dict().items()}
+    with torch.no_grad():
+        want = u(x, t, c)
+        assert u.fuse_qkv() == len(_self_attn_layers(u)) > 0
+        got = u(x, t, c)
+    sd_after = u.state_dict()
+    assert list(sd_after) == list(sd_before)  # same keys, same order: CompVis files load strict
+    for k in sd_before:
+        assert torch.equal(sd_after[k], sd_before[k]), k
+    for m in _self_attn_layers(u):
+        assert m.qkv_fused and m.to_k.weight.untyped_storage().data_ptr() == \
+            m._qkv_weight.untyped_storage().data_ptr()
+    assert torch.equal(got, want)
+    u.unfuse_qkv()
+    with torch.no_grad():
+        assert torch.equal(u(x, t, c), want)
+    assert not any(m.qkv_fused for m in _self_attn_layers(u))
+
+
+def test_cross_attention_layers_do_not_fuse():
+    # attn2 takes its K/V from the context; with disable_self_attn attn1 does too
+    u = UNETS["sd2-like-disable-self"]()
+    u.fuse_qkv()
+    for m in u.modules():
+        if isinstance(m, CrossAttention):
+            assert m.qkv_fused == m.is_self_attention
+            assert m.is_self_attention == (m.context_slot is None)
+
+
+def test_fused_qkv_sees_in_place_updates():
+    u = tiny_unet()
+    x, t, c = _inputs(u)
+    u.fuse_qkv()
+    layer = _self_attn_layers(u)[0]
+    delta = 0.01 * torch.randn(layer.to_v.weight.shape, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        layer.to_v.weight.data.add_(delta)  # a LoRA merge
+        fused = u(x, t, c)
+    ref = tiny_unet()
+    with torch.no_grad():
+        _self_attn_layers(ref)[0].to_v.weight.add_(delta)
+        torch.testing.assert_close(fused, ref(x, t, c), rtol=0, atol=0)
+        # load_state_dict copies in place: the buffer (a captured graph's input) is kept
+        buf = layer._qkv_weight
+        u.load_state_dict(tiny_unet().state_dict(), strict=True)
+        assert layer._qkv_weight is buf
+        torch.testing.assert_close(u(x, t, c), tiny_unet()(x, t, c), rtol=0, atol=0)
+        # assign=True replaces the parameters: fusion is re-established on them
+        u.load_state_dict(ref.state_dict(), strict=True, assign=True)
+        assert layer.qkv_fused and layer._is_attached()
+        torch.testing.assert_close(u(x, t, c), ref(x, t, c), rtol=0, atol=0)
+
+
+def test_fused_qkv_survives_to():
+    u = tiny_unet()
+    x, t, c = _inputs(u)
+    u.fuse_qkv()
+    with torch.no_grad():
+        want = u(x, t, c)
+        u.to(torch.float64)
+        for m in _self_attn_layers(u):
+            assert m.qkv_fused and m._is_attached() and m._qkv_weight.dtype == torch.float64
+        u.to(torch.float32)
+        for m in _self_attn_layers(u):
+            assert m.qkv_fused and m._is_attached()
+        got = u(x, t, c)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_fused_qkv_trains_through_the_unfused_path():
+    # With gradients wanted the fused GEMM (on a buffer outside autograd) is not used, so the
+    # parameters get their gradients as before.
+    u = tiny_unet().train()
+    x, t, c = _inputs(u)
+    u.fuse_qkv()
+    u(x, t, c).square().mean().backward()
+    layer = _self_attn_layers(u)[0]
+    assert layer.to_q.weight.grad is not None and layer.to_q.weight.grad.abs().sum() > 0

@@ -48,8 +48,8 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        x, gate = self.proj(x).chunk(2, dim=-1)
-        return x * F.gelu(gate)
+        # x * gelu(gate) of the two halves of the projection, in one fused pass
+        return ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -71,6 +71,8 @@ class CrossAttention(nn.Module):
                  dim_head: int = 64, dropout: float = 0.0):
         super().__init__()
         inner = heads * dim_head
+        # attends to x itself (attn1); only such a layer can fuse its q/k/v projections
+        self.is_self_attention = context_dim is None
         context_dim = query_dim if context_dim is None else context_dim
         self.heads, self.dim_head = heads, dim_head
         self.scale = dim_head ** -0.5
@@ -81,6 +83,73 @@ class CrossAttention(nn.Module):
         # Index of this layer's K/V in a PreparedContext; set by the U-Net for the layers that
         # attend to the context (None: never reached through a U-Net).
         self.context_slot: int | None = None
+        self._qkv_weight = None  # the (3 inner, query_dim) buffer while fused; see fuse_qkv
+        self.register_load_state_dict_post_hook(lambda module, keys: module._refuse_if_detached())
+
+    # ---- fused QKV projection ------------------------------------------------------------------
+    # While fused, to_q/to_k/to_v.weight are row blocks (views) of one (3 inner, C) buffer, and
+    # self-attention computes q, k and v with one GEMM whose output is sliced by views. The
+    # parameters keep their names and shapes (CompVis state dicts load strict) and every in-place
+    # update of them (load_state_dict, param.data.add_ for LoRA merging) writes into the buffer,
+    # so the fused GEMM, and a CUDA graph already captured on it, sees it. .to()/.half()/.cuda()
+    # convert each parameter on its own; _apply then rebuilds the buffer from them. Fusion is
+    # off by default: code that points the parameters at other storage (ldmfast.accelerate
+    # sharing diffusers' weights) must leave it off or call unfuse_qkv() first; training
+    # (grad enabled and weights requiring grad) takes the unfused path.
+
+    @property
+    def qkv_fused(self) -> bool:
+        return self._qkv_weight is not None
+
+    def _qkv_params(self):
+        return self.to_q.weight, self.to_k.weight, self.to_v.weight
+
+    def fuse_qkv(self) -> bool:
+        """Makes the q/k/v weights views of one buffer; only self-attention layers fuse (a
+        cross-attention layer's K/V come from the context). Returns whether it is fused."""
+        if not self.is_self_attention:
+            return False
+        params = self._qkv_params()
+        with torch.no_grad():
+            buf = torch.cat([p.detach() for p in params])
+            rows = params[0].shape[0]
+            for i, p in enumerate(params):
+                p.data = buf[i * rows:(i + 1) * rows]
+        self._qkv_weight = buf
+        return True
+
+    def unfuse_qkv(self) -> None:
+        """Gives each weight its own storage again (the unfused path, as before fusing)."""
+        if self._qkv_weight is None:
+            return
+        with torch.no_grad():
+            for p in self._qkv_params():
+                p.data = p.data.clone()
+        self._qkv_weight = None
+
+    def _is_attached(self) -> bool:
+        buf = self._qkv_weight
+        rows = buf.shape[0] // 3
+        return all(p.data.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()
+                   and p.data.storage_offset() == buf.storage_offset() + i * rows * buf.shape[1]
+                   and p.dtype == buf.dtype and p.device == buf.device
+                   for i, p in enumerate(self._qkv_params()))
+
+    def _refuse_if_detached(self):
+        # After .to() (new storage per parameter) or load_state_dict(assign=True) (new
+        # parameters); a plain in-place load keeps the views and the buffer, so nothing happens.
+        if self._qkv_weight is not None and not self._is_attached():
+            self.fuse_qkv()
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refuse_if_detached()
+        return out
+
+    def _fused_path(self) -> bool:
+        # A Python-level choice (grad mode and flags), guarded by torch.compile, never a value test.
+        return self._qkv_weight is not None and not (
+            torch.is_grad_enabled() and any(p.requires_grad for p in self._qkv_params()))
 
     def project_context(self, context):
         """K and V of a context (B, M, context_dim), each (B, M, heads, dim_head)."""
@@ -91,6 +160,10 @@ class CrossAttention(nn.Module):
 
     def forward(self, x, context=None):
         b, n, _ = x.shape
+        if context is None and self._fused_path():
+            qkv = F.linear(x, self._qkv_weight).view(b, n, 3, self.heads, self.dim_head)
+            out = ops.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], self.scale)
+            return self.to_out(out.reshape(b, n, self.heads * self.dim_head))
         q = self.to_q(x).view(b, n, self.heads, self.dim_head)
         if isinstance(context, PreparedContext):  # a Python type check: static under tracing
             if self.context_slot is None:

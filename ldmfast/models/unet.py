@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .transformer import BasicTransformerBlock, PreparedContext, SpatialTransformer
+from .transformer import BasicTransformerBlock, CrossAttention, PreparedContext, SpatialTransformer
 
 NORM_GROUPS = 32
 
@@ -278,6 +278,17 @@ class UNetModel(nn.Module):
     def _context_layers(self):
         return [layer for m in self.modules() if isinstance(m, BasicTransformerBlock)
                 for layer in m.context_layers()]
+
+    def fuse_qkv(self) -> int:
+        """Fuses the q/k/v projections of every self-attention layer (see
+        ``CrossAttention.fuse_qkv``); returns how many layers fused. Call it after the weights
+        are loaded and before capturing; in-place weight updates stay visible afterwards."""
+        return sum(m.fuse_qkv() for m in self.modules() if isinstance(m, CrossAttention))
+
+    def unfuse_qkv(self) -> None:
+        for m in self.modules():
+            if isinstance(m, CrossAttention):
+                m.unfuse_qkv()
 
     def prepare_context(self, context) -> PreparedContext:
         """Every cross-attention layer's K and V projections of ``context`` (B, T, context_dim).
