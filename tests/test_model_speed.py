@@ -209,3 +209,24 @@ def test_fused_qkv_trains_through_the_unfused_path():
     u(x, t, c).square().mean().backward()
     layer = _self_attn_layers(u)[0]
     assert layer.to_q.weight.grad is not None and layer.to_q.weight.grad.abs().sum() > 0
+
+
+# ---- 5. fp16-accumulating GEMMs: an explicit opt-in --------------------------------------------
+
+def test_fp16_accumulation_is_off_by_default_and_toggles():
+    from ldmfast.models import ops as model_ops
+    matmul = torch.backends.cuda.matmul
+    assert hasattr(matmul, "allow_fp16_accumulation")
+    assert matmul.allow_fp16_accumulation is False and not model_ops.fp16_accumulation_enabled()
+    with model_ops.fp16_accumulation(True):
+        assert matmul.allow_fp16_accumulation is True and model_ops.fp16_accumulation_enabled()
+        with model_ops.fp16_accumulation(False):
+            assert matmul.allow_fp16_accumulation is False
+        assert matmul.allow_fp16_accumulation is True
+    assert matmul.allow_fp16_accumulation is False
+    try:
+        model_ops.fp16_accumulation(True)  # plain call: set for good
+        assert matmul.allow_fp16_accumulation is True
+    finally:
+        model_ops.fp16_accumulation(False)
+    assert not model_ops.fp16_accumulation_enabled()

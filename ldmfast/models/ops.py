@@ -111,3 +111,33 @@ def geglu(h):
 def group_norm(x, norm, silu: bool = False, emb=None):
     """Applies an ``nn.GroupNorm`` module's parameters through the fused op."""
     return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, emb)
+
+
+class fp16_accumulation:
+    """``fp16_accumulation(True)`` lets cuBLAS accumulate float16 GEMMs in float16
+    (``torch.backends.cuda.matmul.allow_fp16_accumulation``): faster on some GPUs, less accurate
+    (float16 sums of 320..1280 products). Off by default; an explicit opt-in only.
+
+    Called plainly it sets the flag for good; as ``with fp16_accumulation(True): ...`` it restores
+    the previous setting on exit. Raises NotImplementedError where torch has no such flag.
+    """
+
+    def __init__(self, enabled: bool = True):
+        matmul = torch.backends.cuda.matmul
+        if not hasattr(matmul, "allow_fp16_accumulation"):
+            raise NotImplementedError(f"torch {torch.__version__} has no "
+                                      "torch.backends.cuda.matmul.allow_fp16_accumulation")
+        self._previous = matmul.allow_fp16_accumulation
+        matmul.allow_fp16_accumulation = bool(enabled)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_fp16_accumulation = self._previous
+        return False
+
+
+def fp16_accumulation_enabled() -> bool:
+    matmul = torch.backends.cuda.matmul
+    return bool(getattr(matmul, "allow_fp16_accumulation", False))
