@@ -8,8 +8,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from ldmfast import configs
-from ldmfast.models import PreparedContext, build_unet
+from ldmfast.models import PreparedContext, build_first_stage, build_unet
 from ldmfast.models.transformer import CrossAttention
 
 
@@ -230,3 +232,85 @@ def test_fp16_accumulation_is_off_by_default_and_toggles():
     finally:
         model_ops.fp16_accumulation(False)
     assert not model_ops.fp16_accumulation_enabled()
+
+
+# ---- 4. channels_last end to end ----------------------------------------------------------------
+
+class _LayoutAudit(TorchDispatchMode):
+    """Counts layout copies of feature maps and image-path ops whose 4-d output is not
+    channels_last: either would be a hidden NCHW round trip in the hot path."""
+
+    COPIES = ("clone", "copy_", "_to_copy", "contiguous")
+    IMAGE_OPS = ("convolution", "group_norm_silu", "add", "cat", "upsample_nearest2d", "mul",
+                 "silu", "avg_pool2d")
+
+    def __init__(self):
+        super().__init__()
+        self.copies, self.lost = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        first = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        if name in self.COPIES and first is not None and first.dim() >= 3:
+            self.copies.append((name, tuple(first.shape)))
+        if (name in self.IMAGE_OPS and isinstance(out, torch.Tensor) and out.dim() == 4
+                and not out.is_contiguous(memory_format=torch.channels_last)):
+            self.lost.append((name, tuple(out.shape)))
+        return out
+
+
+LAYOUT_MODELS = {
+    "tiny-unet": lambda: tiny_unet(),
+    # SD-2's linear projections: (B, C, H, W) -> (B, HW, C) must be a view of channels_last
+    "sd2-like-unet": lambda: sd_like_unet(use_linear_in_transformer=True, num_heads=-1,
+                                          num_head_channels=8),
+    # ADM-style AttentionBlock (cin256/celebahq), the other attention of the model layer
+    "attentionblock-unet": lambda: build_unet(dict(
+        in_channels=4, model_channels=32, out_channels=4, num_res_blocks=1,
+        attention_resolutions=[1, 2], channel_mult=[1, 2], num_heads=-1, num_head_channels=16,
+        resblock_updown=True, use_scale_shift_norm=True)).eval(),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LAYOUT_MODELS))
+def test_unet_keeps_channels_last(name):
+    u = LAYOUT_MODELS[name]()
+    # 16x16: the 1x1 bottom level an 8x8 input gives SD-1's four levels is both NCHW and
+    # channels_last, and its upsampling picks NCHW; no real latent is that small
+    x, t, c = (_inputs(u, hw=16) if u.config.get("context_dim")
+               else (*_inputs_plain(u, hw=16), None))
+    with torch.no_grad():
+        want = u(x, t, c)
+        u = u.to(memory_format=torch.channels_last)
+        xcl = x.to(memory_format=torch.channels_last)
+        with _LayoutAudit() as audit:
+            got = u(xcl, t, c)
+    assert audit.copies == [], f"layout copies in the hot path: {audit.copies}"
+    assert audit.lost == [], f"ops that lost channels_last: {audit.lost}"
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # as test_unet's layout test
+
+
+def _inputs_plain(u, b=2, hw=8):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(b, u.in_channels, hw, hw, generator=g), torch.tensor([3, 900][:b])
+
+
+def test_vae_decoder_keeps_channels_last():
+    # kl-f8's decoder structure (with its mid-block attention) at a small width
+    cfg = configs.first_stage("kl-f8")
+    cfg["ddconfig"] = dict(cfg["ddconfig"], ch=32, ch_mult=[1, 2, 2], num_res_blocks=1)
+    torch.manual_seed(0)
+    vae = _randomise(build_first_stage(cfg).eval())
+    z = torch.randn(1, cfg["embed_dim"], 8, 8, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = vae.decode(z)
+        vae = vae.to(memory_format=torch.channels_last)
+        zcl = z.to(memory_format=torch.channels_last)
+        with _LayoutAudit() as audit:
+            got = vae.decode(zcl)
+    assert audit.copies == [], f"layout copies in the hot path: {audit.copies}"
+    assert audit.lost == [], f"ops that lost channels_last: {audit.lost}"
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # as test_unet's layout test
