@@ -178,7 +178,7 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    import ldmfast.accelerate
+    import ldmfast.dropin
     import ldmfast.models.ops as model_ops
 
     print(f"device: {C.device_name(device)}  torch {torch.__version__}  commit {C.git_sha()}  "
@@ -235,7 +235,7 @@ def main(argv=None):
                         step = graphed(step)
                 else:
                     if prov == "diffusers+ldmfast":
-                        ldmfast.accelerate.accelerate(pipe)
+                        ldmfast.dropin.accelerate(pipe)
                         accelerated = True
                     unet, vae = pipe.unet, pipe.vae
                     if prov == "diffusers-compile":
@@ -263,7 +263,7 @@ def main(argv=None):
         finally:
             ref_ops.__exit__()
             if accelerated:
-                ldmfast.accelerate.accelerate(pipe, restore=True)
+                ldmfast.dropin.accelerate(pipe, restore=True)
 
     base = results.get("diffusers")
     rows = []

@@ -15,7 +15,7 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"ops", "ref", "models", "configs", "checkpoint", "pipeline", "diffusion", "export",
-               "train", "data"}
+               "train", "data", "dropin", "graphs"}
 
 
 def load(path, config=None, use_ema=False):
@@ -37,6 +37,13 @@ def from_diffusers(module_or_pipeline):
         return LatentDiffusion.from_diffusers(module_or_pipeline)
     from .checkpoint import from_diffusers as _convert
     return _convert(module_or_pipeline)
+
+
+def accelerate(obj, restore: bool = False):
+    """ldmfast's U-Net and VAE decoder inside a diffusers pipeline (or bare module), sharing its
+    weights; ``restore=True`` undoes it. See ``ldmfast.dropin``."""
+    from .dropin import accelerate as _accelerate
+    return _accelerate(obj, restore=restore)
 
 
 def __getattr__(name):

@@ -1,4 +1,4 @@
-"""ldmfast.accelerate: a diffusers pipeline with ldmfast's U-Net and decoder over shared weights.
+"""ldmfast.accelerate (ldmfast/dropin.py): a diffusers pipeline with ldmfast's U-Net and decoder over shared weights.
 
 The pipeline is test_pipeline's offline random one (tiny U-Net, VAE, CLIP), in float32 on CPU.
 """
@@ -10,7 +10,8 @@ import logging
 import pytest
 import torch
 
-import ldmfast.accelerate as acc
+import ldmfast
+import ldmfast.dropin as acc
 
 diffusers = pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
@@ -46,7 +47,7 @@ def diffusers_unet(unet, x, t, ctx, **kw):
 
 def test_pipeline_outputs_agree_and_restore_is_exact(pipe):
     ref = run(pipe)
-    acc.accelerate(pipe)
+    ldmfast.accelerate(pipe)  # the public entry point
     try:
         assert acc.is_accelerated(pipe.unet) and acc.is_accelerated(pipe.vae)
         out = run(pipe)
@@ -60,7 +61,7 @@ def test_pipeline_outputs_agree_and_restore_is_exact(pipe):
         assert isinstance(pipe.vae.__dict__["decode"], acc._VAEDecode)
         assert acc.accelerate(pipe) is pipe  # idempotent
     finally:
-        acc.accelerate(pipe, restore=True)
+        ldmfast.accelerate(pipe, restore=True)
     assert not acc.is_accelerated(pipe.unet) and "forward" not in pipe.unet.__dict__
     assert "decode" not in pipe.vae.__dict__
     assert torch.equal(run(pipe), ref)

@@ -28,8 +28,6 @@ converter's message. ``vae.encode`` is always diffusers' own.
 from __future__ import annotations
 
 import logging
-import sys
-import types
 
 import torch
 import torch.nn as nn
@@ -335,13 +333,3 @@ def accelerate(obj, restore: bool = False):
         raise
     return obj
 
-
-class _CallableModule(types.ModuleType):
-    """``ldmfast.accelerate`` is this module when reached as a submodule: calling it calls
-    ``accelerate``."""
-
-    def __call__(self, obj, restore: bool = False):
-        return accelerate(obj, restore=restore)
-
-
-sys.modules[__name__].__class__ = _CallableModule
