@@ -196,14 +196,14 @@ int launch(const AttentionParams& p, cudaStream_t stream) {
 }
 
 // The tensor-core kernel of attention_mma.cu is UNVERIFIED ON GPU: it runs only when the
-// environment sets LDMFAST_ATTENTION_MMA=1 (read once). Make it the default for float16 /
-// bfloat16 after it passes the parity tests.
-bool mma_opted_in() {
-  static const bool on = [] {
+// environment sets LDMFAST_ATTENTION_MMA (read once): 1 the pipelined variant, 2 the plain one.
+// Make it the default for float16 / bfloat16 after it passes the parity tests.
+int mma_opt_in() {
+  static const int mode = [] {
     const char* env = std::getenv("LDMFAST_ATTENTION_MMA");
-    return env != nullptr && env[0] == '1';
+    return env == nullptr ? 0 : env[0] == '1' ? 1 : env[0] == '2' ? 2 : 0;
   }();
-  return on;
+  return mode;
 }
 
 }  // namespace
@@ -216,7 +216,7 @@ int attention(const AttentionParams& p, cudaStream_t stream) {
   if (!attention_supports_head_dim(p.D)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);  // softmax over no keys
-  if (mma_opted_in() && attention_mma_supports(p)) return attention_mma(p, stream);
+  if (mma_opt_in() != 0 && attention_mma_supports(p)) return attention_mma(p, stream, mma_opt_in() == 1);
   switch (p.dtype) {
     case DType::kFloat32: return launch<float>(p, stream);
     case DType::kFloat16: return launch<__half>(p, stream);

@@ -12,7 +12,8 @@
 // m16n8 accumulator layout of two adjacent key tiles is the m16k16 A layout). D is padded to a
 // multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V covers D in n8 tiles.
 // Shared-memory rows are padded by 16 bytes so that ldmatrix's 8 row addresses hit 8 distinct
-// 16-byte bank groups. No software pipelining yet: loads and math of a tile do not overlap.
+// 16-byte bank groups. Two variants: pipelined (cp.async, K and V loads overlap the math; the
+// default when opted in) and plain (synchronous loads; kept to compare and to fall back on).
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -55,6 +56,15 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* 
                : "r"(smem_addr(p)));
 }
 
+// 16-byte global -> shared copy that bypasses registers; `fill` false writes 16 zero bytes
+// (src-size 0) without reading src.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
 template <class T> struct Mma;
 
 template <> struct Mma<__half> {
@@ -94,12 +104,22 @@ template <> struct Mma<__nv_bfloat16> {
 // Copies `rows` rows of D elements (row r from src + (row0 + r) * stride_l) into shared memory
 // rows of kStride elements, as 16-byte chunks. Rows at or past L and the columns D..DPAD are
 // zeros: the padding enters the QK^T reduction, and rows past Lk meet P = 0 in P V, where
-// garbage (a NaN) would still poison the sum.
-template <int D, int DPAD, int kStride, class T>
+// garbage (a NaN) would still poison the sum. kAsync (needs vec) issues cp.async copies and one
+// commit group instead: the caller waits (cp_async_wait_all, then a barrier) before reading.
+template <int D, int DPAD, int kStride, bool kAsync, class T>
 __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L,
                                           int rows, bool vec) {
   constexpr int kChunks = DPAD / 8;
   constexpr int kDataChunks = D / 8;
+  if (kAsync && vec) {
+    for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
+      const int r = idx / kChunks, c = idx - r * kChunks;
+      const bool fill = c < kDataChunks && row0 + r < L;
+      cp_async16(dst + r * kStride + c * 8, fill ? src + (row0 + r) * stride_l + c * 8 : src, fill);
+    }
+    cp_async_commit();
+    return;
+  }
   for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
     const int r = idx / kChunks, c = idx - r * kChunks;
     uint4 val = make_uint4(0u, 0u, 0u, 0u);
@@ -119,7 +139,10 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l
   }
 }
 
-template <int D, class T>
+// kPipe: K and V in flight while the other is used (FlashAttention-2's order): V_j loads during
+// S = Q K_j^T, K_{j+1} during the softmax and P V_j. Each buffer is still single; a barrier
+// before each copy keeps it from overwriting a tile a warp still reads.
+template <int D, class T, bool kPipe>
 __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p, const bool vec) {
   static_assert(D % 8 == 0, "P V covers D in n8 tiles");
   constexpr int DPAD = (D + 15) / 16 * 16;
@@ -144,7 +167,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
 
   // Q -> shared (the K buffer) -> A fragments: rows warp*16 + (lane % 16), columns kc*16 + 8*(lane / 16).
-  load_rows<D, DPAD, kStride, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
+  load_rows<D, DPAD, kStride, false, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
   __syncthreads();
   uint32_t qf[KC][4];
 #pragma unroll
@@ -160,11 +183,22 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's part of the row sum
   const float qscale = p.scale * kLog2e;                      // scores in log2 units
 
+  if constexpr (kPipe) {
+    __syncthreads();  // every warp has its Q fragments out of the K buffer
+    load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, kBlockK, vec);
+  }
+
   for (int64_t k0 = 0; k0 < p.Lk; k0 += kBlockK) {
-    __syncthreads();  // every warp is done with the buffers (the Q fragments, the last tile)
-    load_rows<D, DPAD, kStride, T>(sK, k, p.k_stride_l, k0, p.Lk, kBlockK, vec);
-    load_rows<D, DPAD, kStride, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
-    __syncthreads();
+    if constexpr (kPipe) {
+      cp_async_wait_all();  // K_j (this thread's copies)
+      __syncthreads();      // K_j from every thread; every warp is done with P V_{j-1}, so V is free
+      load_rows<D, DPAD, kStride, true, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
+    } else {
+      __syncthreads();  // every warp is done with the buffers (the Q fragments, the last tile)
+      load_rows<D, DPAD, kStride, false, T>(sK, k, p.k_stride_l, k0, p.Lk, kBlockK, vec);
+      load_rows<D, DPAD, kStride, false, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
+      __syncthreads();
+    }
 
     float s[NT][4];
 #pragma unroll
@@ -183,6 +217,12 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         Mma<T>::run(s[2 * np], qf[kc], kf[0], kf[1]);
         Mma<T>::run(s[2 * np + 1], qf[kc], kf[2], kf[3]);
       }
+    }
+
+    if constexpr (kPipe) {
+      cp_async_wait_all();  // V_j
+      __syncthreads();      // V_j from every thread; every warp is done with Q K_j^T, so K is free
+      if (k0 + kBlockK < p.Lk) load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, k0 + kBlockK, p.Lk, kBlockK, vec);
     }
 
     // Online softmax. The tile holds at least one key < Lk, so the new max is finite and the
@@ -267,7 +307,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   }
 }
 
-template <int D, class T>
+template <int D, class T, bool kPipe>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
   constexpr int64_t V = 8;  // elements of a 16-byte chunk
   const bool vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && p.q_stride_b % V == 0 &&
@@ -276,20 +316,20 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
                    p.v_stride_l % V == 0 && p.v_stride_h % V == 0;
   const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  attention_mma_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
+  attention_mma_kernel<D, T, kPipe><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
   return launch_status();
 }
 
-template <class T>
+template <class T, bool kPipe>
 int launch(const AttentionParams& p, cudaStream_t stream) {
   switch (p.D) {
-    case 32: return launch_d<32, T>(p, stream);
-    case 40: return launch_d<40, T>(p, stream);
-    case 64: return launch_d<64, T>(p, stream);
-    case 80: return launch_d<80, T>(p, stream);
-    case 96: return launch_d<96, T>(p, stream);
-    case 128: return launch_d<128, T>(p, stream);
-    case 160: return launch_d<160, T>(p, stream);
+    case 32: return launch_d<32, T, kPipe>(p, stream);
+    case 40: return launch_d<40, T, kPipe>(p, stream);
+    case 64: return launch_d<64, T, kPipe>(p, stream);
+    case 80: return launch_d<80, T, kPipe>(p, stream);
+    case 96: return launch_d<96, T, kPipe>(p, stream);
+    case 128: return launch_d<128, T, kPipe>(p, stream);
+    case 160: return launch_d<160, T, kPipe>(p, stream);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }
@@ -300,11 +340,13 @@ bool attention_mma_supports(const AttentionParams& p) {
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && attention_supports_head_dim(p.D);
 }
 
-int attention_mma(const AttentionParams& p, cudaStream_t stream) {
+int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined) {
   if (!attention_mma_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
+  if (p.dtype == DType::kFloat16)
+    return pipelined ? launch<__half, true>(p, stream) : launch<__half, false>(p, stream);
+  return pipelined ? launch<__nv_bfloat16, true>(p, stream) : launch<__nv_bfloat16, false>(p, stream);
 }
 
 }  // namespace ldmfast::cuda

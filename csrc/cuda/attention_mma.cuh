@@ -9,6 +9,7 @@ namespace ldmfast::cuda {
 // True when attention_mma can run `p` (float16 / bfloat16 and a supported head dim).
 bool attention_mma_supports(const AttentionParams& p);
 // Same contract as attention(): launches on `stream`, returns 0 or a cudaError_t value.
-int attention_mma(const AttentionParams& p, cudaStream_t stream);
+// `pipelined`: cp.async loads of K and V overlap the math (else synchronous loads).
+int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined = true);
 
 }  // namespace ldmfast::cuda

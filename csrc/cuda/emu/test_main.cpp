@@ -127,7 +127,7 @@ static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool no
 }
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
-static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, bool mma = false) {
+static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0) {
   const int64_t L = std::max(Lq, Lk);
   Buf qkv(dt, B * L * 3 * H * D, off), q(dt, B * Lq * H * D, off), k(dt, B * Lk * H * D, off), v(dt, B * Lk * H * D, off), o(dt, B * Lq * H * D, off);
   std::vector<float> lsev(B * H * Lq, NAN);
@@ -151,7 +151,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma ? cuda::attention_mma(p, nullptr) : cuda::attention(p, nullptr);
+  int rc = mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
   auto rd = [&](const void* base, int64_t i) {
     if (dt == DType::kFloat32) return (double)static_cast<const float*>(base)[i];
     if (dt == DType::kFloat16) return (double)__half2float(static_cast<const __half*>(base)[i]);
@@ -176,7 +176,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma ? "-mma" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -216,11 +216,14 @@ int main(int argc, char** argv) {
   }
   if (which == "all" || which == "mma") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
-    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
-      test_attn(dt, 1, 2, 70, 130, D, true, 0, true, true);    // vector loads, fused QKV strides, tails
-      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, true);      // Lk = 1, scalar loads
+    for (int mode : {1, 2}) {
+      for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
+        test_attn(dt, 1, 2, 70, 130, D, true, 0, true, mode);    // vector loads, fused QKV strides, tails
+        test_attn(dt, 1, 1, 5, 1, D, false, 1, true, mode);      // Lk = 1, scalar loads
+      }
+      test_attn(DType::kFloat16, 2, 1, 64, 77, 40, false, 0, true, mode);  // context 77
+      test_attn(DType::kBFloat16, 1, 1, 3, 200, 64, false, 0, false, mode);  // 4 key tiles, one query
     }
-    test_attn(DType::kFloat16, 2, 1, 64, 77, 40, false, 0, true, true);  // context 77
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

@@ -67,6 +67,12 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 }
 }  // namespace emu_mma
 
+// cp.async as an immediate copy: the emulator cannot see a missing wait, only wrong addresses.
+inline void cp_async16(void* dst, const void* src, bool fill) {
+  if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+}
+inline void cp_async_commit() {}
+inline void cp_async_wait_all() {}
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu_mma::ldmatrix<2, true>(r, p); }
