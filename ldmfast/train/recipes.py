@@ -223,7 +223,7 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
     torch.manual_seed(recipe.ldm.seed)  # identical initial weights on every rank
     comp = build(recipe.model)
     data = shapes.ShapesBatches("train", recipe.data_seed)
-    held = shapes.ShapesBatches("val", recipe.data_seed + 1).batch(range(256))["image"]
+    held = shapes.ShapesBatches("val", recipe.data_seed + 1).batch(range(64))["image"]
     summary = {"recipe": recipe.name, "out": out, "world_size": info.world}
 
     # stage 1: the autoencoder
