@@ -10,22 +10,26 @@ namespace {
 using namespace detail;
 
 constexpr int kThreads = 256;
-constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGrid = 0x7fffffff;  // gridDim.x limit
 
 __device__ __forceinline__ float gelu_erf(float g) {
   return 0.5f * g * (1.0f + erff(g * 0.707106781186547524f));
 }
 
-// blockIdx.x covers a row's items of V elements, blockIdx.y strides over the rows (so no
-// division per item). With V > 1, n and the row stride are multiples of V and both pointers
-// 16-byte aligned, so every vector lies inside one half of one row.
+// The grid is col_blocks x row_groups CTAs, in one dimension (so rows are not limited to 65535):
+// a CTA covers one block of a row's items of V elements, for the rows r = group, group +
+// row_groups, ... (one division per thread, none per item). With V > 1, n and the row stride
+// are multiples of V and both pointers 16-byte aligned, so every vector lies inside one half of
+// one row.
 template <class T, int V>
-__global__ void __launch_bounds__(kThreads) geglu_kernel(const GegluParams p) {
+__global__ void __launch_bounds__(kThreads) geglu_kernel(const GegluParams p, int64_t col_blocks) {
   const T* h = static_cast<const T*>(p.h);
   T* out = static_cast<T*>(p.out);
-  const int64_t col = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * V;
+  const int64_t row_groups = gridDim.x / col_blocks;
+  const int64_t group = blockIdx.x / col_blocks;
+  const int64_t col = ((blockIdx.x - group * col_blocks) * kThreads + threadIdx.x) * V;
   if (col >= p.n) return;
-  for (int64_t r = blockIdx.y; r < p.rows; r += gridDim.y) {
+  for (int64_t r = group; r < p.rows; r += row_groups) {
     const T* row = h + r * p.h_row_stride;
     float a[V], g[V], o[V];
     load_vec<T, V>(row + col, a);
@@ -41,12 +45,14 @@ int launch(const GegluParams& p, cudaStream_t stream) {
   constexpr int V = kVec16<T>;
   const bool vec = p.n % V == 0 && p.h_row_stride % V == 0 && aligned16(p.h) && aligned16(p.out);
   const int64_t items = ceil_div(p.n, static_cast<int64_t>(vec ? V : 1));
-  const dim3 grid(static_cast<unsigned>(ceil_div(items, static_cast<int64_t>(kThreads))),
-                  static_cast<unsigned>(imin(p.rows, static_cast<int64_t>(kMaxGridY))));
+  const int64_t col_blocks = ceil_div(items, static_cast<int64_t>(kThreads));
+  // One CTA per (column block, row) up to the grid limit; rows beyond it are strided over.
+  const int64_t row_groups = imin(p.rows, kMaxGrid / col_blocks);
+  const unsigned grid = static_cast<unsigned>(col_blocks * row_groups);
   if (vec)
-    geglu_kernel<T, V><<<grid, kThreads, 0, stream>>>(p);
+    geglu_kernel<T, V><<<grid, kThreads, 0, stream>>>(p, col_blocks);
   else
-    geglu_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p);
+    geglu_kernel<T, 1><<<grid, kThreads, 0, stream>>>(p, col_blocks);
   return launch_status();
 }
 
