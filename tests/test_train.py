@@ -381,6 +381,16 @@ def _tiny_recipe():
     return r
 
 
+def test_train_command_plugs_into_the_cli():
+    from ldmfast import cli
+    parser = cli.build_parser({"train": "ldmfast.train.command"})
+    args = parser.parse_args(["train", "--recipe", "shapes-sr", "--steps", "5"])
+    assert args._name == "train" and args.recipe == "shapes-sr" and args.steps == 5
+    assert args.ops == "auto" and args.out is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["train", "--recipe", "nope"])
+
+
 def test_train_command_runs_both_stages_and_exports(tmp_path, monkeypatch):
     from ldmfast.train import command
     monkeypatch.setitem(recipes.RECIPES, "shapes", _tiny_recipe)
