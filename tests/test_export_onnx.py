@@ -66,7 +66,7 @@ class _Ops(torch.nn.Module):
         self.w2 = torch.nn.Parameter(1 + 0.1 * torch.randn(96, generator=g))
         self.b2 = torch.nn.Parameter(0.1 * torch.randn(96, generator=g))
 
-    def forward(self, x, emb, x2, q, k, v, kc, vc, xd, e, u, n, a_t):
+    def forward(self, x, emb, x2, q, k, v, kc, vc, xd, e, u, n, a_t, hg):
         ops = torch.ops.ldmfast
         return (
             # the U-Net ResBlock: 32 groups, eps 1e-5, time embedding added inside, SiLU
@@ -78,6 +78,7 @@ class _Ops(torch.nn.Module):
             # DDIM with per-sample alpha_t, guidance and noise; then the plain float form
             *ops.ddim_step(xd, e, u, n, 0.0, 0.8, 0.1, 7.5, a_t, None, None, None),
             *ops.ddim_step(xd, e, None, None, 0.5, 0.7, 0.0, 1.0, None, None, None, None),
+            ops.geglu(hg),                           # the FeedForward gate, odd half width 21
         )
 
 
@@ -88,19 +89,20 @@ def _ops_inputs(dtype):
     # statistics are computed in float32, which is the black-image bug this export avoids.
     return (r(2, 64, 8, 8, scale=300.0), r(2, 64), r(1, 96, 5, 7), r(2, 16, 8, 40, scale=3.0),
             r(2, 16, 8, 40), r(2, 16, 8, 40), r(2, 7, 8, 40), r(2, 7, 8, 40), r(2, 4, 8, 8),
-            r(2, 4, 8, 8), r(2, 4, 8, 8), r(2, 4, 8, 8), torch.tensor([0.3, 0.9]))
+            r(2, 4, 8, 8), r(2, 4, 8, 8), r(2, 4, 8, 8), torch.tensor([0.3, 0.9]),
+            r(2, 5, 42, scale=2.0))
 
 
 def _ops_reference(m, inputs, dtype):
     """The ref functions in dtype (ldmfast.ref casts to float32 where the model does)."""
-    x, emb, x2, q, k, v, kc, vc, xd, e, u, n, a_t = (t.to(dtype) if t.is_floating_point() else t
+    x, emb, x2, q, k, v, kc, vc, xd, e, u, n, a_t, hg = (t.to(dtype) if t.is_floating_point() else t
                                                       for t in inputs)
     w1, b1, w2, b2 = (p.detach().to(dtype) for p in (m.w1, m.b1, m.w2, m.b2))
     return (ref.group_norm_silu(x, w1, b1, 32, 1e-5, True, emb),
             ref.group_norm_silu(x2, w2, b2, 3, 1e-6, False, None),
             ref.attention(q, k, v), ref.attention(q, kc, vc, 0.125),
             *ref.ddim_step(xd, e, a_t.to(dtype), 0.8, 0.1, n, u, 7.5),
-            *ref.ddim_step(xd, e, 0.5, 0.7, 0.0))
+            *ref.ddim_step(xd, e, 0.5, 0.7, 0.0), ref.geglu(hg))
 
 
 @pytest.mark.parametrize("opset,group_norm,attention", [(18, "instance", "matmul"),
@@ -131,7 +133,7 @@ def test_op_translations(opset, group_norm, attention, dtype):
     refs64 = _ops_reference(m, [t.double() if t.is_floating_point() else t for t in inputs],
                             torch.float64)
     names = ["gn_silu_emb", "gn_plain", "self_attn", "cross_attn", "ddim_x_prev", "ddim_x0",
-             "ddim2_x_prev", "ddim2_x0"]
+             "ddim2_x_prev", "ddim2_x0", "geglu"]
     assert len(outs) == len(names)
     for name, o, r, r64 in zip(names, outs, refs, refs64):
         assert_parity(torch.from_numpy(o), r, r64, dtype, f"{name} opset {opset} {dtype}")

@@ -162,6 +162,16 @@ def ddim_step(x, eps, eps_uncond, noise, alpha_t: float, alpha_prev: float, sigm
     return op.CastLike(x_prev, x), op.CastLike(pred_x0, x)
 
 
+def geglu(h):
+    """ldmfast::geglu: h[..., :n] * gelu(h[..., n:]) with the exact (erf) GELU, in the compute
+    type (Split into halves needs opset 18, the exporter's minimum here)."""
+    f = _compute_type(h)
+    a, gate = op.Split(_to(h, f), axis=-1, num_outputs=2)
+    half, one = _const(0.5, f), _const(1.0, f)
+    gelu = op.Mul(op.Mul(half, gate), op.Add(one, op.Erf(op.Mul(gate, _const(0.7071067811865476, f)))))
+    return op.CastLike(op.Mul(a, gelu), h)
+
+
 def resolve_forms(opset: int, group_norm: str = "auto", attention: str = "auto"):
     """The (group_norm, attention) forms for an opset; "auto" picks the widely fused ones."""
     if group_norm == "auto":
@@ -197,4 +207,5 @@ def translation_table(opset: int = 18, group_norm: str = "auto", attention: str 
             group_norm_silu_instance if gn_form == "instance" else group_norm_silu_group,
         ops.attention.default: attention_matmul if attn_form == "matmul" else attention_onnx,
         ops.ddim_step.default: ddim_step,
+        ops.geglu.default: geglu,
     }
