@@ -426,3 +426,30 @@ def test_image_conversions_and_grid(tmp_path):
     path = im.save_png(pils[0], tmp_path / "sub" / "a.png")
     assert os.listdir(tmp_path / "sub") == ["a.png"]
     assert Image.open(path).tobytes() == pils[0].tobytes()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 5.0])
+def test_context_projected_once_per_sampling_run(txt_model, monkeypatch, guidance):
+    """Cross-attention K/V of the conditioning are projected once per run, not at every step,
+    and the result equals the per-step projection's."""
+    from ldmfast.models.transformer import CrossAttention
+
+    cond = txt_model.encode_text(["a red circle"])
+    uncond = txt_model.encode_text([""])
+    x_T = torch.randn(1, txt_model.latent_channels, 8, 8, generator=torch.Generator().manual_seed(3))
+    layers = len(list(txt_model.unet._context_layers()))
+    calls = []
+    real = CrossAttention.project_context
+    # Only the layers that attend to the conditioning count (self-attention projects x).
+    monkeypatch.setattr(CrossAttention, "project_context",
+                        lambda self, c: (self.context_slot is not None and calls.append(1)) or real(self, c))
+    z = txt_model.sample(cond=cond, uncond=uncond, steps=4, guidance_scale=guidance, x_T=x_T,
+                         progress=False)
+    assert layers > 0 and len(calls) == layers
+    # The same run with the preparation disabled projects at every step and agrees.
+    monkeypatch.setattr(type(txt_model.unet), "prepare_context", property(lambda self: None))
+    calls.clear()
+    z_steps = txt_model.sample(cond=cond, uncond=uncond, steps=4, guidance_scale=guidance, x_T=x_T,
+                               progress=False)
+    assert len(calls) == 4 * layers
+    assert torch.equal(z, z_steps)

@@ -76,16 +76,36 @@ class EpsModel:
         self.alphas_cumprod = alphas_cumprod
         self.parameterization = parameterization
         self.conditioning_key = conditioning_key
-        self._pair = (None, None, None)  # (uncond, cond, their batch of 2N), made once per sample
+        # (uncond, cond, what the U-Net gets for them), made once per sampling run: a sampler
+        # passes the same objects every step. An EpsModel lives for one run, so the prepared
+        # K/V never outlive a weight update.
+        self._pair = (None, None, None)
+        self._single = (None, None)
+
+    def _prepare(self, cond):
+        """The cross-attention context with every layer's K/V projected once
+        (``UNetModel.prepare_context``) instead of at every step."""
+        prepare = getattr(self.unet, "prepare_context", None)
+        if prepare is None or cond is None:
+            return cond
+        if isinstance(cond, dict):
+            return {**cond, "context": prepare(cond["context"])} if cond.get("context") is not None else cond
+        return prepare(cond) if self.conditioning_key in ("crossattn", "hybrid") else cond
 
     def _both(self, uncond, cond):
-        """[uncond; cond] as one batch; a sampler passes the same objects every step, so the
-        concatenation is made on the first step only."""
+        """[uncond; cond] as one batch, prepared on the first step only."""
         u, c, both = self._pair
         if u is not uncond or c is not cond:
-            both = _cat(uncond, cond)
+            both = self._prepare(_cat(uncond, cond))
             self._pair = (uncond, cond, both)
         return both
+
+    def _one(self, cond):
+        c, prepared = self._single
+        if c is not cond:
+            prepared = self._prepare(cond)
+            self._single = (cond, prepared)
+        return prepared
 
     def _kwargs(self, cond) -> dict:
         if cond is None:
@@ -111,7 +131,7 @@ class EpsModel:
             out_uncond, out_cond = out.chunk(2)
             return GuidedEps(self._eps(out_cond, x, t), self._eps(out_uncond, x, t), guidance_scale)
         t = t.reshape(-1).expand(n) if t.numel() == 1 else t
-        return self._eps(self.unet(x_in, t, **self._kwargs(cond)), x, t)
+        return self._eps(self.unet(x_in, t, **self._kwargs(self._one(cond))), x, t)
 
     def _eps(self, out, x, t):
         if self.parameterization == "eps":
