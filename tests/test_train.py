@@ -30,6 +30,16 @@ SR_WEIGHTS = os.path.normpath(os.path.join(WEIGHTS, "shapes-sr.safetensors"))
 SIZE = 32  # test images: the shapes scenes rendered at 32x32
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tests' ops are small: with two OpenMP threads on a busy 2-core machine every op waits
+    for the descheduled thread (measured 8.9 s vs 0.25 s per tiny LDM step), so use one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def tiny_config(kind="text", first_stage="kl"):
     """A tiny LDM on 32x32 images: f = 2 autoencoder (16x16x4 latents), 32/64-channel U-Net."""
     vocab = shapes.vocabulary()

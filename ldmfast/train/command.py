@@ -35,6 +35,8 @@ def add_arguments(p):
     p.add_argument("--ops", default="auto", choices=["auto", "fused", "reference"],
                    help="train through the fused ops or their plain-PyTorch references "
                    "(auto: the references on CPU, where their backward is faster)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process "
+                   "(default: torch's; 1 is best on a busy machine and with torchrun)")
     p.add_argument("--grad-checkpoint", action="store_true",
                    help="recompute U-Net activations in the backward pass to save memory")
     p.add_argument("--export", default=None, help="where to write the trained model "
@@ -56,7 +58,8 @@ def run(args) -> int:
                           lpips=args.lpips, precision=args.precision,
                           grad_checkpoint=args.grad_checkpoint, batch_size=args.batch_size,
                           progress=not args.no_progress, evaluate=not args.no_eval,
-                          export=args.export, seed=args.seed, ops=args.ops)
+                          export=args.export, seed=args.seed, ops=args.ops,
+                          threads=args.threads)
     brief = {k: v for k, v in summary.items() if k != "eval"}
     if "eval" in summary:
         brief["eval"] = {k: v for k, v in summary["eval"].items() if k != "samples"}

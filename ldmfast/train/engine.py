@@ -284,3 +284,4 @@ def enable_gradient_checkpointing(blocks) -> int:
         block.forward = types.MethodType(_checkpointed_forward, block)
         n += 1
     return n
+
