@@ -22,6 +22,7 @@ log = logging.getLogger("ldmfast")
 COMMANDS = {
     "generate": "ldmfast.cli:Generate",
     "export": "ldmfast.export.command",
+    "train": "ldmfast.train.command",
 }
 
 
