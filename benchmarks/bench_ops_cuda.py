@@ -55,6 +55,21 @@ def _compiled(fn, enabled):
     return torch.compile(fn)
 
 
+def _rows(times, base, nbytes=None, bw=None, flops=None):
+    """One result row per provider; the ldmfast row notes its speed ratio to each peer."""
+    out = []
+    for p, t in times.items():
+        r = {**base, "provider": p, "time_us": t * 1e6}
+        if nbytes:
+            r.update(gbps=nbytes / t / 1e9, frac_copy=nbytes / t / bw)
+        if flops:
+            r["tflops"] = flops / t / 1e12
+        if p == "ldmfast":
+            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+        out.append(r)
+    return out
+
+
 def bench_gn(args, dev, bw):
     rows = []
     shapes = QUICK["gn"] if args.quick else UNET_GN + VAE_GN
@@ -80,14 +95,9 @@ def bench_gn(args, dev, bw):
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
                     times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
-                    for p, t in times.items():
-                        r = {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
-                             "shape": "x".join(map(str, shape)), "dtype": dname, "layout": layout,
-                             "provider": p, "time_us": t * 1e6, "gbps": nbytes / t / 1e9,
-                             "frac_copy": nbytes / t / bw}
-                        if p == "ldmfast":
-                            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
-                        rows.append(r)
+                    rows += _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
+                                          "shape": "x".join(map(str, shape)), "dtype": dname,
+                                          "layout": layout}, nbytes, bw)
     return rows
 
 
@@ -129,13 +139,9 @@ def bench_attn(args, dev, bw):
                 provs["sdpa_" + name] = run
             times = {p: C.time_fn(f, dev) for p, f in provs.items()}
             flops = 4 * B * H * Lq * Lk * D
-            for p, t in times.items():
-                r = {"bench": "attention", "op": "self" if Lq == Lk else "cross",
-                     "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname, "layout": "blhd",
-                     "provider": p, "time_us": t * 1e6, "tflops": flops / t / 1e12}
-                if p == "ldmfast":
-                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
-                rows.append(r)
+            rows += _rows(times, {"bench": "attention", "op": "self" if Lq == Lk else "cross",
+                                  "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname,
+                                  "layout": "blhd"}, flops=flops)
     return rows
 
 
@@ -159,13 +165,9 @@ def bench_ddim(args, dev, bw):
             if comp is not None:
                 provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
             times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
-            for p, t in times.items():
-                r = {"bench": "ddim_step", "op": "ddim+cfg+noise", "shape": "x".join(map(str, shape)),
-                     "dtype": dname, "layout": "nchw", "provider": p, "time_us": t * 1e6,
-                     "gbps": nbytes / t / 1e9, "frac_copy": nbytes / t / bw}
-                if p == "ldmfast":
-                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
-                rows.append(r)
+            rows += _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
+                                  "shape": "x".join(map(str, shape)), "dtype": dname,
+                                  "layout": "nchw"}, nbytes, bw)
     return rows
 
 
@@ -189,13 +191,8 @@ def bench_geglu(args, dev, bw):
             if comp is not None:
                 provs["compile"] = lambda i: comp(hs[i])
             times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
-            for p, t in times.items():
-                r = {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
-                     "dtype": dname, "layout": "rows", "provider": p, "time_us": t * 1e6,
-                     "gbps": nbytes / t / 1e9, "frac_copy": nbytes / t / bw}
-                if p == "ldmfast":
-                    r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
-                rows.append(r)
+            rows += _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
+                                  "dtype": dname, "layout": "rows"}, nbytes, bw)
     return rows
 
 
