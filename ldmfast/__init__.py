@@ -18,10 +18,11 @@ _SUBMODULES = {"ops", "ref", "models", "configs", "checkpoint", "pipeline", "dif
                "train", "data", "dropin", "graphs"}
 
 
-def load(path, config=None, use_ema=False):
-    """A ``LatentDiffusion`` from a CompVis/SD checkpoint, a diffusers folder or an ldmfast file."""
+def load(path, config=None, use_ema=False, tokenizer=None):
+    """A ``LatentDiffusion`` from a CompVis/SD checkpoint, a diffusers folder or an ldmfast file;
+    ``tokenizer``: a local tokenizer folder for checkpoints that carry none (SD ``.ckpt``)."""
     from .pipeline import LatentDiffusion
-    return LatentDiffusion.load(path, config=config, use_ema=use_ema)
+    return LatentDiffusion.load(path, config=config, use_ema=use_ema, tokenizer=tokenizer)
 
 
 def save(obj, path):

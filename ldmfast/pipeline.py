@@ -81,11 +81,13 @@ class LatentDiffusion(nn.Module):
                    components.config)
 
     @classmethod
-    def load(cls, path, config=None, use_ema: bool = False) -> "LatentDiffusion":
+    def load(cls, path, config=None, use_ema: bool = False, tokenizer=None) -> "LatentDiffusion":
         """From a CompVis/SD checkpoint, a diffusers folder or an ldmfast file
-        (``ldmfast.checkpoint.load_components``); ``config``: a preset name or dict."""
+        (``ldmfast.checkpoint.load_components``); ``config``: a preset name or dict;
+        ``tokenizer``: a local tokenizer folder for the text encoder (checkpoints hold none)."""
         from . import checkpoint
-        return cls.from_components(checkpoint.load_components(path, config=config, use_ema=use_ema))
+        return cls.from_components(checkpoint.load_components(path, config=config, use_ema=use_ema,
+                                                              tokenizer=tokenizer))
 
     @classmethod
     def from_diffusers(cls, pipe) -> "LatentDiffusion":

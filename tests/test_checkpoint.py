@@ -9,6 +9,8 @@ import pickle
 import pytest
 import torch
 
+import ldmfast
+
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
@@ -146,6 +148,9 @@ def test_compvis_checkpoint_with_config_dict(sd_folder, tmp_path):
         load_components(tmp_path / "plain.ckpt", config=cfg).cond_stage.encode("a cat")
     back = load_components(tmp_path / "plain.ckpt", config=cfg, tokenizer=root / "tokenizer")
     assert back.cond_stage.encode("a cat").shape == (1, 77, 32)
+    # the public entry point takes the tokenizer folder the same way
+    model = ldmfast.load(tmp_path / "plain.ckpt", config=cfg, tokenizer=root / "tokenizer")
+    assert torch.equal(model.encode_text(["a cat"]), back.cond_stage.encode("a cat"))
 
 
 def test_architecture_inferred_from_weights(tmp_path):
