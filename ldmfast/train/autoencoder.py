@@ -14,7 +14,6 @@ import math
 import os
 
 import torch
-from tqdm.auto import tqdm
 
 from . import engine
 from .losses import AutoencoderLoss, DiscriminatorPair
@@ -121,25 +120,8 @@ class AutoencoderTrainer:
     def train(self, steps: int | None = None) -> "AutoencoderTrainer":
         """Trains until ``steps`` (default ``cfg.steps``) steps are done in total."""
         end = self.cfg.steps if steps is None else steps
-        bar = tqdm(total=end, initial=self.step, desc="autoencoder", dynamic_ncols=True,
-                   disable=not (self.cfg.progress and self.info.main))
-        while self.step < end:
-            self.timer.start()
-            logs = self.train_step()
-            dt = self.timer.stop()
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == end:
-                rec = {"step": self.step, "sec_per_step": round(dt, 4)}
-                rec.update({k: float(v) for k, v in logs.items()})
-                self.log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}", l1=f"{rec['l1']:.3f}")
-            if (self.cfg.out and self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0
-                    and self.step < end):
-                self.save()
-        bar.close()
-        if self.cfg.out:
-            self.save()
-        return self
+        return engine.train_loop(self, end, "autoencoder",
+                                 lambda rec: {"loss": f"{rec['loss']:.4g}", "l1": f"{rec['l1']:.3f}"})
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:

@@ -19,6 +19,7 @@ import types
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm.auto import tqdm
 
 log = logging.getLogger("ldmfast")
 
@@ -285,3 +286,29 @@ def enable_gradient_checkpointing(blocks) -> int:
         n += 1
     return n
 
+
+
+def train_loop(trainer, end: int, desc: str, postfix=lambda rec: {"loss": f"{rec['loss']:.4g}"}):
+    """The loop both trainers share: ``trainer.train_step()`` until ``trainer.step == end``,
+    a progress bar on the main process, the loss log every ``cfg.log_every`` steps, periodic
+    checkpoints and a final one. ``trainer`` has ``step``, ``cfg``, ``info``, ``timer``, ``log``,
+    ``train_step`` and ``save``."""
+    cfg = trainer.cfg
+    bar = tqdm(total=end, initial=trainer.step, desc=desc, dynamic_ncols=True,
+               disable=not (cfg.progress and trainer.info.main))
+    while trainer.step < end:
+        trainer.timer.start()
+        logs = trainer.train_step()
+        dt = trainer.timer.stop()
+        bar.update(1)
+        if trainer.step % cfg.log_every == 0 or trainer.step == end:
+            rec = {"step": trainer.step, "sec_per_step": round(dt, 4)}
+            rec.update({k: float(v) for k, v in logs.items()})
+            trainer.log.write(rec)
+            bar.set_postfix(**postfix(rec))
+        if cfg.out and cfg.ckpt_every and trainer.step % cfg.ckpt_every == 0 and trainer.step < end:
+            trainer.save()
+    bar.close()
+    if cfg.out:
+        trainer.save()
+    return trainer

@@ -27,7 +27,6 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import engine
 
@@ -227,25 +226,7 @@ class LDMTrainer:
     def train(self, steps: int | None = None) -> "LDMTrainer":
         """Trains until ``steps`` (default ``cfg.steps``) steps are done in total."""
         end = self.cfg.steps if steps is None else steps
-        bar = tqdm(total=end, initial=self.step, desc="ldm", dynamic_ncols=True,
-                   disable=not (self.cfg.progress and self.info.main))
-        while self.step < end:
-            self.timer.start()
-            logs = self.train_step()
-            dt = self.timer.stop()
-            bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == end:
-                rec = {"step": self.step, "sec_per_step": round(dt, 4)}
-                rec.update({k: float(v) for k, v in logs.items()})
-                self.log.write(rec)
-                bar.set_postfix(loss=f"{rec['loss']:.4g}")
-            if (self.cfg.out and self.cfg.ckpt_every and self.step % self.cfg.ckpt_every == 0
-                    and self.step < end):
-                self.save()
-        bar.close()
-        if self.cfg.out:
-            self.save()
-        return self
+        return engine.train_loop(self, end, "ldm")
 
     # ------------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
