@@ -154,6 +154,24 @@ def _unet_attention_2d(sd, prefix, heads):
     return out
 
 
+class _KeyMover:
+    """Moves keys of a diffusers state dict under CompVis names (``out``), remembering which
+    source keys were taken (``done``) so the leftovers can be reported."""
+
+    def __init__(self, sd: dict):
+        self.sd, self.out, self.done = sd, {}, set()
+
+    def put(self, src_prefix: str, dst_prefix: str, table=None):
+        """Every key under src_prefix to dst_prefix; ``table`` renames the first component."""
+        for k in [k for k in self.sd if k.startswith(src_prefix)]:
+            rest = k[len(src_prefix):]
+            if table is not None:
+                head, _, tail = rest.partition(".")
+                rest = table[head] + "." + tail
+            self.out[dst_prefix + rest] = self.sd[k]
+            self.done.add(k)
+
+
 def unet_from_diffusers(sd: dict, cfg: dict, cls: str = "UNet2DConditionModel"):
     """(CompVis U-Net state dict, ldmfast U-Net config) from a diffusers U-Net."""
     ucfg = unet_config_from_diffusers(cfg, cls)
@@ -176,16 +194,8 @@ def unet_from_diffusers(sd: dict, cfg: dict, cls: str = "UNet2DConditionModel"):
     def heads_at(level):
         return (mc * ucfg["channel_mult"][level]) // hd if hd else 1
 
-    out, done = {}, set()
-
-    def put(src_prefix, dst_prefix, table=None):
-        for k in [k for k in sd if k.startswith(src_prefix)]:
-            rest = k[len(src_prefix):]
-            if table is not None:
-                head, _, tail = rest.partition(".")
-                rest = table[head] + "." + tail
-            out[dst_prefix + rest] = sd[k]
-            done.add(k)
+    mover = _KeyMover(sd)
+    out, done, put = mover.out, mover.done, mover.put
 
     def put_attn(src, dst, level):
         if cls == "UNet2DConditionModel":
@@ -283,16 +293,8 @@ def first_stage_from_diffusers(sd: dict, cfg: dict, cls: str = "AutoencoderKL"):
     fcfg = first_stage_config_from_diffusers(cfg, cls)
     sd = _modern_names(sd)
     n = len(fcfg["ddconfig"]["ch_mult"])
-    out, done = {}, set()
-
-    def put(src_prefix, dst_prefix, table=None):
-        for k in [k for k in sd if k.startswith(src_prefix)]:
-            rest = k[len(src_prefix):]
-            if table is not None:
-                head, _, tail = rest.partition(".")
-                rest = table[head] + "." + tail
-            out[dst_prefix + rest] = sd[k]
-            done.add(k)
+    mover = _KeyMover(sd)
+    out, done, put = mover.out, mover.done, mover.put
 
     def put_attn(src, dst):
         keys = [k for k in sd if k.startswith(src)]
@@ -312,8 +314,8 @@ def first_stage_from_diffusers(sd: dict, cfg: dict, cls: str = "AutoencoderKL"):
         put(f"encoder.down_blocks.{i}.downsamplers.0.conv.", f"encoder.down.{i}.downsample.conv.")
         put(f"decoder.up_blocks.{i}.resnets.", f"decoder.up.{n - 1 - i}.block.")
         put(f"decoder.up_blocks.{i}.upsamplers.0.conv.", f"decoder.up.{n - 1 - i}.upsample.conv.")
-    out = {re.sub(r"\.block\.(\d+)\.conv_shortcut\.", r".block.\1.nin_shortcut.", k): v
-           for k, v in out.items()}
+    mover.out = out = {re.sub(r"\.block\.(\d+)\.conv_shortcut\.", r".block.\1.nin_shortcut.", k): v
+                             for k, v in out.items()}
     for name in ("quant_conv.", "post_quant_conv.", "quantize."):
         put(name, name)
     left = sorted(set(sd) - done)
