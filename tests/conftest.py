@@ -6,6 +6,9 @@ the kernel's own dtype (`ref`):  max|out - ref64| <= 2 * max|ref - ref64| + ATOL
 """
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 
@@ -42,3 +45,20 @@ def assert_parity(out, ref, ref64, dtype, what=""):
     err = (out64 - ref64).abs().max().item() if ref64.numel() else 0.0
     bound = 2 * ref_err + ATOL[dtype]
     assert err <= bound, f"{what}: max error {err:.3g} > bound {bound:.3g} (ref error {ref_err:.3g})"
+
+
+def write_clip_tokenizer(folder):
+    """A tiny CLIP BPE tokenizer (characters only, no merges) saved in ``folder``."""
+    from transformers import CLIPTokenizer
+
+    os.makedirs(folder, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters]
+                                        + ["<|startoftext|>", "<|endoftext|>"])}
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump(vocab, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n")
+    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
+                  pad_token="<|endoftext|>").save_pretrained(folder)
+    return folder

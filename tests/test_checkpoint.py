@@ -14,11 +14,12 @@ import ldmfast
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel  # noqa: E402
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
+from transformers import CLIPTextConfig, CLIPTextModel  # noqa: E402
 
 from ldmfast import checkpoint, configs  # noqa: E402
 from ldmfast.checkpoint import Components, load_components, save  # noqa: E402
 from ldmfast.models import build  # noqa: E402
+from conftest import write_clip_tokenizer  # noqa: E402
 
 RTOL = 1e-4
 
@@ -34,20 +35,6 @@ def randomize(module, seed=0, std=0.05):
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return module.eval()
 
-
-def write_clip_tokenizer(folder):
-    """A tiny CLIP BPE tokenizer (characters only, no merges): vocab.json + merges.txt."""
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters]
-                                        + ["<|startoftext|>", "<|endoftext|>"])}
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                  pad_token="<|endoftext|>").save_pretrained(folder)
-    return folder
 
 
 CLIP_CONFIG = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -3,11 +3,11 @@ tokenizers, the CLIP text encoder from local files, the spatial rescaler."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
 
+from conftest import write_clip_tokenizer
 from ldmfast import configs
 from ldmfast.models import (ClassEmbedder, HFTokenizer, IdentityEncoder, SpatialRescaler,
                             TransformerEmbedder, WordTokenizer, build_cond_stage)
@@ -105,20 +105,6 @@ def clip_cfg():
             "num_attention_heads": 2, "max_position_embeddings": 77, "pad_token_id": 53,
             "bos_token_id": 52, "eos_token_id": 53}
 
-
-def write_clip_tokenizer(folder):
-    from transformers import CLIPTokenizer
-    os.makedirs(folder, exist_ok=True)
-    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = {t: i for i, t in enumerate(letters + [c + "</w>" for c in letters]
-                                        + ["<|startoftext|>", "<|endoftext|>"])}
-    with open(os.path.join(folder, "vocab.json"), "w") as f:
-        json.dump(vocab, f)
-    with open(os.path.join(folder, "merges.txt"), "w") as f:
-        f.write("#version: 0.2\n")
-    CLIPTokenizer(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
-                  pad_token="<|endoftext|>").save_pretrained(folder)
-    return folder
 
 
 def test_clip_embedder(tmp_path, clip_cfg):
