@@ -118,3 +118,18 @@ def test_judge_reads_pil_and_survives_mild_noise():
 
 def test_judge_says_none_for_a_blank_image():
     assert S.judge(torch.full((3, 64, 64), -0.5)) == ("none", "none")
+
+
+def test_judge_says_none_for_noise_and_scattered_blobs():
+    """What an untrained model draws is never read as a shape: white noise, smooth noise (an
+    upsampled 16x16 grid, like a decoded random latent), two objects of different colours."""
+    g = torch.Generator().manual_seed(0)
+    white = torch.rand(20, 3, 64, 64, generator=g) * 2 - 1
+    smooth = torch.nn.functional.interpolate(torch.randn(20, 3, 16, 16, generator=g), size=64,
+                                             mode="bilinear").clamp(-1, 1)
+    assert set(S.judge_batch(white)) == {("none", "none")}
+    assert set(S.judge_batch(smooth)) == {("none", "none")}
+    two = torch.full((3, 64, 64), -0.5)
+    two[:, 5:20, 5:20] = torch.tensor([1.0, -1.0, -1.0])[:, None, None]    # red
+    two[:, 40:60, 40:60] = torch.tensor([-1.0, -1.0, 1.0])[:, None, None]  # blue
+    assert S.judge(two) == ("none", "none")

@@ -257,11 +257,19 @@ def judge(image):
     before the bounding box is taken, so stray pixels of a generated image do not stretch it.
     The colour is the palette entry nearest to the median object pixel. The shape comes from the
     box: the fill ratio (square 1, circle pi/4, triangle 1/2) and how much fuller the bottom half
-    is than the top half (a triangle's apex points up). ("none", "none") when nothing stands out.
+    is than the top half (a triangle's apex points up).
+
+    ("none", "none") unless the image is one object on a plain background: most border pixels
+    near the background colour, most object pixels near their median colour, that colour near
+    a palette entry, the object pixels inside their box and filling a third of it (so noise
+    or a scatter of blobs is never read as a shape).
     """
     img = _as_uint8_hwc(image)
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     bg = np.median(border, axis=0)
+    # an object may touch the border (a large one placed to a side), but most of it is plain
+    if np.mean(np.linalg.norm(border - bg, axis=-1) < 40.0) < 0.7:
+        return ("none", "none")
     mask = np.linalg.norm(img - bg, axis=-1) > 60.0
     rows = np.nonzero(mask.sum(1) >= 2)[0]
     cols = np.nonzero(mask.sum(0) >= 2)[0]
@@ -270,8 +278,12 @@ def judge(image):
     y0, y1, x0, x1 = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
     box = mask[y0:y1, x0:x1]
     pixels = img[y0:y1, x0:x1][box]
-    colour = _COLOUR_NAMES[int(np.argmin(np.linalg.norm(
-        _COLOUR_RGB - np.median(pixels, axis=0), axis=1)))]
+    centre = np.median(pixels, axis=0)
+    nearest = np.linalg.norm(_COLOUR_RGB - centre, axis=1)
+    if (box.sum() < 0.9 * mask.sum() or nearest.min() > 90.0
+            or box.mean() < 0.35 or np.mean(np.linalg.norm(pixels - centre, axis=-1) < 100.0) < 0.6):
+        return ("none", "none")
+    colour = _COLOUR_NAMES[int(np.argmin(nearest))]
     fill = box.mean()
     half = box.shape[0] // 2
     top, bottom = box[:half].mean(), box[box.shape[0] - half:].mean()
