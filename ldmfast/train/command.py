@@ -25,7 +25,8 @@ def add_arguments(p):
                    "recipe's)")
     p.add_argument("--ae-steps", type=int, default=None, help="autoencoder training steps "
                    "(default: the recipe's)")
-    p.add_argument("--batch-size", type=int, default=None, help="per-process batch size")
+    p.add_argument("--batch-size", type=int, default=None, help="global batch size of both stages (split "
+                   "over the processes; default: the recipe's)")
     p.add_argument("--first-stage", default=None, help="a trained autoencoder to use instead "
                    "of training one: autoencoder.pt of another run, or a model file")
     p.add_argument("--lpips", default=None, help="local LPIPS/VGG-16 weights for the "

@@ -186,11 +186,15 @@ class AutoencoderLoss(nn.Module):
                  codebook_weight: float = 1.0, pixel_weight: float = 1.0,
                  perceptual_weight: float = 1.0, perceptual_path: str | None = None,
                  disc_weight: float = 0.5, disc_factor: float = 1.0, disc_layers: int = 3,
-                 disc_channels: int = 64, logvar_init: float = 0.0, in_channels: int = 3):
+                 disc_channels: int = 64, logvar_init: float = 0.0, in_channels: int = 3,
+                 pixel_loss: str = "l1"):
         super().__init__()
         if kind not in ("kl", "vq"):
             raise ValueError(f"AutoencoderLoss: kind {kind!r} is not 'kl' or 'vq'")
+        if pixel_loss not in ("l1", "l2"):
+            raise ValueError(f"AutoencoderLoss: pixel_loss {pixel_loss!r} is not 'l1' or 'l2'")
         self.kind = kind
+        self.pixel_loss = pixel_loss
         self.disc_start, self.disc_weight, self.disc_factor = disc_start, disc_weight, disc_factor
         self.kl_weight, self.codebook_weight = kl_weight, codebook_weight
         self.pixel_weight = pixel_weight
@@ -221,8 +225,10 @@ class AutoencoderLoss(nn.Module):
         return self.disc_factor > 0 and step >= self.disc_start
 
     def reconstruction(self, x, recon):
-        """Per-pixel |x - recon| plus the weighted perceptual distance (broadcast per image)."""
-        rec = self.pixel_weight * (x - recon).abs()
+        """Per-pixel |x - recon| (or its square, ``pixel_loss="l2"``) plus the weighted
+        perceptual distance (broadcast per image)."""
+        d = x - recon
+        rec = self.pixel_weight * (d.abs() if self.pixel_loss == "l1" else d * d)
         if self.perceptual is not None:
             rec = rec + self.perceptual_weight * self.perceptual(x.contiguous(), recon.contiguous())
         return rec

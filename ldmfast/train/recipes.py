@@ -53,15 +53,23 @@ def _first_stage() -> dict:
     # time per step of num_res_blocks=1 (measured: 0.43 vs 1.97 CPU-s at batch 8 vs 16).
     # Without residual blocks nothing widens the encoder, so it stays 32 channels wide (the
     # CompVis semantics of num_res_blocks=0); the decoder is 64 wide at 16x16.
+    # 32 channels at every level (ch_mult 1, 1, 1) also keeps it expressible as a diffusers
+    # AutoencoderKL (layers_per_block=0), which cannot widen an encoder without resnets;
+    # measured no worse than 64 channels at 16x16: 21.2 vs 20.7 dB after 400 steps.
     return {"type": "kl", "embed_dim": 4,
             "ddconfig": {"double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3,
-                         "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 2], "num_res_blocks": 0,
+                         "out_ch": 3, "ch": 32, "ch_mult": [1, 1, 1], "num_res_blocks": 0,
                          "attn_resolutions": [], "dropout": 0.0}}
 
 
 def _ae_loss(disc_start: int) -> dict:
-    return {"kind": "kl", "disc_start": disc_start, "kl_weight": 1e-6, "disc_weight": 0.5,
-            "disc_layers": 2, "disc_channels": 32, "perceptual_weight": 1.0}
+    # Squared error, not CompVis' L1: without the perceptual term (no LPIPS weights here) L1
+    # plateaus on flat-colour images (measured 24.7 vs 26.6 dB held-out PSNR after 1600 steps
+    # of batch 8). The adversarial term comes on late and light, to sharpen edges without
+    # costing the PSNR the first stage is judged by.
+    return {"kind": "kl", "disc_start": disc_start, "kl_weight": 1e-6, "disc_weight": 0.1,
+            "disc_layers": 2, "disc_channels": 32, "perceptual_weight": 1.0,
+            "pixel_loss": "l2"}
 
 
 def _shapes() -> Recipe:
@@ -84,10 +92,10 @@ def _shapes() -> Recipe:
                       "linear_end": 0.0195, "parameterization": "eps", "scale_factor": 1.0,
                       "conditioning_key": "crossattn"},
     }
-    ae = AETrainConfig(steps=1000, batch_size=8, lr=4e-4)
-    ldm = LDMTrainConfig(steps=2000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
+    ae = AETrainConfig(steps=5000, batch_size=8, lr=1e-3)
+    ldm = LDMTrainConfig(steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
                          cond_drop=0.1)
-    return Recipe("shapes", model, _ae_loss(disc_start=600), ae, ldm)
+    return Recipe("shapes", model, _ae_loss(disc_start=2000), ae, ldm)
 
 
 def _shapes_sr() -> Recipe:
@@ -101,10 +109,10 @@ def _shapes_sr() -> Recipe:
                       "linear_end": 0.0155, "parameterization": "eps", "scale_factor": 1.0,
                       "conditioning_key": "concat"},
     }
-    ae = AETrainConfig(steps=1000, batch_size=8, lr=4e-4)
+    ae = AETrainConfig(steps=2500, batch_size=8, lr=1e-3)
     ldm = LDMTrainConfig(steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
                          cond_drop=0.0)
-    return Recipe("shapes-sr", model, _ae_loss(disc_start=600), ae, ldm, task="sr",
+    return Recipe("shapes-sr", model, _ae_loss(disc_start=2000), ae, ldm, task="sr",
                   eval_steps=50)
 
 
@@ -217,6 +225,12 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
             cfg.precision = precision
         if batch_size:
             cfg.batch_size = batch_size
+        # A recipe's batch is the global one: each of N processes takes a 1/N share, so one
+        # process and torchrun see the same images at every step.
+        if cfg.batch_size % info.world:
+            raise ValueError(f"batch size {cfg.batch_size} does not split over {info.world} "
+                             "processes")
+        cfg.batch_size //= info.world
     if ae_steps is not None:
         recipe.ae.steps = ae_steps
         recipe.ae_loss["disc_start"] = min(recipe.ae_loss["disc_start"], int(ae_steps * 0.6))
@@ -266,6 +280,9 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
 
     if info.main:
         final = tr.ema_model()
+        # what the evaluation samples with, for `generate` to use by default
+        final.config["sampling"] = {"guidance_scale": recipe.guidance_scale,
+                                    "steps": recipe.eval_steps}
         path = export or os.path.join(out, f"{recipe.name}.safetensors")
         try:
             summary["weights"] = export_model(final, path)
