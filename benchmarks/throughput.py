@@ -1,13 +1,17 @@
 """ldmfast's headline benchmark: the whole model, side by side with diffusers, in one run.
 
-    python benchmarks/throughput.py [--preset sd15|cpu] [--height H --width W] [--batch 2]
+    python benchmarks/throughput.py [--preset sd15|cpu|shapes] [--height H --width W] [--batch 2]
                                     [--dtype fp16|bf16|fp32] [--steps 50] [--providers ...]
                                     [--compile] [--csv PATH]
 
 With no arguments it runs on whatever device is present: on a GPU the SD-1.5 architecture at
-512x512 in fp16, on CPU a small SD-shaped preset that finishes in about a minute. Both sides use
-the same random weights (the diffusers modules are built first and converted with
-`ldmfast.from_diffusers`). Printed per provider: U-Net steps per second at the given batch (2 =
+512x512 in fp16 with random weights, on CPU the built-in model (ldmfast's trained shapes model,
+64x64, caption "a green triangle"; without it, a small SD-shaped random-weight preset, `cpu`).
+Both sides use the same weights: random ones built in diffusers and converted with
+`ldmfast.from_diffusers`, or the built-in ones converted with diffusers' own CompVis converters
+(and the two U-Nets checked to agree before anything is timed). With the built-in model each
+provider's end-to-end image is judged from its pixels (colour and shape) and, with --images,
+saved. Printed per provider: U-Net steps per second at the given batch (2 =
 classifier-free guidance), VAE decode time at batch 1, and the end-to-end latency of one DDIM image
 with guidance plus decode; the ratios to diffusers eager; and the floor, the model's FLOPs over
 the matmul throughput measured in the same run.
@@ -50,10 +54,34 @@ SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block
 CPU_UNET = dict(SD15_UNET, sample_size=16, layers_per_block=1, block_out_channels=(32, 64, 128, 128),
                 cross_attention_dim=64, attention_head_dim=4)
 CPU_VAE = dict(SD_VAE, sample_size=128, layers_per_block=1, block_out_channels=(32, 32, 64, 64))
+# The built-in model (ldmfast/weights/shapes.safetensors) as diffusers configures it; its trained
+# weights go to both sides (diffusers through its own CompVis converters).
+SHAPES_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                   down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=128,
+                   attention_head_dim=(1, 2))
+SHAPES_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=0, sample_size=64,
+                  block_out_channels=(32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 3,
+                  up_block_types=("UpDecoderBlock2D",) * 3)
 PRESETS = {
     "sd15": dict(unet=SD15_UNET, vae=SD_VAE, height=512, width=512, dtype="fp16", steps=50, context=(77, 768)),
     "cpu": dict(unet=CPU_UNET, vae=CPU_VAE, height=128, width=128, dtype="fp32", steps=50, context=(77, 64)),
+    "shapes": dict(unet=SHAPES_UNET, vae=SHAPES_VAE, height=64, width=64, dtype="fp32", steps=50, context=(12, 128),
+                   builtin="shapes", prompt="a green triangle"),
 }
+
+
+def default_preset(device):
+    """sd15 on a GPU; on CPU the built-in model when this install carries it, else cpu."""
+    if device.type == "cuda":
+        return "sd15"
+    import ldmfast
+    try:
+        ldmfast.builtin_path("shapes")
+        return "shapes"
+    except FileNotFoundError as e:
+        print(f"{e}\nusing the random-weight cpu preset instead")
+        return "cpu"
 
 
 def build_ldmfast_only(preset, dtype, device):
@@ -76,8 +104,28 @@ def build_ldmfast_only(preset, dtype, device):
     return model
 
 
+def load_builtin(preset, dtype, device):
+    """The built-in ldmfast model, after checking that the preset's diffusers configs describe it."""
+    import ldmfast
+    from ldmfast.models import convert
+
+    model = ldmfast.load(ldmfast.builtin_path(preset["builtin"]))
+    want = {"unet": convert.unet_config_from_diffusers(dict(preset["unet"]), "UNet2DConditionModel"),
+            "first_stage": convert.first_stage_config_from_diffusers(dict(preset["vae"]), "AutoencoderKL")}
+    for part, cfg in want.items():
+        have = model.config[part]
+        flat = dict(cfg, **cfg.get("ddconfig", {}))
+        flat_have = dict(have, **have.get("ddconfig", {}))
+        wrong = {k: (v, flat_have.get(k)) for k, v in flat.items()
+                 if k != "ddconfig" and flat_have.get(k, v) != v}
+        if wrong:
+            sys.exit(f"the shapes preset does not describe the built-in {part}: (preset, model) {wrong}")
+    return model.to(device=device, dtype=dtype)
+
+
 def build(preset, dtype, device):
-    """A random-weight diffusers pipeline and the ldmfast model converted from it."""
+    """A diffusers pipeline and the ldmfast model of the same weights: random weights converted
+    to ldmfast, or the built-in model's weights converted to diffusers."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     import ldmfast
@@ -85,13 +133,31 @@ def build(preset, dtype, device):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**preset["unet"])
     vae = AutoencoderKL(**preset["vae"])
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    start, end = 0.00085, 0.012
+    if preset.get("builtin"):
+        from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+
+        model = load_builtin(preset, torch.float32, torch.device("cpu"))
+        diff = model.config["diffusion"]
+        if diff.get("beta_schedule", "linear") != "linear":
+            sys.exit(f"the built-in model's beta_schedule {diff['beta_schedule']!r} has no diffusers twin here")
+        start, end = diff["linear_start"], diff["linear_end"]
+        sd = {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()}
+        unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)), strict=True)
+        sd = {"first_stage_model." + k: v for k, v in model.first_stage.state_dict().items()}
+        vae.register_to_config(scaling_factor=float(model.scale_factor))
+        vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True)
+    # CompVis' "linear" schedule is diffusers' "scaled_linear"
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=start, beta_end=end,
                           steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device=device, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
-    model = ldmfast.from_diffusers(pipe).to(device=device, dtype=dtype)
+    if preset.get("builtin"):
+        model = model.to(device=device, dtype=dtype)
+    else:
+        model = ldmfast.from_diffusers(pipe).to(device=device, dtype=dtype)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     return pipe, model
@@ -141,13 +207,15 @@ def main(argv=None):
     ap.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")
     ap.add_argument("--compile", action="store_true", help="add diffusers-compile (takes minutes)")
     ap.add_argument("--repeats", type=int, default=None, help="end-to-end repeats (median)")
+    ap.add_argument("--images", default=None, help="folder for each provider's end-to-end image (built-in model)")
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA device is available")
-    preset = dict(PRESETS[args.preset or ("sd15" if device.type == "cuda" else "cpu")])
+    preset_name = args.preset or default_preset(device)
+    preset = dict(PRESETS[preset_name])
     dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]
     height, width = args.height or preset["height"], args.width or preset["width"]
     steps = args.steps or preset["steps"]
@@ -185,6 +253,8 @@ def main(argv=None):
           f"dtype {str(dtype).split('.')[-1]}  {height}x{width}  U-Net batch {args.batch}  {steps} DDIM steps")
     if have_diffusers:
         pipe, model = build(preset, dtype, device)
+    elif preset.get("builtin"):
+        pipe, model = None, load_builtin(preset, dtype, device)
     else:
         pipe, model = None, build_ldmfast_only(preset, dtype, device)
     if model_ops.using_reference_ops():
@@ -198,6 +268,20 @@ def main(argv=None):
     z1 = torch.randn(1, 4, h, w, generator=g).to(device, dtype)
     x_T = torch.randn(1, 4, h, w, generator=g).to(device, dtype)
     cond, uncond = ctx[:1], torch.zeros_like(ctx[:1])
+    guidance = 7.5
+    if preset.get("builtin"):
+        # the trained model: a real caption, its empty one, and the guidance it was evaluated at
+        with torch.no_grad():
+            cond, uncond = model.encode_text([preset["prompt"]]), model.encode_text([""])
+        guidance = float((model.config.get("sampling") or {}).get("guidance_scale", guidance))
+        if have_diffusers:
+            with torch.no_grad():
+                ours = model.unet(lat, tsteps, context=ctx).float()
+                theirs = pipe.unet(lat, tsteps, encoder_hidden_states=ctx, return_dict=False)[0].float()
+            err = ((ours - theirs).norm() / theirs.norm()).item()
+            print(f"built-in model: ldmfast vs diffusers U-Net relative error {err:.2e}")
+            if err > (1e-3 if dtype == torch.float32 else 3e-2):
+                sys.exit("ldmfast and diffusers do not compute the same U-Net: no ratio would be fair")
     if device.type == "cuda":
         lat, z1 = lat.contiguous(memory_format=torch.channels_last), z1.contiguous(memory_format=torch.channels_last)
 
@@ -212,7 +296,7 @@ def main(argv=None):
 
     e2e_repeats = args.repeats or (3 if device.type == "cuda" else 1)
     inner_step = 10 if device.type == "cuda" else 2
-    results = {}
+    results, images = {}, {}
     for prov in tqdm(providers, desc="providers", disable=not sys.stderr.isatty()):
         ref_ops = model_ops.use_reference_ops(prov == "ldmfast-ref")
         accelerated = False
@@ -228,7 +312,7 @@ def main(argv=None):
                     decode = lambda *_: model.decode(z1_scaled, cuda_graph=graphs, fp16_guard=False)  # noqa: E731
 
                     def e2e(*_):
-                        z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=7.5,
+                        z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=guidance,
                                          x_T=x_T, progress=False, cuda_graph=graphs)
                         return model.decode(z, cuda_graph=graphs)
                     if graphs:
@@ -247,7 +331,7 @@ def main(argv=None):
 
                     def e2e(*_):
                         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T,
-                                    num_inference_steps=steps, guidance_scale=7.5, height=height,
+                                    num_inference_steps=steps, guidance_scale=guidance, height=height,
                                     width=width, output_type="pt").images
                     if prov == "diffusers-graph":
                         step = graphed(step)
@@ -257,6 +341,10 @@ def main(argv=None):
                 r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3),
                      "decode": C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1, repeats=5 if device.type == "cuda" else 3),
                      "e2e": C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)}
+                if preset.get("builtin"):
+                    images[prov] = e2e().float().cpu().clamp(-1 if prov.startswith("ldmfast") else 0, 1)
+                    if not prov.startswith("ldmfast"):
+                        images[prov] = images[prov] * 2 - 1  # diffusers' "pt" images are in [0, 1]
                 if prov == "diffusers-compile":
                     pipe.unet = orig
             results[prov] = r
@@ -283,7 +371,17 @@ def main(argv=None):
                                                         "e2e": f"ddim{steps}_cfg_decode"}[metric],
                          "shape": shape, "dtype": str(dtype).split(".")[-1], "layout": "", "provider": p,
                          "time_us": t * 1e6, "steps_per_s": 1 / t if metric == "step" else "",
-                         "note": f"preset={args.preset or ('sd15' if device.type == 'cuda' else 'cpu')}"})
+                         "note": f"preset={preset_name}"})
+    if images:
+        from ldmfast.data import shapes
+        from ldmfast.images import save_png, to_pil
+        print(f"\n{preset['prompt']!r}, judged from the pixels of each provider's end-to-end image:")
+        for p, img in images.items():
+            colour, shape = shapes.judge(img[0])
+            saved = ""
+            if args.images:
+                saved = "  " + save_png(to_pil(img)[0], os.path.join(args.images, f"{preset_name}-{p}.png"))
+            print(f"  {p:<18} {colour} {shape}{saved}")
     path = C.append_results(rows, device, args.csv)
     print(f"\nresults appended to {path}")
 

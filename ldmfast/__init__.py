@@ -2,6 +2,7 @@
 
     import ldmfast
     model = ldmfast.load("v1-5-pruned-emaonly.safetensors")   # or a diffusers folder
+    model = ldmfast.load()      # the built-in model trained on ldmfast's generated shapes
     image = model.txt2img("a red circle", steps=50, guidance_scale=7.5, seed=0)
 
 Submodules load lazily, so ``import ldmfast`` stays cheap and works before the compiled ops are
@@ -18,10 +19,32 @@ _SUBMODULES = {"ops", "ref", "models", "configs", "checkpoint", "pipeline", "dif
                "train", "data", "dropin", "graphs"}
 
 
-def load(path, config=None, use_ema=False, tokenizer=None):
+# The models ldmfast trained itself on its generated shapes data and ships in the package
+# (``python -m ldmfast train --recipe <name>`` retrains them).
+BUILTIN = ("shapes", "shapes-sr")
+
+
+def builtin_path(name: str = "shapes") -> str:
+    """The file of a built-in model; a clear error when this install does not carry it."""
+    import os
+    if name not in BUILTIN:
+        raise ValueError(f"unknown built-in model {name!r} (built in: {', '.join(BUILTIN)})")
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+                        f"{name}.safetensors")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"the built-in model {name!r} is not in this install ({path}); "
+                                f"train it with: python -m ldmfast train --recipe {name} "
+                                f"--export {path}")
+    return path
+
+
+def load(path=None, config=None, use_ema=False, tokenizer=None):
     """A ``LatentDiffusion`` from a CompVis/SD checkpoint, a diffusers folder or an ldmfast file;
-    ``tokenizer``: a local tokenizer folder for checkpoints that carry none (SD ``.ckpt``)."""
+    ``tokenizer``: a local tokenizer folder for checkpoints that carry none (SD ``.ckpt``).
+    With no ``path``, the built-in text-to-image model (``builtin_path("shapes")``)."""
     from .pipeline import LatentDiffusion
+    if path is None:
+        path = builtin_path("shapes")
     return LatentDiffusion.load(path, config=config, use_ema=use_ema, tokenizer=tokenizer)
 
 

@@ -64,7 +64,13 @@ def load_model(args):
     """The model named by ``--checkpoint`` (and ``--config``/``--ema``) on ``--device`` in
     ``--dtype``; shared by the commands that sample."""
     path = args.checkpoint
-    if not os.path.exists(path):
+    if path is None:
+        from . import builtin_path
+        try:
+            path = builtin_path("shapes")
+        except FileNotFoundError as e:
+            raise UsageError(f"no --checkpoint given and {e}") from None
+    elif not os.path.exists(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
     from .pipeline import LatentDiffusion
     device = _device(args.device)
@@ -74,8 +80,9 @@ def load_model(args):
 
 
 def add_model_arguments(p):
-    p.add_argument("--checkpoint", "-c", required=True,
-                   help="model file (.ckpt/.safetensors/.pt) or diffusers folder")
+    p.add_argument("--checkpoint", "-c", default=None,
+                   help="model file (.ckpt/.safetensors/.pt) or diffusers folder (default: the "
+                   "built-in model trained on ldmfast's shapes data)")
     p.add_argument("--config", default=None,
                    help="config preset name or file, when the checkpoint does not carry one")
     p.add_argument("--ema", action="store_true", help="use the EMA weights where present")
@@ -97,8 +104,9 @@ class Generate:
         p.add_argument("--negative", default="", help="negative prompt (the unconditional "
                        "branch of classifier-free guidance)")
         p.add_argument("--steps", type=int, default=50, help="sampling steps (default 50)")
-        p.add_argument("--guidance", type=float, default=7.5,
-                       help="classifier-free guidance scale (default 7.5; 1 disables it)")
+        p.add_argument("--guidance", type=float, default=None,
+                       help="classifier-free guidance scale (default: the one the model's config "
+                       "recommends, else 7.5; 1 disables it)")
         p.add_argument("--sampler", default="ddim", help="ddim, ddpm or dpmpp_2m (default ddim)")
         p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
         p.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
@@ -123,13 +131,16 @@ class Generate:
         model = load_model(args)
         if model.cond_stage is None or not hasattr(model.cond_stage, "tokenize"):
             raise UsageError(f"checkpoint {args.checkpoint!r} is not a text-to-image model")
+        guidance = args.guidance
+        if guidance is None:
+            guidance = float((model.config.get("sampling") or {}).get("guidance_scale", 7.5))
         seed = args.seed
         if seed is None:
             import torch
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
             log.info("seed %d", seed)
         model.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                      guidance_scale=args.guidance, seed=seed, height=args.height,
+                      guidance_scale=guidance, seed=seed, height=args.height,
                       width=args.width, batch=args.batch, sampler=args.sampler, eta=args.eta,
                       out=args.out, progress=not args.no_progress)
         return 0

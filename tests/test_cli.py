@@ -82,9 +82,44 @@ def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiples of 4" in err[0]
     with pytest.raises(SystemExit) as e:  # argparse's own usage errors are also status 2
-        cli.main(["generate", "a cat"])
+        cli.main(["generate", "--steps", "2"])
     assert e.value.code == 2
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_without_checkpoint_a_missing_builtin_model_is_a_usage_error(tmp_path, monkeypatch,
+                                                                    capsys):
+    import ldmfast
+    # an install without the shipped weights: the package's folder seen from elsewhere
+    monkeypatch.setattr(ldmfast, "__file__", str(tmp_path / "__init__.py"))
+    out = tmp_path / "x.png"
+    assert cli.main(["generate", "a red circle", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no --checkpoint" in err[0]
+    assert "python -m ldmfast train --recipe shapes" in err[0]
+    assert not out.exists()
+    with pytest.raises(ValueError, match="unknown built-in model 'sd15'"):
+        ldmfast.builtin_path("sd15")
+
+
+BUILTIN = os.path.join(ROOT, "ldmfast", "weights", "shapes.safetensors")
+
+
+@pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
+def test_generate_without_checkpoint_uses_the_builtin_model(tmp_path):
+    import ldmfast
+    out = tmp_path / "x.png"
+    r = run_cli("generate", "a green triangle", "--steps", "5", "--seed", "3", "--out", str(out),
+                "--no-progress", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    model = ldmfast.load()
+    guidance = model.config["sampling"]["guidance_scale"]  # the recipe's, not 7.5
+    ref = model.txt2img("a green triangle", steps=5, guidance_scale=guidance, seed=3,
+                        progress=False)[0]
+    img = Image.open(out).convert("RGB")
+    assert img.size == ref.size == (64, 64)
+    diff = (torch.tensor(list(img.getdata())) - torch.tensor(list(ref.getdata()))).abs()
+    assert diff.max() <= 1
 
 
 def test_commands_plug_in_through_the_table(capsys):
