@@ -88,12 +88,16 @@ def _shapes() -> Recipe:
                  "channel_mult": [1, 2], "num_res_blocks": 1, "attention_resolutions": [1],
                  "num_head_channels": 32, "use_spatial_transformer": True,
                  "transformer_depth": 1, "context_dim": context, "legacy": False},
+        # v-prediction (as SD 2): with eps-prediction this small U-Net drew clean images from
+        # real latents noised to t = 300 or 600 but not from t >= 900, where an eps error is
+        # amplified sqrt(1 - abar) / sqrt(abar) times into x_0 (measured after 3000 steps:
+        # eps MSE 0.0059 at t = 900, 6.5x the trivial predictor's, and 3 of 21 captions drawn).
         "diffusion": {"timesteps": 1000, "beta_schedule": "linear", "linear_start": 0.0015,
-                      "linear_end": 0.0195, "parameterization": "eps", "scale_factor": 1.0,
+                      "linear_end": 0.0195, "parameterization": "v", "scale_factor": 1.0,
                       "conditioning_key": "crossattn"},
     }
     ae = AETrainConfig(steps=5000, batch_size=8, lr=1e-3)
-    ldm = LDMTrainConfig(steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
+    ldm = LDMTrainConfig(steps=4000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
                          cond_drop=0.1)
     return Recipe("shapes", model, _ae_loss(disc_start=2000), ae, ldm)
 
@@ -134,10 +138,11 @@ def eval_captions():
 
 @torch.no_grad()
 def evaluate_txt2img(model, captions=None, steps: int = 50, guidance_scale: float = 3.0,
-                     seed: int = 0, batch: int = 32) -> dict:
-    """Generates one image per caption and asks ``shapes.judge`` for its (colour, shape):
-    accuracy over all captions and over the held-out pairs."""
-    captions = captions or eval_captions()
+                     seed: int = 0, batch: int = 32, per_caption: int = 1) -> dict:
+    """Generates ``per_caption`` images per caption and asks ``shapes.judge`` for their
+    (colour, shape): accuracy over all images, over those of held-out pairs, and of the colour
+    alone."""
+    captions = [c for c in (captions or eval_captions()) for _ in range(per_caption)]
     verdicts = []
     for i in range(0, len(captions), batch):
         chunk = captions[i:i + batch]
@@ -150,10 +155,11 @@ def evaluate_txt2img(model, captions=None, steps: int = 50, guidance_scale: floa
         want = next((c for c in shapes.COLOURS if c in words), None), \
             next((s for s in shapes.SHAPES if s in words), None)
         rows.append({"caption": cap, "judged": list(got), "ok": tuple(got) == want,
-                     "heldout": want in shapes.HELDOUT})
+                     "colour_ok": got[0] == want[0], "heldout": want in shapes.HELDOUT})
     held = [r for r in rows if r["heldout"]]
     return {"accuracy": sum(r["ok"] for r in rows) / len(rows),
             "heldout_accuracy": (sum(r["ok"] for r in held) / len(held)) if held else None,
+            "colour_accuracy": sum(r["colour_ok"] for r in rows) / len(rows),
             "samples": rows}
 
 
