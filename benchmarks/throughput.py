@@ -133,7 +133,7 @@ def build(preset, dtype, device):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**preset["unet"])
     vae = AutoencoderKL(**preset["vae"])
-    start, end = 0.00085, 0.012
+    start, end, prediction = 0.00085, 0.012, "epsilon"
     if preset.get("builtin"):
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
@@ -142,6 +142,7 @@ def build(preset, dtype, device):
         if diff.get("beta_schedule", "linear") != "linear":
             sys.exit(f"the built-in model's beta_schedule {diff['beta_schedule']!r} has no diffusers twin here")
         start, end = diff["linear_start"], diff["linear_end"]
+        prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[diff.get("parameterization", "eps")]
         sd = {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()}
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)), strict=True)
         sd = {"first_stage_model." + k: v for k, v in model.first_stage.state_dict().items()}
@@ -149,7 +150,8 @@ def build(preset, dtype, device):
         vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True)
     # CompVis' "linear" schedule is diffusers' "scaled_linear"
     sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=start, beta_end=end,
-                          steps_offset=1, set_alpha_to_one=False, clip_sample=False)
+                          steps_offset=1, set_alpha_to_one=False, clip_sample=False,
+                          prediction_type=prediction)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device=device, dtype=dtype)
