@@ -109,12 +109,13 @@ def _shapes_sr() -> Recipe:
         "unet": {"image_size": 16, "in_channels": 4 + 3, "out_channels": 4,
                  "model_channels": 32, "channel_mult": [1, 2], "num_res_blocks": 1,
                  "attention_resolutions": [2], "num_head_channels": 32, "legacy": False},
+        # v-prediction, as the shapes recipe (eps: 19.6 dB after 1500 steps, bicubic 28.8)
         "diffusion": {"timesteps": 1000, "beta_schedule": "linear", "linear_start": 0.0015,
-                      "linear_end": 0.0155, "parameterization": "eps", "scale_factor": 1.0,
+                      "linear_end": 0.0155, "parameterization": "v", "scale_factor": 1.0,
                       "conditioning_key": "concat"},
     }
     ae = AETrainConfig(steps=2500, batch_size=8, lr=1e-3)
-    ldm = LDMTrainConfig(steps=1500, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
+    ldm = LDMTrainConfig(steps=3000, batch_size=32, lr=5e-4, warmup_steps=100, ema_decay=0.995,
                          cond_drop=0.0)
     return Recipe("shapes-sr", model, _ae_loss(disc_start=2000), ae, ldm, task="sr",
                   eval_steps=50)
