@@ -133,25 +133,21 @@ def build(preset, dtype, device):
     torch.manual_seed(0)
     unet = UNet2DConditionModel(**preset["unet"])
     vae = AutoencoderKL(**preset["vae"])
-    start, end, prediction = 0.00085, 0.012, "epsilon"
+    # CompVis' "linear" schedule is diffusers' "scaled_linear"
+    sched_kwargs = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     if preset.get("builtin"):
         from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
+        from ldmfast.pipeline import diffusers_scheduler_kwargs
+
         model = load_builtin(preset, torch.float32, torch.device("cpu"))
-        diff = model.config["diffusion"]
-        if diff.get("beta_schedule", "linear") != "linear":
-            sys.exit(f"the built-in model's beta_schedule {diff['beta_schedule']!r} has no diffusers twin here")
-        start, end = diff["linear_start"], diff["linear_end"]
-        prediction = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[diff.get("parameterization", "eps")]
+        sched_kwargs = diffusers_scheduler_kwargs(model.config)
         sd = {"model.diffusion_model." + k: v for k, v in model.unet.state_dict().items()}
         unet.load_state_dict(convert_ldm_unet_checkpoint(sd, dict(unet.config)), strict=True)
         sd = {"first_stage_model." + k: v for k, v in model.first_stage.state_dict().items()}
         vae.register_to_config(scaling_factor=float(model.scale_factor))
         vae.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(vae.config)), strict=True)
-    # CompVis' "linear" schedule is diffusers' "scaled_linear"
-    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=start, beta_end=end,
-                          steps_offset=1, set_alpha_to_one=False, clip_sample=False,
-                          prediction_type=prediction)
+    sched = DDIMScheduler(**sched_kwargs, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=None, tokenizer=None, unet=unet, scheduler=sched,
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe = pipe.to(device=device, dtype=dtype)
@@ -275,7 +271,7 @@ def main(argv=None):
         # the trained model: a real caption, its empty one, and the guidance it was evaluated at
         with torch.no_grad():
             cond, uncond = model.encode_text([preset["prompt"]]), model.encode_text([""])
-        guidance = float((model.config.get("sampling") or {}).get("guidance_scale", guidance))
+        guidance = model.guidance_scale
         if have_diffusers:
             with torch.no_grad():
                 ours = model.unet(lat, tsteps, context=ctx).float()

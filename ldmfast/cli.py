@@ -131,9 +131,7 @@ class Generate:
         model = load_model(args)
         if model.cond_stage is None or not hasattr(model.cond_stage, "tokenize"):
             raise UsageError(f"checkpoint {args.checkpoint!r} is not a text-to-image model")
-        guidance = args.guidance
-        if guidance is None:
-            guidance = float((model.config.get("sampling") or {}).get("guidance_scale", 7.5))
+        guidance = model.guidance_scale if args.guidance is None else args.guidance
         seed = args.seed
         if seed is None:
             import torch

@@ -51,6 +51,22 @@ def _diffusion_config(config) -> dict:
     return dict((config or {}).get("diffusion") or {})
 
 
+def diffusers_scheduler_kwargs(config) -> dict:
+    """The diffusers scheduler arguments (beta_schedule, beta_start, beta_end, prediction_type)
+    of a model config's diffusion section: the inverse of what ``from_diffusers`` reads."""
+    diffusion = _diffusion_config(config)
+    betas = {v: k for k, v in _DIFFUSERS_BETAS.items()}
+    predictions = {v: k for k, v in _DIFFUSERS_PREDICTION.items()}
+    beta = diffusion.get("beta_schedule", "linear")
+    if beta not in betas:
+        raise ValueError(f"beta_schedule {beta!r} has no diffusers equivalent "
+                         f"(supported: {sorted(betas)})")
+    return {"beta_schedule": betas[beta],
+            "beta_start": float(diffusion.get("linear_start", 8.5e-4)),
+            "beta_end": float(diffusion.get("linear_end", 1.2e-2)),
+            "prediction_type": predictions[diffusion.get("parameterization", "eps")]}
+
+
 class LatentDiffusion(nn.Module):
     """A latent diffusion model: ``.unet``, ``.first_stage``, ``.cond_stage``, ``.config``,
     ``.scale_factor`` and ``.schedule`` (a ``NoiseSchedule`` whose buffers move with the model
@@ -184,6 +200,12 @@ class LatentDiffusion(nn.Module):
         if mult is None:
             return 1 if self.first_stage is None else 8
         return 2 ** (len(mult) - 1)
+
+    @property
+    def guidance_scale(self) -> float:
+        """The classifier-free guidance scale the model's config recommends (``sampling``,
+        written by the training recipes), else 7.5."""
+        return float((self.config.get("sampling") or {}).get("guidance_scale", 7.5))
 
     @property
     def latent_size(self) -> int:

@@ -113,8 +113,8 @@ def test_generate_without_checkpoint_uses_the_builtin_model(tmp_path):
                 "--no-progress", "--device", "cpu")
     assert r.returncode == 0, r.stderr
     model = ldmfast.load()
-    guidance = model.config["sampling"]["guidance_scale"]  # the recipe's, not 7.5
-    ref = model.txt2img("a green triangle", steps=5, guidance_scale=guidance, seed=3,
+    assert model.guidance_scale == model.config["sampling"]["guidance_scale"] != 7.5  # the recipe's
+    ref = model.txt2img("a green triangle", steps=5, guidance_scale=model.guidance_scale, seed=3,
                         progress=False)[0]
     img = Image.open(out).convert("RGB")
     assert img.size == ref.size == (64, 64)

@@ -116,6 +116,20 @@ def test_ddim_with_guidance_matches_diffusers(sd_pipe):
         assert diff.max() <= 1
 
 
+@pytest.mark.parametrize("beta,param", [("linear", "v"), ("sqrt_linear", "eps"), ("cosine", "x0")])
+def test_diffusers_scheduler_kwargs_invert_from_diffusers(sd_pipe, beta, param):
+    from ldmfast.pipeline import diffusers_scheduler_kwargs
+    want = {"beta_schedule": beta, "linear_start": 0.0015, "linear_end": 0.0195,
+            "parameterization": param}
+    pipe = copy.copy(sd_pipe)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(
+        sd_pipe.scheduler.config, **diffusers_scheduler_kwargs({"diffusion": want}))
+    got = LatentDiffusion.from_diffusers(pipe).config["diffusion"]
+    assert {k: got[k] for k in want} == want
+    with pytest.raises(ValueError, match="beta_schedule 'quad' has no diffusers equivalent"):
+        diffusers_scheduler_kwargs({"diffusion": {"beta_schedule": "quad"}})
+
+
 def test_text_encoder_matches_diffusers(sd_pipe):
     model = LatentDiffusion.from_diffusers(sd_pipe)
     prompts = ["the red cat", "a cat"]
