@@ -6,8 +6,10 @@
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
 SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
 written once), fraction of the copy bandwidth measured in the same run, ratio to each peer.
-attention: ldmfast vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
-self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. ddim_step with guidance and noise vs the
+attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
+selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
+self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
+replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_step with guidance and noise vs the
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
 a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. On CPU (--device cpu --quick) it checks itself on small shapes.
 """
@@ -64,8 +66,8 @@ def _rows(times, base, nbytes=None, bw=None, flops=None):
             r.update(gbps=nbytes / t / 1e9, frac_copy=nbytes / t / bw)
         if flops:
             r["tflops"] = flops / t / 1e12
-        if p == "ldmfast":
-            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if q != p)
+        if p.startswith("ldmfast"):
+            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if not q.startswith("ldmfast"))
         out.append(r)
     return out
 
@@ -94,7 +96,7 @@ def bench_gn(args, dev, bw):
                              "eager": lambda i: eager(xs[i], w, b, e, eps)}
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
-                    times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+                    times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
                     rows += _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
                                           "shape": "x".join(map(str, shape)), "dtype": dname,
                                           "layout": layout}, nbytes, bw)
@@ -111,6 +113,21 @@ def _sdpa_backends():
     return {k: (sdpa_kernel, getattr(SDPBackend, v)) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
+ATTN_KERNELS = ("mma", "mma_sync", "fast")
+
+
+def _attention_with(kernel, q, k, v):
+    """ops.attention with LDMFAST_ATTENTION_KERNEL set to `kernel` (None: the default)."""
+    if kernel is None:
+        os.environ.pop("LDMFAST_ATTENTION_KERNEL", None)
+    else:
+        os.environ["LDMFAST_ATTENTION_KERNEL"] = kernel
+    try:
+        return ops.attention(q, k, v)
+    finally:
+        os.environ.pop("LDMFAST_ATTENTION_KERNEL", None)
+
+
 def bench_attn(args, dev, bw):
     rows = []
     shapes = QUICK["attn"] if args.quick else ATTN
@@ -123,8 +140,12 @@ def bench_attn(args, dev, bw):
             k = torch.randn(B, Lk, H, D, device=dev, dtype=dt)
             v = torch.randn(B, Lk, H, D, device=dev, dtype=dt)
             qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-            provs = {"ldmfast": lambda i: ops.attention(q, k, v),
-                     "sdpa": lambda i: F.scaled_dot_product_attention(qt, kt, vt)}
+            provs = {"ldmfast": lambda i: _attention_with(None, q, k, v)}
+            if dev.type == "cuda" and dt != torch.float32:
+                # The kernels LDMFAST_ATTENTION_KERNEL can pick, side by side with the default.
+                for kern in ATTN_KERNELS:
+                    provs["ldmfast_" + kern] = lambda i, kern=kern: _attention_with(kern, q, k, v)
+            provs["sdpa"] = lambda i: F.scaled_dot_product_attention(qt, kt, vt)
             for name, (ctx, be) in backends.items():
                 if name == "math" and Lq * Lk > 1 << 24:
                     continue
@@ -137,7 +158,7 @@ def bench_attn(args, dev, bw):
                 except RuntimeError:
                     continue  # this backend does not take this shape/dtype
                 provs["sdpa_" + name] = run
-            times = {p: C.time_fn(f, dev) for p, f in provs.items()}
+            times = {p: C.time_fn(f, dev, graph=True) for p, f in provs.items()}
             flops = 4 * B * H * Lq * Lk * D
             rows += _rows(times, {"bench": "attention", "op": "self" if Lq == Lk else "cross",
                                   "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname,
@@ -164,7 +185,7 @@ def bench_ddim(args, dev, bw):
                      "eager": lambda i: ref.ddim_step(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)}
             if comp is not None:
                 provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
-            times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+            times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
             rows += _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
                                   "shape": "x".join(map(str, shape)), "dtype": dname,
                                   "layout": "nchw"}, nbytes, bw)
@@ -190,7 +211,7 @@ def bench_geglu(args, dev, bw):
             provs = {"ldmfast": lambda i: ops.geglu(hs[i]), "eager": lambda i: _geglu_eager(hs[i])}
             if comp is not None:
                 provs["compile"] = lambda i: comp(hs[i])
-            times = {p: C.time_fn(f, dev, k) for p, f in provs.items()}
+            times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
             rows += _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
                                   "dtype": dname, "layout": "rows"}, nbytes, bw)
     return rows

@@ -8,6 +8,7 @@ seeded random sample. Heads and batch are kept small so the suite runs on a 2-co
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -15,7 +16,7 @@ import torch
 
 import ldmfast.ops as ops
 import ldmfast.ref as ref
-from conftest import assert_parity
+from conftest import assert_parity, skip_large_under_sanitizer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -27,12 +28,21 @@ def _poison(monkeypatch):
 
 
 def _qkv(B, Lq, Lk, H, D, dtype, device, seed=0, std=1.0):
+    skip_large_under_sanitizer(B * H * Lq * Lk, device)
     g = torch.Generator().manual_seed(seed)
     mk = lambda L: (torch.randn(B, L, H, D, generator=g) * std).to(dtype).to(device)  # noqa: E731
     return mk(Lq), mk(Lk), mk(Lk)
 
 
+CUDA_HEAD_DIMS = (32, 40, 64, 80, 96, 128, 160)  # what the CUDA kernels are instantiated for
+
+
 def _check(q, k, v, scale=None, what=""):
+    if q.is_cuda and q.shape[-1] not in CUDA_HEAD_DIMS:
+        # The model layer sends these to SDPA on CUDA; the op itself must refuse them clearly.
+        with pytest.raises(NotImplementedError, match=f"head dim D={q.shape[-1]} is not supported by the CUDA"):
+            ops.attention(q, k, v, scale)
+        return None
     out = ops.attention(q, k, v, scale)
     assert out.shape == q.shape and out.dtype == q.dtype and out.device == q.device
     r = ref.attention(q, k, v, scale)
@@ -157,6 +167,46 @@ def test_deterministic_across_thread_counts():
     torch.set_num_threads(threads)
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
+
+
+# ---- every CUDA kernel ---------------------------------------------------------------------------
+
+# LDMFAST_ATTENTION_KERNEL picks the kernel for float16 / bfloat16: each must pass on its own,
+# on the LDM shapes, the short-context edges (Lk = 1, 16, 17, 77, 80, 81 around the 80-key
+# limit of the short kernel) and odd query counts.
+CUDA_KERNELS = ["simt", "mma", "mma_sync", "fast"]
+CUDA_KERNEL_SHAPES = [
+    (2, 4096, 77, 2, 40), (2, 1024, 77, 2, 80), (2, 256, 77, 2, 160), (2, 1024, 77, 2, 64),
+    (1, 1024, 1024, 2, 80), (2, 256, 256, 2, 160), (1, 1024, 1024, 2, 64), (1, 4096, 4096, 1, 40),
+    (2, 10, 1, 2, 40), (1, 33, 16, 2, 32), (1, 300, 17, 3, 96), (2, 70, 80, 2, 128),
+    (1, 65, 81, 2, 40), (1, 1, 77, 1, 160), (3, 129, 200, 2, 64),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,Lq,Lk,H,D", CUDA_KERNEL_SHAPES)
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_kernel_choice(monkeypatch, kernel, B, Lq, Lk, H, D, dtype):
+    monkeypatch.setenv("LDMFAST_ATTENTION_KERNEL", kernel)
+    q, k, v = _qkv(B, Lq, Lk, H, D, dtype, torch.device("cuda"))
+    _check(q, k, v, what=f"{kernel} q{tuple(q.shape)} k{tuple(k.shape)} {dtype}")
+    # Views of a fused (B, Lk, 3, H, D) projection whose storage starts 2 bytes past a 16-byte
+    # boundary: row stride 3*H*D and no 16-byte loads, the kernels' scalar path.
+    n = B * Lk * 3 * H * D
+    kv = torch.randn(n + 1, device="cuda", dtype=dtype)[1:].view(B, Lk, 3, H, D)
+    assert kv.data_ptr() % 16 != 0
+    _check(q, kv[:, :, 1], kv[:, :, 2], what=f"{kernel} strided unaligned k/v")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_kernel_choice_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("LDMFAST_ATTENTION_KERNEL", "fastest")
+    q, k, v = _qkv(1, 8, 8, 1, 40, torch.float16, torch.device("cuda"))
+    with pytest.raises(RuntimeError, match="LDMFAST_ATTENTION_KERNEL must be one of .* got 'fastest'"):
+        ops.attention(q, k, v)
 
 
 # ---- seeded random sample -----------------------------------------------------------------------

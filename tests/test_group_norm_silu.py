@@ -7,6 +7,7 @@ with the reason it is there, then a seeded random sample.
 """
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 
 import ldmfast.ops as ops
 import ldmfast.ref as ref
-from conftest import assert_parity
+from conftest import assert_parity, skip_large_under_sanitizer
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -27,6 +28,7 @@ def _poison(monkeypatch):
 
 def _inputs(shape, dtype, device, *, param_dtype=torch.float32, mean=0.0, std=1.0, emb=False,
             channels_last=False, seed=0):
+    skip_large_under_sanitizer(math.prod(shape), device)
     g = torch.Generator().manual_seed(seed)
     C = shape[1]
     x = (torch.randn(shape, generator=g) * std + mean).to(dtype)

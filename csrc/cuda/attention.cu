@@ -10,7 +10,6 @@
 // agrees across them. Shared-memory reads are a broadcast across lane groups and 8 consecutive
 // words within one: conflict-free.
 #include <cmath>
-#include <cstdlib>
 
 #include "attention_mma.cuh"
 #include "common.cuh"
@@ -195,28 +194,27 @@ int launch(const AttentionParams& p, cudaStream_t stream) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-// The tensor-core kernel of attention_mma.cu is UNVERIFIED ON GPU: it runs only when the
-// environment sets LDMFAST_ATTENTION_MMA (read once): 1 the pipelined variant, 2 the plain one.
-// Make it the default for float16 / bfloat16 after it passes the parity tests.
-int mma_opt_in() {
-  static const int mode = [] {
-    const char* env = std::getenv("LDMFAST_ATTENTION_MMA");
-    return env == nullptr ? 0 : env[0] == '1' ? 1 : env[0] == '2' ? 2 : 0;
-  }();
-  return mode;
-}
-
 }  // namespace
 
 bool attention_supports_head_dim(int64_t d) {
   return d == 32 || d == 40 || d == 64 || d == 80 || d == 96 || d == 128 || d == 160;
 }
 
-int attention(const AttentionParams& p, cudaStream_t stream) {
+int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel) {
   if (!attention_supports_head_dim(p.D)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);  // softmax over no keys
-  if (mma_opt_in() != 0 && attention_mma_supports(p)) return attention_mma(p, stream, mma_opt_in() == 1);
+  // The tensor-core kernels are UNVERIFIED ON GPU, so kDefault stays on the SIMT kernel.
+  if (attention_mma_supports(p)) {
+    switch (kernel) {
+      case AttentionKernel::kFast:
+        return attention_short_supports(p) ? attention_short(p, stream) : attention_mma(p, stream, true);
+      case AttentionKernel::kMma: return attention_mma(p, stream, true);
+      case AttentionKernel::kMmaSync: return attention_mma(p, stream, false);
+      case AttentionKernel::kDefault:
+      case AttentionKernel::kSimt: break;
+    }
+  }
   switch (p.dtype) {
     case DType::kFloat32: return launch<float>(p, stream);
     case DType::kFloat16: return launch<__half>(p, stream);

@@ -16,10 +16,9 @@
 // default when opted in) and plain (synchronous loads; kept to compare and to fall back on).
 #include <cmath>
 #include <cstdlib>
-#include <cstring>
 
 #include "attention_mma.cuh"
-#include "common.cuh"
+#include "mma.cuh"
 
 namespace ldmfast::cuda {
 namespace {
@@ -33,111 +32,6 @@ constexpr int kBlockK = 64;           // keys per tile; Q is staged in the K buf
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 static_assert(kBlockK >= kBlockQ, "Q is staged through the K tile buffer");
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(smem_addr(p)));
-}
-
-// 16-byte global -> shared copy that bypasses registers; `fill` false writes 16 zero bytes
-// (src-size 0) without reading src.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(fill ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-template <class T> struct Mma;
-
-template <> struct Mma<__half> {
-  // d += a (16x16, row) * b (16x8, col)
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  // Two floats as one register of the A operand; `lo` is the lower column.
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __half2 h = __floats2half2_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &h, 4);
-    return r;
-  }
-};
-
-template <> struct Mma<__nv_bfloat16> {
-  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-        "{%8, %9}, {%0, %1, %2, %3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
-    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-    uint32_t r;
-    memcpy(&r, &h, 4);
-    return r;
-  }
-};
-
-// Copies `rows` rows of D elements (row r from src + (row0 + r) * stride_l) into shared memory
-// rows of kStride elements, as 16-byte chunks. Rows at or past L and the columns D..DPAD are
-// zeros: the padding enters the QK^T reduction, and rows past Lk meet P = 0 in P V, where
-// garbage (a NaN) would still poison the sum. kAsync (needs vec) issues cp.async copies and one
-// commit group instead: the caller waits (cp_async_wait_all, then a barrier) before reading.
-template <int D, int DPAD, int kStride, bool kAsync, class T>
-__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L,
-                                          int rows, bool vec) {
-  constexpr int kChunks = DPAD / 8;
-  constexpr int kDataChunks = D / 8;
-  if (kAsync && vec) {
-    for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
-      const int r = idx / kChunks, c = idx - r * kChunks;
-      const bool fill = c < kDataChunks && row0 + r < L;
-      cp_async16(dst + r * kStride + c * 8, fill ? src + (row0 + r) * stride_l + c * 8 : src, fill);
-    }
-    cp_async_commit();
-    return;
-  }
-  for (int idx = threadIdx.x; idx < rows * kChunks; idx += kThreads) {
-    const int r = idx / kChunks, c = idx - r * kChunks;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (c < kDataChunks && row0 + r < L) {
-      const T* s = src + (row0 + r) * stride_l + c * 8;
-      if (vec) {
-        val = *reinterpret_cast<const uint4*>(s);
-      } else {
-        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
-        uint32_t w[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = static_cast<uint32_t>(s16[2 * e]) | (static_cast<uint32_t>(s16[2 * e + 1]) << 16);
-        val = make_uint4(w[0], w[1], w[2], w[3]);
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = val;
-  }
-}
 
 // kPipe: K and V in flight while the other is used (FlashAttention-2's order): V_j loads during
 // S = Q K_j^T, K_{j+1} during the softmax and P V_j. Each buffer is still single; a barrier
@@ -167,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
 
   // Q -> shared (the K buffer) -> A fragments: rows warp*16 + (lane % 16), columns kc*16 + 8*(lane / 16).
-  load_rows<D, DPAD, kStride, false, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
+  load_rows<D, DPAD, kStride, false, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec, threadIdx.x, kThreads);
   __syncthreads();
   uint32_t qf[KC][4];
 #pragma unroll
@@ -185,18 +79,18 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
   if constexpr (kPipe) {
     __syncthreads();  // every warp has its Q fragments out of the K buffer
-    load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, kBlockK, vec);
+    load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
   }
 
   for (int64_t k0 = 0; k0 < p.Lk; k0 += kBlockK) {
     if constexpr (kPipe) {
       cp_async_wait_all();  // K_j (this thread's copies)
       __syncthreads();      // K_j from every thread; every warp is done with P V_{j-1}, so V is free
-      load_rows<D, DPAD, kStride, true, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
+      load_rows<D, DPAD, kStride, true, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
     } else {
       __syncthreads();  // every warp is done with the buffers (the Q fragments, the last tile)
-      load_rows<D, DPAD, kStride, false, T>(sK, k, p.k_stride_l, k0, p.Lk, kBlockK, vec);
-      load_rows<D, DPAD, kStride, false, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec);
+      load_rows<D, DPAD, kStride, false, T>(sK, k, p.k_stride_l, k0, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
+      load_rows<D, DPAD, kStride, false, T>(sV, v, p.v_stride_l, k0, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
       __syncthreads();
     }
 
@@ -222,7 +116,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     if constexpr (kPipe) {
       cp_async_wait_all();  // V_j
       __syncthreads();      // V_j from every thread; every warp is done with Q K_j^T, so K is free
-      if (k0 + kBlockK < p.Lk) load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, k0 + kBlockK, p.Lk, kBlockK, vec);
+      if (k0 + kBlockK < p.Lk) load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, k0 + kBlockK, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
     }
 
     // Online softmax. The tile holds at least one key < Lk, so the new max is finite and the
@@ -309,11 +203,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
 template <int D, class T, bool kPipe>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
-  constexpr int64_t V = 8;  // elements of a 16-byte chunk
-  const bool vec = aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && p.q_stride_b % V == 0 &&
-                   p.q_stride_l % V == 0 && p.q_stride_h % V == 0 && p.k_stride_b % V == 0 &&
-                   p.k_stride_l % V == 0 && p.k_stride_h % V == 0 && p.v_stride_b % V == 0 &&
-                   p.v_stride_l % V == 0 && p.v_stride_h % V == 0;
+  const bool vec = qkv_aligned16(p);
   const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   attention_mma_kernel<D, T, kPipe><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);

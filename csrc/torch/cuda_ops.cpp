@@ -3,6 +3,9 @@
 // shim, whose declarations the CPU torch wheels ship as well.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "op_params.h"
 
 namespace ldmfast::binding {
@@ -30,6 +33,20 @@ class CudaScope {
   cudaStream_t stream_ = nullptr;
 };
 
+// LDMFAST_ATTENTION_KERNEL, read at every call so that a benchmark can compare the kernels in one
+// process: auto (or unset), simt, mma, mma_sync or fast (see AttentionKernel in attention.h).
+cuda::AttentionKernel attention_kernel_from_env() {
+  const char* env = std::getenv("LDMFAST_ATTENTION_KERNEL");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") return cuda::AttentionKernel::kDefault;
+  if (v == "simt") return cuda::AttentionKernel::kSimt;
+  if (v == "mma") return cuda::AttentionKernel::kMma;
+  if (v == "mma_sync") return cuda::AttentionKernel::kMmaSync;
+  if (v == "fast") return cuda::AttentionKernel::kFast;
+  TORCH_CHECK(false, "ldmfast.attention: LDMFAST_ATTENTION_KERNEL must be one of auto, simt, mma, mma_sync, "
+              "fast; got '", v, "'");
+}
+
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "ldmfast.", op, ": CUDA kernel launch failed with cudaError ", err);
 }
@@ -50,7 +67,8 @@ at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Te
   TORCH_CHECK_NOT_IMPLEMENTED(cuda::attention_supports_head_dim(c.p.D), "ldmfast.attention: head dim D=",
                               c.p.D, " is not supported by the CUDA kernel (supported: 32, 40, 64, 80, "
                               "96, 128, 160)");
-  if (c.o.numel() > 0) check_launch(cuda::attention(c.p, scope.stream()), "attention");
+  const cuda::AttentionKernel kernel = attention_kernel_from_env();
+  if (c.o.numel() > 0) check_launch(cuda::attention(c.p, scope.stream(), kernel), "attention");
   return c.o;
 }
 

@@ -1,6 +1,6 @@
 // Runs the ldmfast CUDA kernels on the CPU through emu.h and compares them with float64
 // references: every path the host code picks (vector / scalar, fused / stream, NCHW /
-// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma]
+// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma|short]
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -27,6 +27,10 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = getenv("EMU_SM90") ? 90 : 80; return cudaSuccess; }
 cudaError_t cudaOccupancyMaxActiveClusters(int* n, const void*, const cudaLaunchConfig_t*) { *n = 1; return cudaSuccess; }
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) { abort(); }
+cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute a, int v) {
+  // The emulator's shared memory has no limit; check what the kernel asks for is an H100's.
+  return a == cudaFuncAttributeMaxDynamicSharedMemorySize && v > 227 * 1024 ? cudaErrorInvalidValue : cudaSuccess;
+}
 }
 
 using namespace ldmfast;
@@ -127,6 +131,7 @@ static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool no
 }
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
+// mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short.
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0) {
   const int64_t L = std::max(Lq, Lk);
   Buf qkv(dt, B * L * 3 * H * D, off), q(dt, B * Lq * H * D, off), k(dt, B * Lk * H * D, off), v(dt, B * Lk * H * D, off), o(dt, B * Lq * H * D, off);
@@ -151,7 +156,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
+  int rc = mma == 3 ? cuda::attention_short(p, nullptr) : mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
   auto rd = [&](const void* base, int64_t i) {
     if (dt == DType::kFloat32) return (double)static_cast<const float*>(base)[i];
     if (dt == DType::kFloat16) return (double)__half2float(static_cast<const __half*>(base)[i]);
@@ -176,7 +181,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -224,6 +229,18 @@ int main(int argc, char** argv) {
       test_attn(DType::kFloat16, 2, 1, 64, 77, 40, false, 0, true, mode);  // context 77
       test_attn(DType::kBFloat16, 1, 1, 3, 200, 64, false, 0, false, mode);  // 4 key tiles, one query
     }
+  }
+  if (which == "all" || which == "short") {
+    const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
+      // 8 (b, h) on the emulator's 4 "SMs": 2 CTAs per (b, h), so each warp walks 2-3 blocks of
+      // 16 rows with the Q prefetch; a last block of 12 rows; context 77 (5 key chunks, 3 padded).
+      test_attn(dt, 2, 4, 300, 77, D, true, 0, true, 3);
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 3);         // Lk = 1, scalar loads and stores
+    }
+    test_attn(DType::kFloat16, 1, 2, 64, 80, 40, false, 0, false, 3);   // the largest context
+    test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);   // one full key chunk
+    test_attn(DType::kFloat16, 3, 1, 17, 17, 160, true, 1, true, 3);    // one key past a chunk, unaligned
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

@@ -1,9 +1,9 @@
-"""Rewrites a kernel source for the CPU emulator: emu.h before common.cuh, dynamic shared memory
-from emu::dyn_smem, `k<<<grid, block, smem, stream>>>(args)` as emu::launch(...), and for the
-mma kernel the inline-PTX helpers replaced by the software ones of emu_mma.h."""
+"""Rewrites a kernel source for the CPU emulator: emu.h first, dynamic shared memory
+from emu::dyn_smem, `k<<<grid, block, smem, stream>>>(args)` as emu::launch(...). The inline-PTX
+helpers of mma.cuh are swapped for emu_mma.h's by -DLDMFAST_EMU (run.sh)."""
 import os, re, sys, zlib
 src = open(sys.argv[1]).read()
-src = src.replace('#include "common.cuh"', '#include "emu.h"\n#include "common.cuh"')
+src = '#include "emu.h"\n' + src
 src = re.sub(r'extern __shared__ (\w+) (\w+)\[\];', r'\1* \2 = emu::dyn_smem<\1>();', src)
 # Static __shared__ variables: one instance per CTA, in the CTA's arena.
 counter = iter(range(1, 1 << 30))
@@ -25,9 +25,4 @@ def launch(m):
     while len(parts) < 4: parts.append('0' if len(parts) == 2 else 'nullptr')
     return f'emu::launch({k}, dim3({parts[0]}), dim3({parts[1]}), {parts[2]}, {parts[3]}, {args});'
 src = re.sub(r'(\b[\w:]+(?:<[^;<>]*>)?)<<<(.+?)>>>\((.*?)\);', launch, src)
-if 'attention_mma_kernel' in src:
-    a = src.index('__device__ __forceinline__ uint32_t smem_addr')
-    b = src.index('// Copies `rows` rows')
-    src = src[:a] + src[b:]
-    src = src.replace('namespace {\n\nusing namespace detail;', 'namespace {\n\nusing namespace detail;\n#include "emu_mma.h"', 1)
 open(sys.argv[2], 'w').write(src)

@@ -31,8 +31,15 @@ void attention(const AttentionParams& p);
 namespace cuda {
 // Head dims the CUDA kernel is instantiated for; anything else is refused by the binding.
 bool attention_supports_head_dim(int64_t d);
+// Which kernel runs float16 / bfloat16 (float32 always takes the SIMT kernel):
+//   kSimt     float32 FMA on the CUDA cores, the checked reference path (the default for now)
+//   kMma      tensor cores, FlashAttention-2 style, K/V loads overlapped with cp.async
+//   kMmaSync  the same with synchronous loads
+//   kFast     tensor cores: the short-context kernel when Lk <= 80, else kMma
+// kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
+enum class AttentionKernel : int32_t { kDefault = 0, kSimt, kMma, kMmaSync, kFast };
 // Launches on `stream`; returns 0 on success or a cudaError_t value.
-int attention(const AttentionParams& p, cudaStream_t stream);
+int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kDefault);
 }
 
 }  // namespace ldmfast

@@ -153,3 +153,6 @@ template <class T> T* dyn_smem() { return reinterpret_cast<T*>(t_block->dsmem.da
 template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, T* f) {
   return cudaFuncGetAttributes(a, reinterpret_cast<const void*>(f));
 }
+template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) {
+  return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
+}

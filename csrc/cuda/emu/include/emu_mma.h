@@ -1,5 +1,5 @@
-// Software ldmatrix / mma.sync.m16n8k16 following the PTX ISA fragment layouts, so the
-// tensor-core attention kernel can run in the emulator.
+// Software ldmatrix / mma.sync.m16n8k16 / cp.async following the PTX ISA fragment layouts: what
+// mma.cuh provides as inline PTX, so the tensor-core attention kernels can run in the emulator.
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -67,6 +67,7 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 }
 }  // namespace emu_mma
 
+namespace ldmfast::cuda::detail {
 // cp.async as an immediate copy: the emulator cannot see a missing wait, only wrong addresses.
 inline void cp_async16(void* dst, const void* src, bool fill) {
   if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
@@ -85,3 +86,4 @@ template <class T> struct Mma {
     return x[0] | (uint32_t(x[1]) << 16);
   }
 };
+}  // namespace ldmfast::cuda::detail

@@ -1,0 +1,254 @@
+// Attention with a short key sequence (Lk <= 80: the 77 text tokens that SD 1.x and 2.x attend
+// to, a single class token) for float16 / bfloat16 on the tensor cores.
+//
+// UNVERIFIED ON GPU: compile-checked and run in the CPU emulator only; attention.cu reaches it
+// only when asked for (AttentionKernel::kFast).
+//
+// Cross-attention is memory-bound: all of K and V for one (b, h) fit in shared memory, so the
+// floor is one read of Q and one write of O. A CTA of 4 warps loads K and V of its (b, h) once
+// and its warps then walk blocks of 16 query rows each, independently (no CTA barrier after the
+// start): the next block's Q is fetched with cp.async while the current one is computed, so Q
+// streams through once. The whole key range is one tile, so the softmax needs no running
+// rescale: S = Q K^T over at most 80 keys (chunks of 16 past Lk are skipped), row max and sum
+// over the quad, P packed in place as the A operand of O = P V. O is staged in shared memory
+// per warp so that it leaves in 16-byte stores. A grid of about kCtasPerSm CTAs per SM (tunable
+// with LDMFAST_ATTENTION_SHORT_CTAS_PER_SM) bounds how often K and V are re-read from L2.
+#include <cmath>
+#include <cstdlib>
+
+#include "attention_mma.cuh"
+#include "mma.cuh"
+
+namespace ldmfast::cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kWarps = 4;
+constexpr int kThreads = kWarps * 32;
+constexpr int kMaxKeys = 80;  // 5 chunks of 16: 77 context tokens fit with 3 keys of padding
+constexpr int kCtasPerSm = 4;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int D> struct Tile {
+  static constexpr int DPAD = (D + 15) / 16 * 16;
+  static constexpr int kStride = DPAD + 8;  // +16 bytes: conflict-free ldmatrix rows
+  // K, V (kMaxKeys rows each), then per warp a Q and an O buffer of 16 rows.
+  template <class T> static constexpr size_t smem_bytes() {
+    return static_cast<size_t>(2 * kMaxKeys + kWarps * 2 * 16) * kStride * sizeof(T);
+  }
+};
+
+template <int D, class T>
+__global__ void __launch_bounds__(kThreads)
+    attention_short_kernel(const AttentionParams p, const int64_t ctas_per_bh, const bool vec, const bool vec_o) {
+  static_assert(D % 8 == 0, "P V covers D in n8 tiles");
+  constexpr int DPAD = Tile<D>::DPAD;
+  constexpr int kStride = Tile<D>::kStride;
+  constexpr int KC = DPAD / 16;        // k16 chunks of the QK^T reduction
+  constexpr int NT = kMaxKeys / 8;     // n8 key tiles of S
+  constexpr int DT = D / 8;            // n8 tiles of O
+  extern __shared__ uint4 smem_raw[];  // uint4: 16-byte aligned rows for cp.async and ldmatrix
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane >> 2, quad_col = lane & 3;  // the mma "groupID" and "threadID_in_group"
+  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sV = sK + kMaxKeys * kStride;
+  T* sQ = sV + kMaxKeys * kStride + warp * 2 * 16 * kStride;
+  T* sO = sQ + 16 * kStride;
+
+  const int64_t bh = blockIdx.x / ctas_per_bh, cta = blockIdx.x - bh * ctas_per_bh;
+  const int64_t b = bh / p.H, h = bh - b * p.H;
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+
+  const int nkc = static_cast<int>(ceil_div(p.Lk, 16));  // key chunks in use, 1..5
+  const int64_t nrb = ceil_div(p.Lq, 16);                 // blocks of 16 query rows
+  const int64_t step = ctas_per_bh * kWarps;
+  int64_t rb = cta * kWarps + warp;
+
+  // K and V once (rows Lk..16*nkc zero), and this warp's first Q block.
+  load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, 16 * nkc, vec, threadIdx.x, kThreads);
+  load_rows<D, DPAD, kStride, true, T>(sV, v, p.v_stride_l, 0, p.Lk, 16 * nkc, vec, threadIdx.x, kThreads);
+  if (rb < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, rb * 16, p.Lq, 16, vec, lane, 32);
+  cp_async_wait_all();
+  __syncthreads();
+
+  const float qscale = p.scale * kLog2e;  // scores in log2 units
+  for (; rb < nrb; rb += step) {
+    uint32_t qf[KC][4];
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[kc], sQ + (lane & 15) * kStride + kc * 16 + (lane >> 4) * 8);
+    __syncwarp();  // every lane's fragments are out of sQ before the prefetch overwrites it
+    const int64_t next = rb + step;
+    if (next < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, next * 16, p.Lq, 16, vec, lane, 32);
+
+    // S = Q K^T. B fragments of K as in attention_mma.cu: keys the n dim, d contiguous.
+    float s[NT][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc) {
+#pragma unroll
+      for (int np = 0; np < NT / 2; ++np) {
+        if (np < nkc) {  // a warp-uniform test; the indices into s stay compile-time
+          uint32_t kf[4];
+          ldmatrix_x4(kf, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
+          Mma<T>::run(s[2 * np], qf[kc], kf[0], kf[1]);
+          Mma<T>::run(s[2 * np + 1], qf[kc], kf[2], kf[3]);
+        }
+      }
+    }
+
+    // Softmax over the whole key range at once. Key 0 is always valid, so the max is finite.
+    // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
+    float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const int key = j * 8 + quad_col * 2 + (c & 1);
+        s[j][c] = key < p.Lk ? s[j][c] * qscale : -INFINITY;
+        mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
+      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
+    }
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        s[j][c] = exp2f(s[j][c] - mx[c >> 1]);  // 0 past Lk
+        l[c >> 1] += s[j][c];
+      }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
+      l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
+    }
+
+    // O = P V: the accumulators of key tiles 2kk, 2kk+1 are the A fragment of keys kk*16..+15.
+    float o[DT][4];
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[dt][c] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; ++kk) {
+      if (kk >= nkc) break;
+      uint32_t pa[4];
+      pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
+      pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
+      pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+      pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
+#pragma unroll
+      for (int dp = 0; dp < DT / 2; ++dp) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, vrow + dp * 16 + (lane >> 4) * 8);
+        Mma<T>::run(o[2 * dp], pa, vf[0], vf[1]);
+        Mma<T>::run(o[2 * dp + 1], pa, vf[2], vf[3]);
+      }
+      if constexpr (DT % 2 == 1) {  // D = 40: an odd count of n8 tiles
+        uint32_t vf[2];
+        ldmatrix_x2_trans(vf, vrow + (DT - 1) * 8);
+        Mma<T>::run(o[DT - 1], pa, vf[0], vf[1]);
+      }
+    }
+
+    // Normalise into the warp's O buffer, then out in 16-byte chunks.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float inv = 1.0f / l[r];
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+        *reinterpret_cast<uint32_t*>(sO + (quad_row + 8 * r) * kStride + dt * 8 + 2 * quad_col) =
+            Mma<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+    }
+    __syncwarp();
+    constexpr int kChunks = D / 8;
+    for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+      const int r = idx / kChunks, c = idx - r * kChunks;
+      const int64_t row = rb * 16 + r;
+      if (row >= p.Lq) break;  // rows grow with idx
+      const T* src = sO + r * kStride + c * 8;
+      T* dst = out + row * p.o_stride_l + c * 8;
+      if (vec_o) {
+        store16(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(src));
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) dst[e] = src[e];
+      }
+    }
+    if (p.lse != nullptr && quad_col == 0) {
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int64_t row = rb * 16 + quad_row + 8 * r;
+        if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (mx[r] + log2f(l[r])) * kLn2;
+      }
+    }
+    if (next < nrb) cp_async_wait_all();  // the next Q block (this lane's copies)
+    __syncwarp();  // ... from every lane; and sO is read before the next block rewrites it
+  }
+}
+
+int ctas_per_sm() {
+  const char* env = std::getenv("LDMFAST_ATTENTION_SHORT_CTAS_PER_SM");
+  const int n = env == nullptr ? 0 : std::atoi(env);
+  return n > 0 ? n : kCtasPerSm;
+}
+
+template <int D, class T>
+int launch_d(const AttentionParams& p, cudaStream_t stream) {
+  constexpr size_t smem = Tile<D>::template smem_bytes<T>();
+  const bool vec = qkv_aligned16(p);
+  const bool vec_o = aligned16(p.o) && p.o_stride_b % 8 == 0 && p.o_stride_l % 8 == 0 && p.o_stride_h % 8 == 0;
+  // As many CTAs per (b, h) as fill the machine kCtasPerSm deep, but no warp without a block.
+  const int64_t bh = p.B * p.H;
+  const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);
+  int64_t cpb = ceil_div(static_cast<int64_t>(ctas_per_sm()) * sm_count(), bh);
+  cpb = cpb < 1 ? 1 : cpb > max_cpb ? max_cpb : cpb;
+  const int64_t blocks = bh * cpb;
+  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  if (smem > 48 * 1024) {
+    const cudaError_t err = cudaFuncSetAttribute(attention_short_kernel<D, T>,
+                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    if (err != cudaSuccess) return static_cast<int>(err);
+  }
+  attention_short_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, cpb, vec, vec_o);
+  return launch_status();
+}
+
+template <class T>
+int launch(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_d<32, T>(p, stream);
+    case 40: return launch_d<40, T>(p, stream);
+    case 64: return launch_d<64, T>(p, stream);
+    case 80: return launch_d<80, T>(p, stream);
+    case 96: return launch_d<96, T>(p, stream);
+    case 128: return launch_d<128, T>(p, stream);
+    case 160: return launch_d<160, T>(p, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+}  // namespace
+
+bool attention_short_supports(const AttentionParams& p) {
+  return attention_mma_supports(p) && p.Lk >= 1 && p.Lk <= kMaxKeys;
+}
+
+int attention_short(const AttentionParams& p, cudaStream_t stream) {
+  if (!attention_short_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace ldmfast::cuda

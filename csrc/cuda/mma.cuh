@@ -1,0 +1,137 @@
+// Tensor-core building blocks shared by the attention kernels (sm_80+): ldmatrix, cp.async and
+// mma.sync.m16n8k16 with float32 accumulation as inline PTX, and a row loader that stages
+// (rows x D) tiles of a (B, L, H, D) tensor in shared memory. Under the CPU emulator
+// (LDMFAST_EMU) the PTX helpers come from emu_mma.h, software versions with the same fragment
+// layouts.
+#pragma once
+#include <cstring>
+
+#include "common.cuh"
+#include "ldmfast/attention.h"
+
+#if defined(LDMFAST_EMU)
+#include "emu_mma.h"
+#else
+namespace ldmfast::cuda::detail {
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(p)));
+}
+
+// 16-byte global -> shared copy that bypasses registers; `fill` false writes 16 zero bytes
+// (src-size 0) without reading src.
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(fill ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+
+template <class T> struct Mma;
+
+template <> struct Mma<__half> {
+  // d += a (16x16, row) * b (16x8, col)
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  // Two floats as one 32-bit register of packed halves; `lo` is the lower column.
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __half2 h = __floats2half2_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+};
+
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+  static __device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+    uint32_t r;
+    memcpy(&r, &h, 4);
+    return r;
+  }
+};
+
+}  // namespace ldmfast::cuda::detail
+#endif
+
+namespace ldmfast::cuda::detail {
+
+// Copies `rows` rows of D elements (row r from src + (row0 + r) * stride_l) into shared memory
+// rows of kStride elements, as 16-byte chunks, spread over the `nthreads` threads numbered from
+// `tid`. Rows at or past L and the columns D..DPAD are zeros: the padding enters the QK^T
+// reduction, and rows past Lk meet P = 0 in P V, where garbage (a NaN) would still poison the
+// sum. kAsync (needs vec) issues cp.async copies and one commit group instead: the caller waits
+// (cp_async_wait_all, then a barrier) before reading.
+template <int D, int DPAD, int kStride, bool kAsync, class T>
+__device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L,
+                                          int rows, bool vec, int tid, int nthreads) {
+  constexpr int kChunks = DPAD / 8;
+  constexpr int kDataChunks = D / 8;
+  if (kAsync && vec) {
+    for (int idx = tid; idx < rows * kChunks; idx += nthreads) {
+      const int r = idx / kChunks, c = idx - r * kChunks;
+      const bool fill = c < kDataChunks && row0 + r < L;
+      cp_async16(dst + r * kStride + c * 8, fill ? src + (row0 + r) * stride_l + c * 8 : src, fill);
+    }
+    cp_async_commit();
+    return;
+  }
+  for (int idx = tid; idx < rows * kChunks; idx += nthreads) {
+    const int r = idx / kChunks, c = idx - r * kChunks;
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (c < kDataChunks && row0 + r < L) {
+      const T* s = src + (row0 + r) * stride_l + c * 8;
+      if (vec) {
+        val = *reinterpret_cast<const uint4*>(s);
+      } else {
+        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
+        uint32_t w[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) w[e] = static_cast<uint32_t>(s16[2 * e]) | (static_cast<uint32_t>(s16[2 * e + 1]) << 16);
+        val = make_uint4(w[0], w[1], w[2], w[3]);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = val;
+  }
+}
+
+// Whether every q/k/v base and stride allows 16-byte (8-element) chunks.
+inline bool qkv_aligned16(const AttentionParams& p) {
+  constexpr int64_t V = 8;
+  return aligned16(p.q) && aligned16(p.k) && aligned16(p.v) && p.q_stride_b % V == 0 &&
+         p.q_stride_l % V == 0 && p.q_stride_h % V == 0 && p.k_stride_b % V == 0 &&
+         p.k_stride_l % V == 0 && p.k_stride_h % V == 0 && p.v_stride_b % V == 0 &&
+         p.v_stride_l % V == 0 && p.v_stride_h % V == 0;
+}
+
+}  // namespace ldmfast::cuda::detail
