@@ -29,6 +29,19 @@ if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-s
     echo "$tool exit code $? (log: sanitizer_$tool.log)"; tail -3 "$OUT/sanitizer_$tool.log"
   done
 fi
+echo "== SASS: tensor-core (HMMA) instructions in the attention kernels"
+so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
+cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
+if [ -n "$so" ] && [ -x "$cuobjdump" ]; then
+  "$cuobjdump" -sass "$so" > "$OUT/sass.txt" 2>&1
+  # Per kernel function: count of HMMA lines; the mma and short kernels must have some.
+  awk '/Function :/ {f = $3; n[f] += 0} /HMMA/ {n[f]++} END {for (k in n) print n[k], k}' "$OUT/sass.txt" \
+    | grep -E "attention_(mma|short|simt)_kernel" | sort -k2 > "$OUT/sass_hmma.txt"
+  awk '{split($2, a, "attention_"); sub(/_kernel.*/, "", a[2]); c[a[2]] += ($1 > 0); t[a[2]]++}
+       END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA\n", k, c[k], t[k]}' "$OUT/sass_hmma.txt"
+else
+  echo "no _C_cuda library or cuobjdump found"
+fi
 for b in benchmarks/bench_*_cuda.py; do
   [ -e "$b" ] || continue
   echo "== $b"

@@ -74,3 +74,21 @@ def test_cuda_kernels_compile_without_torch(tmp_path):
     assert glob.glob(str(build / "libldmfast_cuda_kernels.a"))
     for src in sources:
         assert os.path.basename(src) in log, f"{src} was not compiled"
+
+
+def test_cuda_binding_parses_with_cpu_torch():
+    """csrc/torch/cuda_ops.cpp is built only where CUDA is; here its C++ is at least checked
+    (g++ -fsyntax-only -DUSE_CUDA against the CPU torch's headers), so a binding error does not
+    wait for a GPU session to show."""
+    from torch.utils import cpp_extension
+    import sysconfig
+
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ not found")
+    cmd = [gxx, "-std=c++20", "-fsyntax-only", "-DUSE_CUDA",
+           *(f"-I{p}" for p in cpp_extension.include_paths()), f"-I{sysconfig.get_paths()['include']}",
+           f"-I{os.path.join(ROOT, 'csrc', 'include')}", f"-I{os.path.join(ROOT, 'csrc', 'torch')}",
+           os.path.join(ROOT, "csrc", "torch", "cuda_ops.cpp")]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-8000:]
