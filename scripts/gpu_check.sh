@@ -1,49 +1,97 @@
 #!/usr/bin/env bash
-# Run on the lent GPU machine (through the device tool) from the repo root:
-#   bash scripts/gpu_check.sh            (with .whl carried: see ../shared/GPU.md)
-# Builds ldmfast with its CUDA kernels for sm_90a, runs the CUDA tests, compute-sanitizer on the
-# kernel tests and the kernel benchmarks; logs and results go under $OUT.
+# Run on the lent GPU machine (through the device tool) from the repo root, with .whl carried
+# (see ../shared/GPU.md):
+#   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput, or all
+# A device command may run 10 minutes, so a session takes the stages in a few calls, e.g.
+#   1. build test sass       (build for sm_90a, pytest -m cuda, HMMA count of the attention kernels)
+#   2. sanitize              (compute-sanitizer memcheck and racecheck on the kernel tests)
+#   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
+#   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
+# Every stage builds first if csrc/ changed since the last build (the machine keeps the build
+# while it stays warm). Each stage has its own time limit (STAGE_TIMEOUT, default 540 s), so a
+# stage that runs long still leaves its logs and results under $OUT.
 set -uo pipefail
 OUT=${OUT:-/tmp/ldmfast-gpu}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+limit=${STAGE_TIMEOUT:-540}
+if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
 export LDMFAST_CUDA=1 LDMFAST_CUDA_ARCHS=${LDMFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16}
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
-echo "== build"
-if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  tail -50 "$OUT/build.log"; exit 1
-fi
-python3 -c "import ldmfast.ops as o; assert o.cuda_available(), 'CUDA kernels not loaded'; print('cuda ops loaded')"
-echo "== pytest -m cuda"
-python3 -m pytest -q -m cuda tests 2>&1 | tee "$OUT/pytest_cuda.log" | tail -25
-if command -v compute-sanitizer >/dev/null || [ -x /usr/local/cuda/bin/compute-sanitizer ]; then
-  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
-  for tool in memcheck racecheck; do
-    echo "== compute-sanitizer $tool"
-    LDMFAST_SANITIZER_SHAPES=1 "$cs" --tool "$tool" --error-exitcode 9 \
-      python3 -m pytest -q -x -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
-      > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool exit code $? (log: sanitizer_$tool.log)"; tail -3 "$OUT/sanitizer_$tool.log"
-  done
-fi
-echo "== SASS: tensor-core (HMMA) instructions in the attention kernels"
-so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
-cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
-if [ -n "$so" ] && [ -x "$cuobjdump" ]; then
+
+build() {
+  local so
+  so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
+  if [ -n "$so" ] && [ -z "$(find csrc setup.py CMakeLists.txt -newer "$so" -type f | head -1)" ]; then
+    echo "== build: up to date"; return 0
+  fi
+  echo "== build"
+  local t0=$SECONDS
+  if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    tail -50 "$OUT/build.log"; return 1
+  fi
+  echo "built in $((SECONDS - t0)) s"
+  python3 -c "import ldmfast.ops as o; assert o.cuda_available(), 'CUDA kernels not loaded'; print('cuda ops loaded')"
+}
+
+stage_test() {
+  echo "== pytest -m cuda"
+  timeout "$limit" python3 -m pytest -q -m cuda tests > "$OUT/pytest_cuda.log" 2>&1
+  echo "pytest exit code $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -3 "$OUT/pytest_cuda.log"
+}
+
+stage_sass() {
+  echo "== SASS: tensor-core (HMMA) instructions in the attention kernels"
+  local so cuobjdump
+  so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
+  cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
+  if [ -z "$so" ] || [ ! -x "$cuobjdump" ]; then echo "no _C_cuda library or cuobjdump found"; return 0; fi
   "$cuobjdump" -sass "$so" > "$OUT/sass.txt" 2>&1
-  # Per kernel function: count of HMMA lines; the mma and short kernels must have some.
+  # Per kernel function (mangled name): count of HMMA lines; the mma and short kernels need some.
   awk '/Function :/ {f = $3; n[f] += 0} /HMMA/ {n[f]++} END {for (k in n) print n[k], k}' "$OUT/sass.txt" \
     | grep -E "attention_(mma|short|simt)_kernel" | sort -k2 > "$OUT/sass_hmma.txt"
   awk '{split($2, a, "attention_"); sub(/_kernel.*/, "", a[2]); c[a[2]] += ($1 > 0); t[a[2]]++}
        END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA\n", k, c[k], t[k]}' "$OUT/sass_hmma.txt"
-else
-  echo "no _C_cuda library or cuobjdump found"
-fi
-for b in benchmarks/bench_*_cuda.py; do
-  [ -e "$b" ] || continue
-  echo "== $b"
-  python3 "$b" --csv "$OUT/$(basename "$b" .py).csv" 2>&1 | tee "$OUT/$(basename "$b" .py).log" | tail -40
+}
+
+stage_sanitize() {
+  local cs
+  cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+  if [ ! -x "$cs" ]; then echo "compute-sanitizer not found"; return 0; fi
+  for tool in memcheck racecheck; do
+    echo "== compute-sanitizer $tool"
+    # Big CUDA cases are skipped under the sanitizer (tests/conftest.py); half the limit each.
+    LDMFAST_SANITIZER_SHAPES=1 timeout $((limit / 2)) "$cs" --tool "$tool" --error-exitcode 9 \
+      python3 -m pytest -q -x -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
+      > "$OUT/sanitizer_$tool.log" 2>&1
+    echo "$tool exit code $? (124: time limit; log: sanitizer_$tool.log)"; tail -3 "$OUT/sanitizer_$tool.log"
+  done
+}
+
+stage_bench() {
+  for b in benchmarks/bench_*_cuda.py; do
+    echo "== $b"
+    timeout "$limit" python3 "$b" --csv "$OUT/$(basename "$b" .py).csv" > "$OUT/$(basename "$b" .py).log" 2>&1
+    echo "exit code $?"; tail -60 "$OUT/$(basename "$b" .py).log"
+  done
+}
+
+stage_throughput() {
+  echo "== benchmarks/throughput.py"
+  timeout "$limit" python3 benchmarks/throughput.py --csv "$OUT/throughput.csv" > "$OUT/throughput.log" 2>&1
+  echo "exit code $?"; tail -40 "$OUT/throughput.log"
+}
+
+stages=("$@")
+[ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
+build || exit 1
+for s in "${stages[@]}"; do
+  case "$s" in
+    build) ;;
+    test|sass|sanitize|bench|throughput) t0=$SECONDS; "stage_$s"; echo "($s: $((SECONDS - t0)) s)" ;;
+    *) echo "unknown stage '$s' (build test sass sanitize bench throughput all)"; exit 2 ;;
+  esac
 done
