@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 
@@ -192,6 +193,22 @@ def count_flops(fn):
     return fc.get_total_flops()
 
 
+def parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width):
+    """ldmfast's sampler and decoder (CUDA graphs on a GPU, as timed) against the diffusers
+    pipeline from the same x_T: relative error of the final latents, PSNR of the decoded images."""
+    graphs = x_T.device.type == "cuda"
+    z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=guidance, x_T=x_T,
+                     progress=False, cuda_graph=graphs)
+    img = model.decode(z, cuda_graph=graphs).float().clamp(-1, 1)
+    z_ref = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T, num_inference_steps=steps,
+                 guidance_scale=guidance, height=height, width=width, output_type="latent").images
+    img_ref = pipe.vae.decode(z_ref / pipe.vae.config.scaling_factor, return_dict=False)[0].float().clamp(-1, 1)
+    err = ((z.float() - z_ref.float()).norm() / z_ref.float().norm()).item()
+    mse = ((img - img_ref) / 2).pow(2).mean().item()  # images in [-1, 1]: PSNR over a range of 1
+    psnr = float("inf") if mse == 0 else -10 * math.log10(mse)
+    return err, psnr
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
@@ -351,8 +368,16 @@ def main(argv=None):
             if accelerated:
                 ldmfast.dropin.accelerate(pipe, restore=True)
 
-    base = results.get("diffusers")
     rows = []
+    if have_diffusers and any(p.startswith("ldmfast") for p in providers) and "diffusers" in providers:
+        with torch.no_grad():
+            err, psnr = parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width)
+        print(f"\nparity, ldmfast (as timed) vs diffusers eager from the same noise: final latents relative "
+              f"error {err:.2e} (target < 1e-2), decoded images {psnr:.1f} dB PSNR (target > 35)")
+        rows.append({"bench": "throughput", "op": "parity", "shape": f"{height}x{width}",
+                     "dtype": str(dtype).split(".")[-1], "layout": "", "provider": "ldmfast",
+                     "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}"})
+    base = results.get("diffusers")
     print()
     C.print_table(
         [{"provider": p, "unet_steps_per_s": 1 / r["step"], "step_ms": r["step"] * 1e3,

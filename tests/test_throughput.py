@@ -35,7 +35,13 @@ def test_builtin_preset_times_both_sides_on_the_same_weights(tmp_path):
         ["shapes-diffusers.png", "shapes-ldmfast.png"]
     rows = list(csv.DictReader(open(out)))
     assert {row["provider"] for row in rows} == {"ldmfast", "diffusers", "floor"}
-    assert all(row["note"] == "preset=shapes" for row in rows)
+    timed = [row for row in rows if row["op"] != "parity"]
+    assert all(row["note"] == "preset=shapes" for row in timed)
+    # the output parity of the target, from the same noise (float32 here: near exact)
+    (par,) = [row for row in rows if row["op"] == "parity"]
+    fields = dict(kv.split("=") for kv in par["note"].split())
+    assert float(fields["latent_rel_err"]) < 1e-4 and float(fields["psnr_db"]) > 60
+    assert "final latents relative error" in r.stdout
 
 
 def test_unknown_provider_is_a_usage_error(tmp_path):
