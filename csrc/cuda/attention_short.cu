@@ -12,7 +12,8 @@
 // rescale: S = Q K^T over at most 80 keys (chunks of 16 past Lk are skipped), row max and sum
 // over the quad, P packed in place as the A operand of O = P V. O is staged in shared memory
 // per warp so that it leaves in 16-byte stores. A grid of about kCtasPerSm CTAs per SM (tunable
-// with LDMFAST_ATTENTION_SHORT_CTAS_PER_SM) bounds how often K and V are re-read from L2.
+// with LDMFAST_ATTENTION_SHORT_CTAS_PER_SM, capped by the occupancy the kernel can reach) bounds
+// how often K and V are re-read from L2.
 #include <cmath>
 #include <cstdlib>
 
@@ -209,18 +210,25 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = Tile<D>::template smem_bytes<T>();
   const bool vec = qkv_aligned16(p);
   const bool vec_o = aligned16(p.o) && p.o_stride_b % 8 == 0 && p.o_stride_l % 8 == 0 && p.o_stride_h % 8 == 0;
-  // As many CTAs per (b, h) as fill the machine kCtasPerSm deep, but no warp without a block.
-  const int64_t bh = p.B * p.H;
-  const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);
-  int64_t cpb = ceil_div(static_cast<int64_t>(ctas_per_sm()) * sm_count(), bh);
-  cpb = cpb < 1 ? 1 : cpb > max_cpb ? max_cpb : cpb;
-  const int64_t blocks = bh * cpb;
-  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  // As many CTAs per (b, h) as fill the machine kCtasPerSm deep (or as deep as registers and
+  // shared memory allow: 2 at D = 160), but no CTA without a block: each CTA loads K and V once,
+  // so more CTAs than run at once would only re-read them.
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_short_kernel<D, T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err != cudaSuccess) return static_cast<int>(err);
   }
+  int resident = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem) !=
+          cudaSuccess || resident < 1)
+    resident = 1;
+  const int per_sm = ctas_per_sm() < resident ? ctas_per_sm() : resident;
+  const int64_t bh = p.B * p.H;
+  const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);
+  int64_t cpb = ceil_div(static_cast<int64_t>(per_sm) * sm_count(), bh);
+  cpb = cpb < 1 ? 1 : cpb > max_cpb ? max_cpb : cpb;
+  const int64_t blocks = bh * cpb;
+  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   attention_short_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, cpb, vec, vec_o);
   return launch_status();
 }

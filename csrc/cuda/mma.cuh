@@ -39,10 +39,13 @@ __device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* 
 // 16-byte global -> shared copy that bypasses registers; `fill` false writes 16 zero bytes
 // (src-size 0) without reading src.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill) {
+  // "memory": the compiler must not move shared-memory accesses across the copy (today every
+  // producer and consumer is also separated by a barrier; this keeps it safe if one is not).
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(fill ? 16 : 0));
+               "r"(fill ? 16 : 0)
+               : "memory");
 }
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
 
 template <class T> struct Mma;

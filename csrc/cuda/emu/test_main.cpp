@@ -27,6 +27,10 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = getenv("EMU_SM90") ? 90 : 80; return cudaSuccess; }
 cudaError_t cudaOccupancyMaxActiveClusters(int* n, const void*, const cudaLaunchConfig_t*) { *n = 1; return cudaSuccess; }
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) { abort(); }
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t smem) {
+  *n = smem > 113 * 1024 ? 1 : smem > 75 * 1024 ? 2 : 4;  // roughly an H100's 227 KB per SM
+  return cudaSuccess;
+}
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute a, int v) {
   // The emulator's shared memory has no limit; check what the kernel asks for is an H100's.
   return a == cudaFuncAttributeMaxDynamicSharedMemorySize && v > 227 * 1024 ? cudaErrorInvalidValue : cudaSuccess;

@@ -156,3 +156,6 @@ template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, T* f
 template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) {
   return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
 }
+template <class T> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, T* f, int threads, size_t smem) {
+  return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, reinterpret_cast<const void*>(f), threads, smem);
+}
