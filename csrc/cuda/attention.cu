@@ -182,22 +182,13 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
 
 template <class T>
 int launch(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 32: return launch_d<32, T>(p, stream);
-    case 40: return launch_d<40, T>(p, stream);
-    case 64: return launch_d<64, T>(p, stream);
-    case 80: return launch_d<80, T>(p, stream);
-    case 96: return launch_d<96, T>(p, stream);
-    case 128: return launch_d<128, T>(p, stream);
-    case 160: return launch_d<160, T>(p, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T>(p, stream); });
 }
 
 }  // namespace
 
 bool attention_supports_head_dim(int64_t d) {
-  return d == 32 || d == 40 || d == 64 || d == 80 || d == 96 || d == 128 || d == 160;
+  return with_head_dim(d, [](auto) { return 0; }) == 0;
 }
 
 int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel) {

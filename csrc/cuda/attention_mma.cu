@@ -99,19 +99,10 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
-    // B fragments of K (keys are the n dim, d the k dim, d contiguous: "col" layout, no
-    // transpose). Matrices of one x4: keys +0..7 | d +0..7, keys +0..7 | d +8..15,
-    // keys +8..15 | d +0..7, keys +8..15 | d +8..15.
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
+    for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        uint32_t kf[4];
-        ldmatrix_x4(kf, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
-        Mma<T>::run(s[2 * np], qf[kc], kf[0], kf[1]);
-        Mma<T>::run(s[2 * np + 1], qf[kc], kf[2], kf[3]);
-      }
-    }
+      for (int np = 0; np < NT / 2; ++np) qk_16keys<kStride>(s[2 * np], s[2 * np + 1], qf[kc], sK, np * 16, kc, lane);
 
     if constexpr (kPipe) {
       cp_async_wait_all();  // V_j
@@ -151,31 +142,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 #pragma unroll
       for (int c = 0; c < 4; ++c) o[dt][c] *= alpha[c >> 1];
 
-    // O += P V. A fragment of keys kk*16..+15 = the accumulators of key tiles 2kk and 2kk+1.
-    // B fragments of V (keys are the k dim, d the n dim, d contiguous: transposed ldmatrix).
-    // Matrices of one x4: keys +0..7 | d +0..7, keys +8..15 | d +0..7, keys +0..7 | d +8..15,
-    // keys +8..15 | d +8..15.
+    // O += P V.
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk) {
-      uint32_t pa[4];
-      pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, vrow + dp * 16 + (lane >> 4) * 8);
-        Mma<T>::run(o[2 * dp], pa, vf[0], vf[1]);
-        Mma<T>::run(o[2 * dp + 1], pa, vf[2], vf[3]);
-      }
-      if constexpr (DT % 2 == 1) {  // D = 40: an odd count of n8 tiles
-        uint32_t vf[2];
-        ldmatrix_x2_trans(vf, vrow + (DT - 1) * 8);
-        Mma<T>::run(o[DT - 1], pa, vf[0], vf[1]);
-      }
-    }
+    for (int kk = 0; kk < kBlockK / 16; ++kk) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);
   }
 
   // The 4 lanes of a quad hold disjoint columns of the same two rows.
@@ -212,16 +181,7 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
 
 template <class T, bool kPipe>
 int launch(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 32: return launch_d<32, T, kPipe>(p, stream);
-    case 40: return launch_d<40, T, kPipe>(p, stream);
-    case 64: return launch_d<64, T, kPipe>(p, stream);
-    case 80: return launch_d<80, T, kPipe>(p, stream);
-    case 96: return launch_d<96, T, kPipe>(p, stream);
-    case 128: return launch_d<128, T, kPipe>(p, stream);
-    case 160: return launch_d<160, T, kPipe>(p, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, kPipe>(p, stream); });
 }
 
 }  // namespace

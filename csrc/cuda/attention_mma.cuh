@@ -1,10 +1,31 @@
-// The tensor-core attention kernels, declared apart from the contract: alternative
+// Internal to the CUDA attention kernels: the head-dim dispatch they share, and the tensor-core
+// kernels, declared apart from the contract: alternative
 // implementations of ldmfast::cuda::attention for float16 / bfloat16 that attention.cu reaches
 // through AttentionKernel until they have passed the parity tests on a GPU.
 #pragma once
+#include <cuda_runtime.h>
+
+#include <type_traits>
+
 #include "ldmfast/attention.h"
 
 namespace ldmfast::cuda {
+
+// The one list of head dims the attention kernels are instantiated for: calls
+// f(std::integral_constant<int, D>{}) for a supported d, else returns cudaErrorInvalidValue.
+template <class F>
+int with_head_dim(int64_t d, F&& f) {
+  switch (d) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 40: return f(std::integral_constant<int, 40>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 80: return f(std::integral_constant<int, 80>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    case 160: return f(std::integral_constant<int, 160>{});
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
 
 // True when attention_mma can run `p` (float16 / bfloat16 and a supported head dim).
 bool attention_mma_supports(const AttentionParams& p);

@@ -86,24 +86,18 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t next = rb + step;
     if (next < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, next * 16, p.Lq, 16, vec, lane, 32);
 
-    // S = Q K^T. B fragments of K as in attention_mma.cu: keys the n dim, d contiguous.
+    // S = Q K^T over the key chunks in use (a warp-uniform test; the indices into s stay
+    // compile-time).
     float s[NT][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) {
+    for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) {
-        if (np < nkc) {  // a warp-uniform test; the indices into s stay compile-time
-          uint32_t kf[4];
-          ldmatrix_x4(kf, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
-          Mma<T>::run(s[2 * np], qf[kc], kf[0], kf[1]);
-          Mma<T>::run(s[2 * np + 1], qf[kc], kf[2], kf[3]);
-        }
-      }
-    }
+      for (int np = 0; np < NT / 2; ++np)
+        if (np < nkc) qk_16keys<kStride>(s[2 * np], s[2 * np + 1], qf[kc], sK, np * 16, kc, lane);
 
     // Softmax over the whole key range at once. Key 0 is always valid, so the max is finite.
     // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
@@ -134,34 +128,15 @@ __global__ void __launch_bounds__(kThreads)
       l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
     }
 
-    // O = P V: the accumulators of key tiles 2kk, 2kk+1 are the A fragment of keys kk*16..+15.
+    // O = P V.
     float o[DT][4];
 #pragma unroll
     for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
       for (int c = 0; c < 4; ++c) o[dt][c] = 0.0f;
 #pragma unroll
-    for (int kk = 0; kk < NT / 2; ++kk) {
-      if (kk >= nkc) break;
-      uint32_t pa[4];
-      pa[0] = Mma<T>::pack(s[2 * kk][0], s[2 * kk][1]);
-      pa[1] = Mma<T>::pack(s[2 * kk][2], s[2 * kk][3]);
-      pa[2] = Mma<T>::pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      pa[3] = Mma<T>::pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-      const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
-#pragma unroll
-      for (int dp = 0; dp < DT / 2; ++dp) {
-        uint32_t vf[4];
-        ldmatrix_x4_trans(vf, vrow + dp * 16 + (lane >> 4) * 8);
-        Mma<T>::run(o[2 * dp], pa, vf[0], vf[1]);
-        Mma<T>::run(o[2 * dp + 1], pa, vf[2], vf[3]);
-      }
-      if constexpr (DT % 2 == 1) {  // D = 40: an odd count of n8 tiles
-        uint32_t vf[2];
-        ldmatrix_x2_trans(vf, vrow + (DT - 1) * 8);
-        Mma<T>::run(o[DT - 1], pa, vf[0], vf[1]);
-      }
-    }
+    for (int kk = 0; kk < NT / 2; ++kk)
+      if (kk < nkc) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);
 
     // Normalise into the warp's O buffer, then out in 16-byte chunks.
 #pragma unroll
@@ -235,16 +210,7 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
 
 template <class T>
 int launch(const AttentionParams& p, cudaStream_t stream) {
-  switch (p.D) {
-    case 32: return launch_d<32, T>(p, stream);
-    case 40: return launch_d<40, T>(p, stream);
-    case 64: return launch_d<64, T>(p, stream);
-    case 80: return launch_d<80, T>(p, stream);
-    case 96: return launch_d<96, T>(p, stream);
-    case 128: return launch_d<128, T>(p, stream);
-    case 160: return launch_d<160, T>(p, stream);
-  }
-  return static_cast<int>(cudaErrorInvalidValue);
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T>(p, stream); });
 }
 
 }  // namespace
