@@ -5,7 +5,9 @@
 
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
 SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
-written once), fraction of the copy bandwidth measured in the same run, ratio to each peer.
+written once), fraction of the copy bandwidth measured in the same run, ratio to each peer; for
+channels_last also ldmfast_groups (LDMFAST_GN_KERNEL=groups, the cluster-per-group kernel, beside
+the default that takes the coalesced rows kernels for large groups).
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
 selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
@@ -94,6 +96,10 @@ def bench_gn(args, dev, bw):
                     e = torch.randn(N, Cc, device=dev, dtype=dt) if with_emb else None
                     provs = {"ldmfast": lambda i: ops.group_norm_silu(xs[i], w, b, G, eps, True, e),
                              "eager": lambda i: eager(xs[i], w, b, e, eps)}
+                    if layout == "nhwc":
+                        # The cluster-per-group kernel beside the default (rows, for large groups).
+                        provs["ldmfast_groups"] = lambda i: _with_env(
+                            "LDMFAST_GN_KERNEL", "groups", ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
                     times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
@@ -116,16 +122,22 @@ def _sdpa_backends():
 ATTN_KERNELS = ("mma", "mma_sync", "fast")
 
 
+def _with_env(name, value, fn, *args):
+    """fn(*args) with the environment variable `name` set to `value` (None: unset), for the
+    kernel choices the ops read at every call (and a CUDA graph captures)."""
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        return fn(*args)
+    finally:
+        os.environ.pop(name, None)
+
+
 def _attention_with(kernel, q, k, v):
     """ops.attention with LDMFAST_ATTENTION_KERNEL set to `kernel` (None: the default)."""
-    if kernel is None:
-        os.environ.pop("LDMFAST_ATTENTION_KERNEL", None)
-    else:
-        os.environ["LDMFAST_ATTENTION_KERNEL"] = kernel
-    try:
-        return ops.attention(q, k, v)
-    finally:
-        os.environ.pop("LDMFAST_ATTENTION_KERNEL", None)
+    return _with_env("LDMFAST_ATTENTION_KERNEL", kernel, ops.attention, q, k, v)
 
 
 def bench_attn(args, dev, bw):

@@ -329,3 +329,41 @@ def test_gradients_match_reference(device, channels_last, emb, silu):
     want64 = grads(ref.group_norm_silu, torch.float64)
     for name, a, r, r64 in zip(["x", "weight", "bias", "emb"], got, want, want64):
         assert_parity(a, r, r64, torch.float32, f"grad {name}")
+
+
+# ---- every CUDA kernel ---------------------------------------------------------------------------
+
+# LDMFAST_GN_KERNEL picks how large channels_last groups are normalised on CUDA (groups: a
+# cluster per group; rows: coalesced pixel rows through a workspace). Each must pass on its own,
+# on the channels_last LDM shapes over the one-CTA limit, odd sizes, emb, and a large mean; and the
+# two must agree with each other as well as with the reference.
+CUDA_GN_SHAPES = [
+    ((2, 320, 64, 64), 32, {}), ((2, 640, 32, 32), 32, {"emb": True}), ((1, 512, 64, 64), 32, {}),
+    ((1, 128, 256, 256), 32, {}), ((1, 256, 128, 128), 32, {"param_dtype": "dtype"}),
+    ((3, 24, 37, 41), 1, {"emb": True}), ((1, 64, 97, 101), 4, {"mean": 300.0}),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,groups,kw", CUDA_GN_SHAPES)
+def test_cuda_gn_kernel_choice(monkeypatch, shape, groups, kw, dtype):
+    kw = dict(kw, channels_last=True)
+    if kw.get("param_dtype") == "dtype":
+        kw["param_dtype"] = dtype
+    outs = {}
+    for kernel in ("groups", "rows", "auto"):
+        monkeypatch.setenv("LDMFAST_GN_KERNEL", kernel)
+        outs[kernel], _ = _check(shape, groups, dtype, "cuda", what=f"{kernel} {shape} G={groups} {dtype}", **kw)
+    # auto takes the rows kernels: the same bits.
+    assert torch.equal(outs["auto"], outs["rows"])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_gn_kernel_choice_rejects_unknown(monkeypatch):
+    monkeypatch.setenv("LDMFAST_GN_KERNEL", "fastest")
+    x, w, b, _ = _inputs((1, 32, 4, 4), torch.float16, "cuda")
+    with pytest.raises(RuntimeError, match="LDMFAST_GN_KERNEL must be one of .* got 'fastest'"):
+        ops.group_norm_silu(x, w, b, 8)

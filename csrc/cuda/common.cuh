@@ -65,28 +65,42 @@ template <> struct Word<__nv_bfloat16> {
 };
 
 // One 16-byte global store. A plain uint4 store was split into four 4-byte ones in some unrolled
-// loops (the optimiser scalarises the aggregate); inline PTX keeps it one instruction.
+// loops (the optimiser scalarises the aggregate); inline PTX keeps it one instruction. kStream
+// marks the line evict-first (st.global.cs): output that should not push inputs out of L2.
+template <bool kStream = false>
 __device__ __forceinline__ void store16(uint4* p, uint4 v) {
 #if defined(__CUDA_ARCH__)
-  asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
-               : "memory");
+  if constexpr (kStream) {
+    asm volatile("st.global.cs.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  } else {
+    asm volatile("st.global.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+  }
 #else
   *p = v;  // the CPU emulator
 #endif
 }
 
-// Loads V consecutive elements as float. V == 1 is a scalar access; otherwise V * sizeof(T) must
-// be a multiple of 16 and p 16-byte aligned (the callers check alignment on the host).
+// Loads V consecutive elements as float. V == 1 is a scalar access; otherwise V * sizeof(T) is 4,
+// 8 or a multiple of 16 bytes and p aligned to min(16, V * sizeof(T)) (the callers check that on
+// the host): one 4-, 8- or 16-byte access per word.
 template <class T, int V>
 __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
+  constexpr int kBytes = static_cast<int>(V * sizeof(T));
+  constexpr int kPer = Word<T>::kPer;
   if constexpr (V == 1) {
     out[0] = to_float(p[0]);
+  } else if constexpr (kBytes == 4) {
+    Word<T>::unpack(*reinterpret_cast<const uint32_t*>(p), out);
+  } else if constexpr (kBytes == 8) {
+    const uint2 raw = *reinterpret_cast<const uint2*>(p);
+    Word<T>::unpack(raw.x, out);
+    Word<T>::unpack(raw.y, out + kPer);
   } else {
-    static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
-    constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
-    constexpr int kPer = Word<T>::kPer;
+    static_assert(kBytes % 16 == 0, "vector must be 4, 8 or whole 16-byte words");
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) {
+    for (int w = 0; w < kBytes / 16; ++w) {
       const uint4 raw = reinterpret_cast<const uint4*>(p)[w];
       float* o = out + w * 4 * kPer;
       Word<T>::unpack(raw.x, o);
@@ -97,21 +111,46 @@ __device__ __forceinline__ void load_vec(const T* p, float (&out)[V]) {
   }
 }
 
-template <class T, int V>
+template <class T, int V, bool kStream = false>
 __device__ __forceinline__ void store_vec(T* p, const float (&in)[V]) {
+  constexpr int kBytes = static_cast<int>(V * sizeof(T));
+  constexpr int kPer = Word<T>::kPer;
   if constexpr (V == 1) {
     p[0] = from_float<T>(in[0]);
+  } else if constexpr (kBytes == 4) {
+    const uint32_t w = Word<T>::pack(in);
+#if defined(__CUDA_ARCH__)
+    if constexpr (kStream) {
+      asm volatile("st.global.cs.u32 [%0], %1;\n" ::"l"(p), "r"(w) : "memory");
+      return;
+    }
+#endif
+    *reinterpret_cast<uint32_t*>(p) = w;
+  } else if constexpr (kBytes == 8) {
+    const uint32_t w0 = Word<T>::pack(in), w1 = Word<T>::pack(in + kPer);
+#if defined(__CUDA_ARCH__)
+    if constexpr (kStream) {
+      asm volatile("st.global.cs.v2.u32 [%0], {%1, %2};\n" ::"l"(p), "r"(w0), "r"(w1) : "memory");
+      return;
+    }
+#endif
+    *reinterpret_cast<uint2*>(p) = make_uint2(w0, w1);
   } else {
-    static_assert((V * sizeof(T)) % 16 == 0, "vector must be whole 16-byte words");
-    constexpr int kWords = static_cast<int>(V * sizeof(T) / 16);
-    constexpr int kPer = Word<T>::kPer;
+    static_assert(kBytes % 16 == 0, "vector must be 4, 8 or whole 16-byte words");
 #pragma unroll
-    for (int w = 0; w < kWords; ++w) {
+    for (int w = 0; w < kBytes / 16; ++w) {
       const float* i = in + w * 4 * kPer;
-      store16(reinterpret_cast<uint4*>(p) + w, make_uint4(Word<T>::pack(i), Word<T>::pack(i + kPer),
-                                                          Word<T>::pack(i + 2 * kPer), Word<T>::pack(i + 3 * kPer)));
+      store16<kStream>(reinterpret_cast<uint4*>(p) + w,
+                       make_uint4(Word<T>::pack(i), Word<T>::pack(i + kPer), Word<T>::pack(i + 2 * kPer),
+                                  Word<T>::pack(i + 3 * kPer)));
     }
   }
+}
+
+// Whether p is aligned for a vector of `bytes` (the access load_vec / store_vec make).
+inline bool aligned_for(const void* p, int bytes) {
+  const int a = bytes >= 16 ? 16 : bytes;
+  return (reinterpret_cast<uintptr_t>(p) % static_cast<uintptr_t>(a)) == 0;
 }
 
 // ---- reductions ---------------------------------------------------------------------------------

@@ -1,19 +1,20 @@
 // GroupNorm (+ per-(n, c) emb added before it, + SiLU after it) for NCHW and channels_last.
 //
-// Two kernels, both owning whole groups so that no statistics travel through device memory
-// (the contract has no workspace, and the output cannot double as one safely):
+// Two kernels here own whole groups, so that no statistics travel through device memory:
 //  * fused:  one CTA per (n, g) when the group fits in 47 KB of shared memory as float. The
 //            group is read once into shared memory, the mean and the variance are computed in
 //            two exact passes over it, and the output is written from it.
 //  * stream: for larger groups. A cluster of K CTAs (K = 1 below sm_90) per (n, g), each CTA a
 //            contiguous chunk of the group: pass 1 merges per-thread Welford statistics, the
 //            cluster merges the K block results through distributed shared memory in rank order,
-//            and pass 2 re-reads the chunk and writes the output. x is read twice.
+//            and pass 2 re-reads the chunk backwards and writes the output. x is read twice.
+// Large channels_last groups go by default to the rows kernels (group_norm_silu_rows.cu), which
+// read x coalesced and meet through a workspace.
 // All reductions combine in a fixed order: results are bit-identical from run to run.
 #include <cooperative_groups.h>
 
 #include "common.cuh"
-#include "ldmfast/group_norm_silu.h"
+#include "group_norm_silu.cuh"
 
 namespace ldmfast::cuda {
 namespace {
@@ -23,21 +24,7 @@ using namespace detail;
 constexpr int kFusedThreads = 256;
 constexpr int kStreamThreads = 512;
 constexpr int kUnroll = 4;                   // items loaded before the first is used
-// 47 KB of float: with the static reduction scratch it stays inside the 48 KB a CTA gets without
-// opting in to more shared memory.
-constexpr int64_t kFusedMaxElems = 12032;
 constexpr int kMaxCluster = 8;               // portable cluster size
-
-struct GnArgs {
-  const void* x;
-  const void* emb;
-  const void* w;
-  const void* b;
-  void* y;
-  int64_t C, S, G, Cg, E, CS;  // E = Cg * S elements per group, CS = C * S per sample
-  float eps;
-  bool silu;
-};
 
 // Walks the elements of one group in "group order" i = ch * S + s (NCHW) or i = s * Cg + ch
 // (channels_last), where the memory of the group is contiguous (NCHW) or Cg-long runs C apart.
@@ -58,6 +45,14 @@ struct Cursor {
     if (minor >= extent) {
       minor -= extent;
       ++major;
+    }
+  }
+  __host__ __device__ __forceinline__ void retreat() {
+    minor -= step_minor;
+    major -= step_major;
+    if (minor < 0) {
+      minor += extent;
+      --major;
     }
   }
   // Offset of the element in x / y, and its channel. For a vector item (V > 1) the host made
@@ -89,8 +84,8 @@ __device__ __forceinline__ void load_item(const GnArgs& a, int64_t n, int64_t of
   }
 }
 
-// y = silu?((v - mean) * rstd * w + b) for the V elements at `off`.
-template <class T, class P, int V, bool CL>
+// y = silu?((v - mean) * rstd * w + b) for the V elements at `off`; kStream stores evict-first.
+template <class T, class P, int V, bool CL, bool kStream = false>
 __device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t c, float mean, float rstd,
                                            float (&v)[V]) {
   float w[V], b[V];
@@ -113,7 +108,7 @@ __device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t
     if (a.silu) t = t / (1.0f + expf(-t));
     v[j] = t;
   }
-  store_vec<T, V>(static_cast<T*>(a.y) + off, v);
+  store_vec<T, V, kStream>(static_cast<T*>(a.y) + off, v);
 }
 
 template <int V>
@@ -235,20 +230,25 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   __syncthreads();
   const float mean = stats[0], rstd = stats[1];
 
-  Cursor<CL> cur(a, first, step);
-  for (int64_t i = first; i < end; i += kUnroll * step) {
+  // Pass 2 walks the chunk backwards: what pass 1 read last is the likeliest still in L2 when the
+  // tensor is larger than L2 (the VAE's 512x512 levels), and y is stored evict-first so that it
+  // does not push that part of x out.
+  if (first >= end) return;
+  const int64_t last = first + (end - 1 - first) / step * step;
+  Cursor<CL> cur(a, last, step);
+  for (int64_t i = last; i >= first; i -= kUnroll * step) {
     float v[kUnroll][V];
     int64_t off[kUnroll], ch[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       off[u] = cur.offset(a, n, g);
       ch[u] = cur.channel(a, g);
-      if (i + u * step < end) load_item<T, V, CL>(a, n, off[u], ch[u], v[u]);
-      cur.advance();
+      if (i - u * step >= first) load_item<T, V, CL>(a, n, off[u], ch[u], v[u]);
+      cur.retreat();
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (i + u * step < end) store_item<T, P, V, CL>(a, off[u], ch[u], mean, rstd, v[u]);
+      if (i - u * step >= first) store_item<T, P, V, CL, true>(a, off[u], ch[u], mean, rstd, v[u]);
   }
 }
 
@@ -315,19 +315,27 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
   return err != cudaSuccess ? static_cast<int>(err) : last;
 }
 
-// Vector items (16 bytes of x) need aligned pointers and an item that stays in one channel
-// (NCHW: S % V == 0) or in one run of the group's channels (channels_last: Cg % V == 0, and then
-// emb, weight and bias are read as vectors too).
+// Vector items need pointers aligned for them and an item that stays in one channel (NCHW:
+// S % V == 0) or in one run of the group's channels (channels_last: Cg % V == 0; emb, weight and
+// bias are then read as vectors too). NCHW takes 16-byte items or scalars; channels_last also 4-
+// and 8-byte items, as U-Net and VAE groups are often 4, 10, 20, 30 or 60 channels wide.
 template <class T, class P>
 int dispatch(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream) {
   constexpr int V = kVec16<T>;
-  const bool xy = aligned16(p.x) && aligned16(p.y);
   if (p.channels_last) {
-    const bool vec = xy && a.Cg % V == 0 && aligned16(p.weight) && aligned16(p.bias) &&
-                     (p.emb == nullptr || aligned16(p.emb));
-    return vec ? launch<T, P, V, true>(a, p.N, stream) : launch<T, P, 1, true>(a, p.N, stream);
+    auto fits = [&](int v) {
+      const int tb = v * static_cast<int>(sizeof(T)), pb = v * static_cast<int>(sizeof(P));
+      return a.Cg % v == 0 && aligned_for(p.x, tb) && aligned_for(p.y, tb) && aligned_for(p.weight, pb) &&
+             aligned_for(p.bias, pb) && (p.emb == nullptr || aligned_for(p.emb, tb));
+    };
+    if (fits(V)) return launch<T, P, V, true>(a, p.N, stream);
+    if constexpr (V >= 8) {
+      if (fits(V / 2)) return launch<T, P, V / 2, true>(a, p.N, stream);
+    }
+    if (fits(2)) return launch<T, P, 2, true>(a, p.N, stream);
+    return launch<T, P, 1, true>(a, p.N, stream);
   }
-  const bool vec = xy && a.S % V == 0;
+  const bool vec = aligned16(p.x) && aligned16(p.y) && a.S % V == 0;
   return vec ? launch<T, P, V, false>(a, p.N, stream) : launch<T, P, 1, false>(a, p.N, stream);
 }
 
@@ -340,7 +348,23 @@ int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t s
 
 }  // namespace
 
-int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream) {
+namespace {
+
+bool rows_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have_workspace) {
+  if (!p.channels_last || p.G <= 0 || p.C % p.G != 0 || (p.C / p.G) * p.S <= kFusedMaxElems) return false;
+  if (kernel == GroupNormKernel::kGroups) return false;
+  if (kernel == GroupNormKernel::kDefault && !have_workspace) return false;
+  return rows_supported(p);
+}
+
+}  // namespace
+
+int64_t group_norm_silu_workspace_bytes(const GroupNormSiluParams& p, GroupNormKernel kernel) {
+  if (p.N <= 0 || p.C <= 0 || p.S <= 0) return 0;
+  return rows_chosen(p, kernel, true) ? rows_workspace_bytes(p) : 0;
+}
+
+int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* workspace, GroupNormKernel kernel) {
   if (p.N <= 0 || p.C <= 0 || p.S <= 0) return 0;
   if (p.G <= 0 || p.C % p.G != 0) return static_cast<int>(cudaErrorInvalidValue);
   GnArgs a;
@@ -357,6 +381,10 @@ int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream) {
   a.CS = p.C * p.S;
   a.eps = p.eps;
   a.silu = p.silu;
+  if (rows_chosen(p, kernel, workspace != nullptr)) {
+    if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
+    return group_norm_silu_rows(p, a, workspace, stream);
+  }
   switch (p.dtype) {
     case DType::kFloat32: return dispatch_param<float>(p, a, stream);
     case DType::kFloat16: return dispatch_param<__half>(p, a, stream);

@@ -47,6 +47,18 @@ cuda::AttentionKernel attention_kernel_from_env() {
               "fast; got '", v, "'");
 }
 
+// LDMFAST_GN_KERNEL, read at every call like the above: auto (or unset), groups or rows (see
+// GroupNormKernel in group_norm_silu.h; it only matters for large channels_last groups).
+cuda::GroupNormKernel group_norm_kernel_from_env() {
+  const char* env = std::getenv("LDMFAST_GN_KERNEL");
+  const std::string v = env == nullptr ? "" : env;
+  if (v.empty() || v == "auto") return cuda::GroupNormKernel::kDefault;
+  if (v == "groups") return cuda::GroupNormKernel::kGroups;
+  if (v == "rows") return cuda::GroupNormKernel::kRows;
+  TORCH_CHECK(false, "ldmfast.group_norm_silu: LDMFAST_GN_KERNEL must be one of auto, groups, rows; got '", v,
+              "'");
+}
+
 void check_launch(int err, const char* op) {
   TORCH_CHECK(err == 0, "ldmfast.", op, ": CUDA kernel launch failed with cudaError ", err);
 }
@@ -55,8 +67,16 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight, c
                                 int64_t num_groups, double eps, bool silu,
                                 const std::optional<at::Tensor>& emb) {
   CudaScope scope(x);
+  const cuda::GroupNormKernel kernel = group_norm_kernel_from_env();
   auto c = prepare_group_norm_silu(x, weight, bias, num_groups, eps, silu, emb);
-  if (x.numel() > 0) check_launch(cuda::group_norm_silu(c.p, scope.stream()), "group_norm_silu");
+  if (x.numel() == 0) return c.y;
+  // The rows kernels' per-chunk statistics: from torch's caching allocator, so the call stays
+  // capturable in a CUDA graph and the memory is reused across calls.
+  const int64_t ws_bytes = cuda::group_norm_silu_workspace_bytes(c.p, kernel);
+  at::Tensor ws;
+  if (ws_bytes > 0) ws = at::empty({ws_bytes}, x.options().dtype(at::kByte));
+  check_launch(cuda::group_norm_silu(c.p, scope.stream(), ws_bytes > 0 ? ws.data_ptr() : nullptr, kernel),
+               "group_norm_silu");
   return c.y;
 }
 

@@ -9,7 +9,7 @@ OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu}
 mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"
-for f in group_norm_silu ddim_step attention attention_mma attention_short; do
+for f in group_norm_silu group_norm_silu_rows ddim_step attention attention_mma attention_short; do
   python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$f.emu.cpp"
   g++ -std=c++20 -O2 -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$f.emu.cpp" -o "$OUT/$f.o" &
   pids+=($!)

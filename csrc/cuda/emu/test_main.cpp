@@ -62,7 +62,8 @@ static double tol(DType t) { return t == DType::kFloat32 ? 2e-5 : t == DType::kF
 static int failures = 0, checks = 0;
 static void report(bool ok, const char* what) { ++checks; if (!ok) { ++failures; printf("FAIL %s\n", what); } }
 
-static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_t N, int64_t C, int64_t S, int64_t G, int off, double mean0) {
+static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_t N, int64_t C, int64_t S, int64_t G, int off, double mean0,
+                    cuda::GroupNormKernel kernel = cuda::GroupNormKernel::kGroups) {
   DType pt = param32 ? DType::kFloat32 : dt;
   const int64_t n_el = N * C * S;
   Buf x(dt, n_el, off), e(dt, N * C, off), w(pt, C, off), b(pt, C, off), y(dt, n_el, off);
@@ -73,7 +74,10 @@ static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_
   GroupNormSiluParams p;
   p.x = x.ptr(); p.emb = emb ? e.ptr() : nullptr; p.weight = w.ptr(); p.bias = b.ptr(); p.y = y.ptr();
   p.N = N; p.C = C; p.S = S; p.G = G; p.eps = 1e-5f; p.silu = silu; p.channels_last = cl; p.dtype = dt; p.param_dtype = pt;
-  int rc = cuda::group_norm_silu(p, nullptr);
+  // The workspace starts as NaN, so a partial the kernels read but never wrote shows up.
+  const int64_t ws_bytes = cuda::group_norm_silu_workspace_bytes(p, kernel);
+  std::vector<float> ws((ws_bytes + 3) / 4 + 4, NAN);
+  int rc = cuda::group_norm_silu(p, nullptr, ws_bytes > 0 ? ws.data() : nullptr, kernel);
   const int64_t Cg = C / G;
   double maxerr = 0; bool nan = false;
   auto idx = [&](int64_t n, int64_t c, int64_t s) { return cl ? (n * S + s) * C + c : (n * C + c) * S + s; };
@@ -93,7 +97,7 @@ static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_
   }
   double t = tol(dt) * (mean0 != 0 ? 10 : 1);  // fp32 x at 1000 carries 6e-5 of rounding itself
   char what[256];
-  snprintf(what, sizeof what, "gn dt=%d p32=%d cl=%d emb=%d silu=%d N=%ld C=%ld S=%ld G=%ld off=%d mean=%g rc=%d err=%.3g nan=%d", (int)dt, param32, cl, emb, silu, N, C, S, G, off, mean0, rc, maxerr, nan);
+  snprintf(what, sizeof what, "gn dt=%d p32=%d cl=%d emb=%d silu=%d N=%ld C=%ld S=%ld G=%ld off=%d mean=%g kernel=%d ws=%ld rc=%d err=%.3g nan=%d", (int)dt, param32, cl, emb, silu, N, C, S, G, off, mean0, (int)kernel, (long)ws_bytes, rc, maxerr, nan);
   report(rc == 0 && !nan && maxerr <= t, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -209,6 +213,28 @@ int main(int argc, char** argv) {
       test_gn(dt, p32, cl, off == 1, true, 1, 64, 520, 2, off, 0);     // stream (E = 16640)
       test_gn(dt, p32, cl, true, false, 2, 10, 1301, 1, off, 0);       // stream, odd S, one group
     }
+    // channels_last groups of 4, 10, 20, 30 channels: 4- and 8-byte items (off 0: widest the
+    // group allows, off 2: at most 4 bytes for 16-bit types, off 1: scalars), fused and stream.
+    for (DType dt : dts) for (int off : {0, 1, 2}) {
+      bool p32 = off != 1;
+      test_gn(dt, p32, true, true, true, 2, 40, 130, 4, off, 0);       // Cg 10, fused
+      test_gn(dt, !p32, true, off != 2, true, 1, 80, 1301, 4, off, 0); // Cg 20, stream, odd S
+      test_gn(dt, p32, true, true, false, 1, 32, 4099, 8, off, 0);     // Cg 4, stream
+      test_gn(dt, p32, true, false, true, 2, 60, 700, 2, off, 0);      // Cg 30, stream
+    }
+    test_gn(DType::kFloat16, true, true, true, true, 1, 128, 1024, 32, 0, 1000.0); // Cg 4, large mean
+    // The rows kernels (channels_last groups over the fused limit; off 1 falls back to kGroups).
+    const auto rows = cuda::GroupNormKernel::kRows, dflt = cuda::GroupNormKernel::kDefault;
+    for (DType dt : dts) for (int off : {0, 1}) {
+      bool p32 = (off == 0) != (dt == DType::kFloat32);
+      test_gn(dt, p32, true, true, true, 1, 128, 4099, 32, off, 0, rows);   // Cg 4, odd S
+      test_gn(dt, !p32, true, off == 0, false, 2, 320, 1301, 32, off, 0, rows); // Cg 10, 40 columns
+      test_gn(dt, p32, true, false, true, 3, 64, 3000, 2, off, 0, dflt);    // Cg 32, 3 samples
+      test_gn(dt, p32, true, true, true, 1, 24, 1000, 1, off, 0, rows);     // one group, 3 or 6 columns
+    }
+    test_gn(DType::kFloat16, true, true, true, true, 2, 16, 4000, 4, 0, 0, rows);     // Cg 4, 2 columns
+    test_gn(DType::kFloat32, true, true, false, true, 1, 16, 65536, 2, 0, 1000.0, rows); // large mean, 64 pixels a thread
+    test_gn(DType::kBFloat16, false, true, true, true, 1, 512, 800, 32, 0, 1000.0, rows); // large mean, Cg 16
     test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
     test_gn(DType::kFloat16, true, false, true, true, 1, 16, 2048, 1, 1, 0);      // stream, K = 8 on "sm_90"

@@ -30,8 +30,20 @@ namespace cpu {
 void group_norm_silu(const GroupNormSiluParams& p);
 }
 namespace cuda {
-// Launches on `stream`; returns 0 on success or a cudaError_t value.
-int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream);
+// Which kernel normalises channels_last groups too large for one CTA's shared memory (smaller
+// groups, and every NCHW group, always take the single-CTA or cluster kernels):
+//   kGroups  one cluster of CTAs per group, reading the group's channels strided C apart
+//   kRows    whole pixel rows of all channels, read coalesced, in two launches that meet in
+//            `workspace` (a group's Cg channels are often narrower than a 32-byte sector)
+// kDefault is kRows when a workspace is given, else kGroups.
+enum class GroupNormKernel : int32_t { kDefault = 0, kGroups, kRows };
+// Bytes of device workspace that `kernel` needs for p (0: none); depends on the current device.
+int64_t group_norm_silu_workspace_bytes(const GroupNormSiluParams& p,
+                                        GroupNormKernel kernel = GroupNormKernel::kDefault);
+// Launches on `stream`; returns 0 on success or a cudaError_t value. `workspace` holds at least
+// group_norm_silu_workspace_bytes(p, kernel) bytes, 16-byte aligned, or is nullptr when that is 0.
+int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* workspace = nullptr,
+                    GroupNormKernel kernel = GroupNormKernel::kDefault);
 }
 
 }  // namespace ldmfast
