@@ -1,8 +1,8 @@
 // Flash attention on the tensor cores (sm_80+ mma.sync.m16n8k16, float32 accumulation) for
 // float16 / bfloat16, after FlashAttention-2's forward pass.
 //
-// UNVERIFIED ON GPU: compile-checked only. attention.cu dispatches here only when the
-// environment sets LDMFAST_ATTENTION_MMA=1; enable it by default after the parity tests pass.
+// UNVERIFIED ON GPU: compile-checked and run on the CPU emulator only. attention.cu dispatches
+// here for AttentionKernel::kMma / kMmaSync (and kFast past 80 keys).
 //
 // One CTA of 4 warps per (b, h, block of 64 queries); each warp owns 16 query rows. Q is staged
 // through shared memory once and kept as mma A fragments in registers. K and V stream through
@@ -37,7 +37,7 @@ static_assert(kBlockK >= kBlockQ, "Q is staged through the K tile buffer");
 // S = Q K_j^T, K_{j+1} during the softmax and P V_j. Each buffer is still single; a barrier
 // before each copy keeps it from overwriting a tile a warp still reads.
 template <int D, class T, bool kPipe>
-__global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p, const bool vec) {
+__global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
   static_assert(D % 8 == 0, "P V covers D in n8 tiles");
   constexpr int DPAD = (D + 15) / 16 * 16;
   constexpr int kStride = DPAD + 8;      // +16 bytes: conflict-free ldmatrix
@@ -153,20 +153,19 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
     l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
   }
+  // Out through the K buffer, 16 rows per warp, for 16-byte stores. The barrier: without the
+  // pipeline no barrier follows the last Q K^T, so another warp may still read that K tile.
+  __syncthreads();
+  const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  const int64_t row0 = qb * kBlockQ + warp * 16;
+  store_o_16rows<D, kStride>(o, inv, sK + warp * 16 * kStride, out, row0, p.Lq, p.o_stride_l, vec_o, lane);
+  if (p.lse != nullptr && quad_col == 0) {
 #pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const int64_t row = qb * kBlockQ + warp * 16 + quad_row + 8 * r;
-    if (row >= p.Lq) continue;
-    const float inv = 1.0f / l[r];
-    T* orow = out + row * p.o_stride_l;
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt) {
-      const int d = dt * 8 + quad_col * 2;
-      orow[d] = from_float<T>(o[dt][2 * r] * inv);
-      orow[d + 1] = from_float<T>(o[dt][2 * r + 1] * inv);
+    for (int r = 0; r < 2; ++r) {
+      const int64_t row = row0 + quad_row + 8 * r;
+      if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[r] + log2f(l[r])) * kLn2;
     }
-    if (p.lse != nullptr && quad_col == 0) p.lse[(b * p.H + h) * p.Lq + row] = (m[r] + log2f(l[r])) * kLn2;
   }
 }
 
@@ -175,7 +174,7 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   const bool vec = qkv_aligned16(p);
   const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  attention_mma_kernel<D, T, kPipe><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec);
+  attention_mma_kernel<D, T, kPipe><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec, o_aligned16(p));
   return launch_status();
 }
 

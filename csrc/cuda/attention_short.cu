@@ -138,30 +138,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int kk = 0; kk < NT / 2; ++kk)
       if (kk < nkc) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);
 
-    // Normalise into the warp's O buffer, then out in 16-byte chunks.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float inv = 1.0f / l[r];
-#pragma unroll
-      for (int dt = 0; dt < DT; ++dt)
-        *reinterpret_cast<uint32_t*>(sO + (quad_row + 8 * r) * kStride + dt * 8 + 2 * quad_col) =
-            Mma<T>::pack(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-    }
-    __syncwarp();
-    constexpr int kChunks = D / 8;
-    for (int idx = lane; idx < 16 * kChunks; idx += 32) {
-      const int r = idx / kChunks, c = idx - r * kChunks;
-      const int64_t row = rb * 16 + r;
-      if (row >= p.Lq) break;  // rows grow with idx
-      const T* src = sO + r * kStride + c * 8;
-      T* dst = out + row * p.o_stride_l + c * 8;
-      if (vec_o) {
-        store16(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(src));
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) dst[e] = src[e];
-      }
-    }
+    const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+    store_o_16rows<D, kStride>(o, inv, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o, lane);
     if (p.lse != nullptr && quad_col == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
@@ -184,7 +162,7 @@ template <int D, class T>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = Tile<D>::template smem_bytes<T>();
   const bool vec = qkv_aligned16(p);
-  const bool vec_o = aligned16(p.o) && p.o_stride_b % 8 == 0 && p.o_stride_l % 8 == 0 && p.o_stride_h % 8 == 0;
+  const bool vec_o = o_aligned16(p);
   // As many CTAs per (b, h) as fill the machine kCtasPerSm deep (or as deep as registers and
   // shared memory allow: 2 at D = 160), but no CTA without a block: each CTA loads K and V once,
   // so more CTAs than run at once would only re-read them.

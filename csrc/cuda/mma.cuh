@@ -171,6 +171,44 @@ __device__ __forceinline__ void pv_16keys(float (&o)[D / 8][4], const float (&s0
   }
 }
 
+// Writes a warp's 16 output rows row0..row0+15 (those < Lq): O accumulators times inv (1 / the
+// row sums) are packed into the warp's shared buffer sO (16 rows of kStride), then copied out in
+// 16-byte chunks (vec_o: out and o_stride_l allow them; else element by element). A 2-byte store
+// per element straight from the accumulator layout would split each row into 4-byte pieces.
+// The caller syncs the warp before sO is written again.
+template <int D, int kStride, class T>
+__device__ __forceinline__ void store_o_16rows(const float (&o)[D / 8][4], const float (&inv)[2], T* sO, T* out,
+                                               int64_t row0, int64_t Lq, int64_t o_stride_l, bool vec_o, int lane) {
+  constexpr int DT = D / 8;
+  const int quad_row = lane >> 2, quad_col = lane & 3;
+#pragma unroll
+  for (int r = 0; r < 2; ++r)
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+      *reinterpret_cast<uint32_t*>(sO + (quad_row + 8 * r) * kStride + dt * 8 + 2 * quad_col) =
+          Mma<T>::pack(o[dt][2 * r] * inv[r], o[dt][2 * r + 1] * inv[r]);
+  __syncwarp();
+  constexpr int kChunks = D / 8;
+  for (int idx = lane; idx < 16 * kChunks; idx += 32) {
+    const int r = idx / kChunks, c = idx - r * kChunks;
+    const int64_t row = row0 + r;
+    if (row >= Lq) break;  // rows grow with idx
+    const T* src = sO + r * kStride + c * 8;
+    T* dst = out + row * o_stride_l + c * 8;
+    if (vec_o) {
+      store16(reinterpret_cast<uint4*>(dst), *reinterpret_cast<const uint4*>(src));
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+// Whether o's base and strides allow 16-byte (8-element) chunks.
+inline bool o_aligned16(const AttentionParams& p) {
+  return aligned16(p.o) && p.o_stride_b % 8 == 0 && p.o_stride_l % 8 == 0 && p.o_stride_h % 8 == 0;
+}
+
 // Whether every q/k/v base and stride allows 16-byte (8-element) chunks.
 inline bool qkv_aligned16(const AttentionParams& p) {
   constexpr int64_t V = 8;
