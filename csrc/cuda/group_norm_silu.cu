@@ -231,7 +231,7 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   const float mean = stats[0], rstd = stats[1];
 
   // Pass 2 walks the chunk backwards: what pass 1 read last is the likeliest still in L2 when the
-  // tensor is larger than L2 (the VAE's 512x512 levels), and y is stored evict-first so that it
+  // tensor is larger than L2 (the VAE's 512x512 levels); then y is stored evict-first so that it
   // does not push that part of x out.
   if (first >= end) return;
   const int64_t last = first + (end - 1 - first) / step * step;
@@ -248,7 +248,13 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
     }
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (i - u * step >= first) store_item<T, P, V, CL, true>(a, off[u], ch[u], mean, rstd, v[u]);
+      if (i - u * step >= first) {
+        if (a.evict_first) {
+          store_item<T, P, V, CL, true>(a, off[u], ch[u], mean, rstd, v[u]);
+        } else {
+          store_item<T, P, V, CL, false>(a, off[u], ch[u], mean, rstd, v[u]);
+        }
+      }
   }
 }
 
@@ -381,6 +387,10 @@ int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* wor
   a.CS = p.C * p.S;
   a.eps = p.eps;
   a.silu = p.silu;
+  // Evict-first stores only help when x does not fit in L2; below that they would only cost the
+  // next op its L2 hits on y.
+  const int64_t esize = p.dtype == DType::kFloat32 ? 4 : 2;
+  a.evict_first = p.N * a.CS * esize > l2_bytes();
   if (rows_chosen(p, kernel, workspace != nullptr)) {
     if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
     return group_norm_silu_rows(p, a, workspace, stream);

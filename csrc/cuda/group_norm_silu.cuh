@@ -18,6 +18,7 @@ struct GnArgs {
   int64_t C, S, G, Cg, E, CS;  // E = Cg * S elements per group, CS = C * S per sample
   float eps;
   bool silu;
+  bool evict_first;  // x is larger than L2: the second pass stores y evict-first (st.global.cs)
 };
 
 // Groups of at most this many elements are normalised by one CTA from shared memory: 47 KB of

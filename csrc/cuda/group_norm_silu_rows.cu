@@ -12,6 +12,8 @@
 //           last first (what the stats pass read last is the likeliest still in L2) and writes y
 //           evict-first.
 // x is read twice, y written once; every merge runs in a fixed order (bit-identical results).
+#include <type_traits>
+
 #include "common.cuh"
 #include "group_norm_silu.cuh"
 
@@ -32,6 +34,46 @@ struct RowShape {
 
 int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
+template <class T, int V>
+__global__ void __launch_bounds__(kRowThreads)
+    rows_stats_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part);
+template <class T, class P, int V>
+__global__ void __launch_bounds__(kRowThreads)
+    rows_apply_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, const Welford* part);
+
+size_t stats_smem_bytes(const RowShape& r, int64_t C) {
+  return (r.rows + static_cast<size_t>(r.rows) * (2 * C + 1)) * sizeof(float);
+}
+size_t apply_smem_bytes(int64_t G) { return 2 * static_cast<size_t>(G) * sizeof(float); }
+
+// CTAs of both kernels that fit on one SM at once (at least 1).
+template <class T, class P>
+int occupancy(const RowShape& r, int64_t C, int64_t G) {
+  constexpr int V = kVec16<T>;
+  const int threads = r.rows * r.tpr;
+  int s = 0, ap = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&s, rows_stats_kernel<T, V>, threads, stats_smem_bytes(r, C)) !=
+          cudaSuccess ||
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ap, rows_apply_kernel<T, P, V>, threads, apply_smem_bytes(G)) !=
+          cudaSuccess) {
+    (void)cudaGetLastError();  // the query's own error, not the caller's
+    return 1;
+  }
+  const int m = s < ap ? s : ap;
+  return m < 1 ? 1 : m;
+}
+
+int ctas_per_sm(const GroupNormSiluParams& p, const RowShape& r) {
+  const bool p32 = p.param_dtype == DType::kFloat32;
+  switch (p.dtype) {
+    case DType::kFloat32: return occupancy<float, float>(r, p.C, p.G);
+    case DType::kFloat16: return p32 ? occupancy<__half, float>(r, p.C, p.G) : occupancy<__half, __half>(r, p.C, p.G);
+    case DType::kBFloat16:
+      return p32 ? occupancy<__nv_bfloat16, float>(r, p.C, p.G) : occupancy<__nv_bfloat16, __nv_bfloat16>(r, p.C, p.G);
+  }
+  return 1;
+}
+
 // Zero tpr when the shape is not one the kernels take.
 RowShape row_shape(const GroupNormSiluParams& p) {
   RowShape r;
@@ -47,8 +89,9 @@ RowShape row_shape(const GroupNormSiluParams& p) {
     r.tpr = 0;
     return r;
   }
-  // About two CTAs per SM over the batch, each with at least four rounds of rows.
-  const int64_t target = ceil_div(2 * static_cast<int64_t>(sm_count()), p.N);
+  // One wave of CTAs over the batch (as many as fit on the device at once), each with at least
+  // four rounds of rows: a second wave would find the first one's data evicted from L2.
+  const int64_t target = ceil_div(ctas_per_sm(p, r) * static_cast<int64_t>(sm_count()), p.N);
   int64_t K = imin(target, p.S / (4 * static_cast<int64_t>(r.rows)));
   if (K < 1) K = 1;
   r.per = ceil_div(p.S, K);
@@ -68,9 +111,12 @@ __device__ __forceinline__ Welford warp_merge(int64_t m, F src) {
 template <class T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     rows_stats_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part) {
-  // cnt[rows], then (mean, m2) of every (row, channel); row 0 later holds the per-channel merge.
+  // cnt[rows], then (mean, m2) of every (row, channel), rows 2C + 1 floats apart (a warp's lanes
+  // read one channel of 32 rows: an even stride would put them in one bank); row 0 later holds
+  // the per-channel merge.
   extern __shared__ float sm[];
   const int rows = blockDim.x / tpr;
+  const int64_t ld = 2 * a.C + 1;
   float* cnt = sm;
   float* mm = sm + rows;
   const int64_t n = blockIdx.x / K, k = blockIdx.x - n * K;
@@ -111,7 +157,7 @@ __global__ void __launch_bounds__(kRowThreads)
   if (col == 0) cnt[r] = fn;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    float* o = mm + 2 * (static_cast<int64_t>(r) * a.C + c0 + j);
+    float* o = mm + r * ld + 2 * (c0 + j);
     o[0] = mine > 0 ? shift[j] + sum[j] / fn : 0.0f;
     o[1] = mine > 0 ? fmaxf(sq[j] - sum[j] * (sum[j] / fn), 0.0f) : 0.0f;
   }
@@ -123,8 +169,8 @@ __global__ void __launch_bounds__(kRowThreads)
     const Welford w = warp_merge(rows, [&](int64_t i) {
       Welford t;
       t.n = cnt[i];
-      t.mean = mm[2 * (i * a.C + c)];
-      t.m2 = mm[2 * (i * a.C + c) + 1];
+      t.mean = mm[i * ld + 2 * c];
+      t.m2 = mm[i * ld + 2 * c + 1];
       return t;
     });
     if (lane == 0) {  // the only lane that read row 0 of channel c (i = 0)
@@ -152,7 +198,10 @@ __global__ void __launch_bounds__(kRowThreads)
     rows_apply_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, const Welford* part) {
   extern __shared__ float st[];  // mean[G], rstd[G]
   const int rows = blockDim.x / tpr;
-  const int64_t n = blockIdx.x / K, k = blockIdx.x - n * K;
+  // Chunks in the reverse of the stats launch: the last wave of stats CTAs read the data most
+  // likely still in L2, and the first wave of apply CTAs reads it.
+  const int64_t b = static_cast<int64_t>(gridDim.x) - 1 - blockIdx.x;
+  const int64_t n = b / K, k = b - n * K;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
   for (int64_t g = warp; g < a.G; g += nwarps) {
     const Welford w = warp_merge(K, [&](int64_t i) { return part[(n * K + i) * a.G + g]; });
@@ -181,23 +230,31 @@ __global__ void __launch_bounds__(kRowThreads)
   const int64_t last = first + (s_end - 1 - first) / rows * rows;
   const T* x = static_cast<const T*>(a.x) + n * a.CS + c0;
   T* y = static_cast<T*>(a.y) + n * a.CS + c0;
-  for (int64_t s = last; s >= first; s -= kRowUnroll * rows) {
-    float v[kRowUnroll][V];
+  // One copy of the loop per store kind, so the branch is not in it (fp32 spilled otherwise).
+  auto walk = [&](auto evict_first) {
+    for (int64_t s = last; s >= first; s -= kRowUnroll * rows) {
+      float v[kRowUnroll][V];
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u)
-      if (s - u * rows >= first) load_vec<T, V>(x + (s - u * rows) * a.C, v[u]);
+      for (int u = 0; u < kRowUnroll; ++u)
+        if (s - u * rows >= first) load_vec<T, V>(x + (s - u * rows) * a.C, v[u]);
 #pragma unroll
-    for (int u = 0; u < kRowUnroll; ++u) {
-      if (s - u * rows < first) break;
+      for (int u = 0; u < kRowUnroll; ++u) {
+        if (s - u * rows < first) break;
 #pragma unroll
-      for (int j = 0; j < V; ++j) {
-        // (v - mean) first: v and mean are close when the mean is large, so this keeps the digits.
-        float t = (v[u][j] + e[j] - mean[j]) * scale[j] + bias[j];
-        if (a.silu) t = t / (1.0f + expf(-t));
-        v[u][j] = t;
+        for (int j = 0; j < V; ++j) {
+          // (v - mean) first: v and mean are close when the mean is large; this keeps the digits.
+          float t = (v[u][j] + e[j] - mean[j]) * scale[j] + bias[j];
+          if (a.silu) t = t / (1.0f + expf(-t));
+          v[u][j] = t;
+        }
+        store_vec<T, V, decltype(evict_first)::value>(y + (s - u * rows) * a.C, v[u]);
       }
-      store_vec<T, V, true>(y + (s - u * rows) * a.C, v[u]);
     }
+  };
+  if (a.evict_first) {
+    walk(std::true_type{});
+  } else {
+    walk(std::false_type{});
   }
 }
 
@@ -207,8 +264,7 @@ int launch_rows(const GnArgs& a, int64_t N, const RowShape& r, Welford* part, cu
   const int64_t grid = N * r.K;
   if (grid > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const unsigned threads = static_cast<unsigned>(r.rows * r.tpr);
-  const size_t stats_smem = (r.rows + 2 * static_cast<size_t>(r.rows) * a.C) * sizeof(float);
-  const size_t apply_smem = 2 * static_cast<size_t>(a.G) * sizeof(float);
+  const size_t stats_smem = stats_smem_bytes(r, a.C), apply_smem = apply_smem_bytes(a.G);
   rows_stats_kernel<T, V><<<static_cast<unsigned>(grid), threads, stats_smem, stream>>>(a, r.tpr, r.per, r.K, part);
   const int err = launch_status();
   if (err != 0) return err;
@@ -224,7 +280,7 @@ bool rows_supported(const GroupNormSiluParams& p) {
   const RowShape r = row_shape(p);
   if (r.tpr == 0) return false;
   const int pbytes = r.V * (p.param_dtype == DType::kFloat32 ? 4 : 2);
-  // rows * C * 2 floats of stats scratch: at most 512 threads * 8 elements * 8 bytes = 32 KB.
+  // Stats scratch: at most rows * (2C + 1) + rows floats, rows * C <= 512 threads * 8: 37 KB.
   return aligned16(p.x) && aligned16(p.y) && (p.emb == nullptr || aligned16(p.emb)) &&
          aligned_for(p.weight, pbytes) && aligned_for(p.bias, pbytes) &&
          2 * p.G * static_cast<int64_t>(sizeof(float)) <= kMaxApplySmem;
