@@ -70,10 +70,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 
   // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
   float o[DT][4];
-#pragma unroll
-  for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-    for (int c = 0; c < 4; ++c) o[dt][c] = 0.0f;
+  zero_acc(o);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's part of the row sum
   const float qscale = p.scale * kLog2e;                      // scores in log2 units
 
@@ -95,10 +92,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     }
 
     float s[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
+    zero_acc(s);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll

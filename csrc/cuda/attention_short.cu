@@ -89,10 +89,7 @@ __global__ void __launch_bounds__(kThreads)
     // S = Q K^T over the key chunks in use (a warp-uniform test; the indices into s stay
     // compile-time).
     float s[NT][4];
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) s[j][c] = 0.0f;
+    zero_acc(s);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
@@ -130,10 +127,7 @@ __global__ void __launch_bounds__(kThreads)
 
     // O = P V.
     float o[DT][4];
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[dt][c] = 0.0f;
+    zero_acc(o);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk)
       if (kk < nkc) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);

@@ -389,8 +389,7 @@ int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* wor
   a.silu = p.silu;
   // Evict-first stores only help when x does not fit in L2; below that they would only cost the
   // next op its L2 hits on y.
-  const int64_t esize = p.dtype == DType::kFloat32 ? 4 : 2;
-  a.evict_first = p.N * a.CS * esize > l2_bytes();
+  a.evict_first = p.N * a.CS * dtype_size(p.dtype) > l2_bytes();
   if (rows_chosen(p, kernel, workspace != nullptr)) {
     if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
     return group_norm_silu_rows(p, a, workspace, stream);

@@ -26,7 +26,8 @@ struct GnArgs {
 // in to more.
 constexpr int64_t kFusedMaxElems = 12032;
 
-// Whether the rows kernels take p (channels_last, 16-byte rows of whole channels, aligned).
+// Whether the rows kernels take p (16-byte columns of whole channels, aligned); p is already
+// checked (N, C, S > 0, C % G == 0) by the caller.
 bool rows_supported(const GroupNormSiluParams& p);
 // Workspace bytes of the rows path for p; p must be rows_supported.
 int64_t rows_workspace_bytes(const GroupNormSiluParams& p);

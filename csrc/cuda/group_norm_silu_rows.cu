@@ -77,7 +77,7 @@ int ctas_per_sm(const GroupNormSiluParams& p, const RowShape& r) {
 // Zero tpr when the shape is not one the kernels take.
 RowShape row_shape(const GroupNormSiluParams& p) {
   RowShape r;
-  r.V = p.dtype == DType::kFloat32 ? 4 : 8;
+  r.V = 16 / dtype_size(p.dtype);
   if (p.C % r.V != 0) return r;
   const int64_t tpr = p.C / r.V;
   if (tpr > kRowThreads) return r;
@@ -275,11 +275,10 @@ int launch_rows(const GnArgs& a, int64_t N, const RowShape& r, Welford* part, cu
 }  // namespace
 
 bool rows_supported(const GroupNormSiluParams& p) {
-  if (p.N <= 0 || p.S <= 0 || p.G <= 0 || p.C % p.G != 0) return false;
   if (p.param_dtype != DType::kFloat32 && p.param_dtype != p.dtype) return false;
   const RowShape r = row_shape(p);
   if (r.tpr == 0) return false;
-  const int pbytes = r.V * (p.param_dtype == DType::kFloat32 ? 4 : 2);
+  const int pbytes = r.V * dtype_size(p.param_dtype);
   // Stats scratch: at most rows * (2C + 1) + rows floats, rows * C <= 512 threads * 8: 37 KB.
   return aligned16(p.x) && aligned16(p.y) && (p.emb == nullptr || aligned16(p.emb)) &&
          aligned_for(p.weight, pbytes) && aligned_for(p.bias, pbytes) &&

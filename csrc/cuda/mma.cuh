@@ -128,6 +128,15 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l
   }
 }
 
+// Zeroes N m16n8 accumulator tiles (S before Q K^T, O before P V).
+template <int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+#pragma unroll
+  for (int j = 0; j < N; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+}
+
 // S += Q K^T for the 16 keys key0..key0+15 (two n8 tiles s0, s1) over the k16 chunk kc of the
 // head dim: qf is Q's A fragment of that chunk, sK the keys in shared memory rows of kStride.
 // B fragments of K (keys are the n dim, d the k dim, d contiguous: "col" layout, no transpose).

@@ -4,7 +4,9 @@
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
+#include <utility>
 
 #include "op_params.h"
 
@@ -33,30 +35,32 @@ class CudaScope {
   cudaStream_t stream_ = nullptr;
 };
 
-// LDMFAST_ATTENTION_KERNEL, read at every call so that a benchmark can compare the kernels in one
-// process: auto (or unset), simt, mma, mma_sync or fast (see AttentionKernel in attention.h).
-cuda::AttentionKernel attention_kernel_from_env() {
-  const char* env = std::getenv("LDMFAST_ATTENTION_KERNEL");
+// A kernel choice from the environment variable `name`, read at every call so that a benchmark
+// can compare the kernels in one process: unset or "auto" is E::kDefault, else one of `names`.
+template <class E>
+E kernel_from_env(const char* name, const char* op, std::initializer_list<std::pair<const char*, E>> names) {
+  const char* env = std::getenv(name);
   const std::string v = env == nullptr ? "" : env;
-  if (v.empty() || v == "auto") return cuda::AttentionKernel::kDefault;
-  if (v == "simt") return cuda::AttentionKernel::kSimt;
-  if (v == "mma") return cuda::AttentionKernel::kMma;
-  if (v == "mma_sync") return cuda::AttentionKernel::kMmaSync;
-  if (v == "fast") return cuda::AttentionKernel::kFast;
-  TORCH_CHECK(false, "ldmfast.attention: LDMFAST_ATTENTION_KERNEL must be one of auto, simt, mma, mma_sync, "
-              "fast; got '", v, "'");
+  if (v.empty() || v == "auto") return E::kDefault;
+  std::string valid = "auto";
+  for (const auto& [n, e] : names) {
+    if (v == n) return e;
+    valid += std::string(", ") + n;
+  }
+  TORCH_CHECK(false, "ldmfast.", op, ": ", name, " must be one of ", valid, "; got '", v, "'");
 }
 
-// LDMFAST_GN_KERNEL, read at every call like the above: auto (or unset), groups or rows (see
-// GroupNormKernel in group_norm_silu.h; it only matters for large channels_last groups).
+// See AttentionKernel in attention.h.
+cuda::AttentionKernel attention_kernel_from_env() {
+  using K = cuda::AttentionKernel;
+  return kernel_from_env<K>("LDMFAST_ATTENTION_KERNEL", "attention",
+                            {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"fast", K::kFast}});
+}
+
+// See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).
 cuda::GroupNormKernel group_norm_kernel_from_env() {
-  const char* env = std::getenv("LDMFAST_GN_KERNEL");
-  const std::string v = env == nullptr ? "" : env;
-  if (v.empty() || v == "auto") return cuda::GroupNormKernel::kDefault;
-  if (v == "groups") return cuda::GroupNormKernel::kGroups;
-  if (v == "rows") return cuda::GroupNormKernel::kRows;
-  TORCH_CHECK(false, "ldmfast.group_norm_silu: LDMFAST_GN_KERNEL must be one of auto, groups, rows; got '", v,
-              "'");
+  using K = cuda::GroupNormKernel;
+  return kernel_from_env<K>("LDMFAST_GN_KERNEL", "group_norm_silu", {{"groups", K::kGroups}, {"rows", K::kRows}});
 }
 
 void check_launch(int err, const char* op) {

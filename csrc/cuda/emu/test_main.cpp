@@ -46,7 +46,7 @@ static double nrand() { return std::normal_distribution<double>(0, 1)(rng); }
 struct Buf {
   DType t; std::vector<unsigned char> raw; int off;
   Buf(DType t_, size_t n, int off_ = 0) : t(t_), raw((n + off_ + 8) * 4 + 64), off(off_) {}
-  size_t es() const { return t == DType::kFloat32 ? 4 : 2; }
+  size_t es() const { return dtype_size(t); }
   void* ptr() { uintptr_t p = reinterpret_cast<uintptr_t>(raw.data()); p = (p + 63) & ~uintptr_t(63); return reinterpret_cast<void*>(p + off * es()); }
   double get(size_t i) { void* p = ptr();
     if (t == DType::kFloat32) return static_cast<float*>(p)[i];

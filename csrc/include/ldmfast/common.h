@@ -11,6 +11,8 @@ namespace ldmfast {
 // Element type of the tensors an op reads and writes.
 enum class DType : int32_t { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
+inline int dtype_size(DType t) { return t == DType::kFloat32 ? 4 : 2; }
+
 inline const char* dtype_name(DType t) {
   switch (t) {
     case DType::kFloat32: return "float32";
