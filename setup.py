@@ -3,7 +3,7 @@
     pip install --no-build-isolation -e .      # with torch already installed
 
 Environment: LDMFAST_CUDA=1 forces the CUDA kernels, LDMFAST_CUDA=0 forces a CPU-only build
-(default: CUDA when nvcc is found and torch is a CUDA build); LDMFAST_CUDA_ARCHS="80;90a"
+(default: CUDA when nvcc is found and torch is a CUDA build); LDMFAST_CUDA_ARCHS="80;90a;90-virtual"
 overrides the archs; CUTLASS_DIR points at a directory holding include/cute; MAX_JOBS limits
 the parallel compile jobs.
 """

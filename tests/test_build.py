@@ -74,6 +74,31 @@ def test_cuda_kernels_compile_without_torch(tmp_path):
     assert glob.glob(str(build / "libldmfast_cuda_kernels.a"))
     for src in sources:
         assert os.path.basename(src) in log, f"{src} was not compiled"
+    _check_error_reporting(build, arch)
+
+
+def _check_error_reporting(build, arch):
+    """A host program linked against the kernel library alone: the strings a failed launch is
+    explained with (no GPU needed to name an error)."""
+    src = build / "errors_main.cpp"
+    src.write_text(
+        '#include <cstdio>\n#include "ldmfast/common.h"\n'
+        "int main() {\n"
+        '  std::printf("%s\\n%s\\n%d\\n", ldmfast::cuda::error_string(209), ldmfast::cuda::built_archs(),\n'
+        "              ldmfast::cuda::device_compute_capability());\n}\n")
+    # The static cudart CMake found for the kernels: no runtime library path needed to run it.
+    cache = (build / "CMakeCache.txt").read_text()
+    cudart = next(line.split("=", 1)[1] for line in cache.splitlines()
+                  if line.startswith("CUDA_cudart_static_LIBRARY:"))
+    exe = build / "errors_main"
+    res = subprocess.run([shutil.which("g++") or "g++", "-std=c++17", f"-I{os.path.join(ROOT, 'csrc', 'include')}",
+                          str(src), str(build / "libldmfast_cuda_kernels.a"), cudart, "-ldl", "-lpthread", "-lrt",
+                          "-o", str(exe)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    name, archs, cc = subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.splitlines()
+    assert name.startswith("cudaErrorNoKernelImageForDevice: "), name
+    assert archs == arch.replace(";", ",")
+    assert int(cc) >= 0
 
 
 def test_cuda_binding_parses_with_cpu_torch():
@@ -92,3 +117,17 @@ def test_cuda_binding_parses_with_cpu_torch():
            os.path.join(ROOT, "csrc", "torch", "cuda_ops.cpp")]
     res = subprocess.run(cmd, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-8000:]
+
+
+def test_cuda_archs_are_checked_at_configure(tmp_path):
+    """An arch that is neither SASS ("90a") nor PTX ("90-virtual") stops the configure step with
+    a message naming LDMFAST_CUDA_ARCHS, instead of an nvcc error deep in the build."""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("nvcc not found: configuring the CUDA build needs the CUDA toolkit")
+    res = subprocess.run(["cmake", "-S", ROOT, "-B", str(tmp_path / "build"), "-DLDMFAST_WITH_TORCH=OFF",
+                          "-DLDMFAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
+                          f"-DCUTLASS_DIR={_cutlass_dir()}", "-DLDMFAST_CUDA_ARCHS=90a;sm_100"],
+                         capture_output=True, text=True)
+    assert res.returncode != 0
+    assert "LDMFAST_CUDA_ARCHS: 'sm_100'" in res.stderr

@@ -167,8 +167,11 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   }
   int resident = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem) !=
-          cudaSuccess || resident < 1)
+      cudaSuccess) {
+    (void)cudaGetLastError();  // the query's own error, not the caller's
     resident = 1;
+  }
+  if (resident < 1) resident = 1;
   const int per_sm = ctas_per_sm() < resident ? ctas_per_sm() : resident;
   const int64_t bh = p.B * p.H;
   const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);

@@ -231,20 +231,24 @@ __device__ __forceinline__ Welford block_welford(Welford w, Welford* scratch) {
 // Status of the launch just made (0 == cudaSuccess), as the contracts' return value.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
-inline int sm_count() {
+// An attribute of the current device, or `fallback` (with the query's error cleared, so that
+// it is not reported as the next launch's) when it cannot be read.
+inline int device_attribute(cudaDeviceAttr attr, int fallback) {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 1;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess || n < 1) return 1;
+  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, attr, dev) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return fallback;
+  }
   return n;
 }
 
-// Bytes of L2 on the current device (0 if unknown).
-inline int64_t l2_bytes() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrL2CacheSize, dev) != cudaSuccess) return 0;
-  return n;
+inline int sm_count() {
+  const int n = device_attribute(cudaDevAttrMultiProcessorCount, 1);
+  return n < 1 ? 1 : n;
 }
+
+// Bytes of L2 on the current device (0 if unknown).
+inline int64_t l2_bytes() { return device_attribute(cudaDevAttrL2CacheSize, 0); }
 
 __host__ __device__ constexpr int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ constexpr int64_t imin(int64_t a, int64_t b) { return a < b ? a : b; }

@@ -262,12 +262,12 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
 // compiled for sm_90+ (PTX for an older arch JIT-compiled on Hopper has the cluster path cut out).
 template <class Kernel>
 bool cluster_capable(Kernel kernel) {
-  int dev = 0, major = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return false;
-  if (cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess) return false;
-  if (major < 9) return false;
+  if (device_attribute(cudaDevAttrComputeCapabilityMajor, 0) < 9) return false;
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) return false;
+  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
+    (void)cudaGetLastError();  // a failed query is not the launch's error
+    return false;
+  }
   return attr.ptxVersion >= 90;
 }
 

@@ -64,7 +64,13 @@ cuda::GroupNormKernel group_norm_kernel_from_env() {
 }
 
 void check_launch(int err, const char* op) {
-  TORCH_CHECK(err == 0, "ldmfast.", op, ": CUDA kernel launch failed with cudaError ", err);
+  if (err == 0) return;
+  constexpr int kNoKernelImage = 209;  // cudaErrorNoKernelImageForDevice
+  const int cc = cuda::device_compute_capability();
+  TORCH_CHECK(err != kNoKernelImage, "ldmfast.", op, ": ", cuda::error_string(err), ". The kernels were built for ",
+              "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\" and this device is sm_", cc,
+              "; rebuild with LDMFAST_CUDA_ARCHS=\"", cc, "\" (pip install --no-build-isolation -e .)");
+  TORCH_CHECK(false, "ldmfast.", op, ": CUDA kernel launch failed (", cuda::error_string(err), ")");
 }
 
 at::Tensor group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,

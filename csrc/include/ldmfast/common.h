@@ -22,4 +22,14 @@ inline const char* dtype_name(DType t) {
   return "unknown";
 }
 
+namespace cuda {
+// The CUDA runtime's name and description of an error code the kernels returned, e.g.
+// "cudaErrorNoKernelImageForDevice: no kernel image is available for execution on the device".
+const char* error_string(int err);
+// The current device's compute capability as 10 * major + minor (0 if it cannot be read).
+int device_compute_capability();
+// The archs the kernels were compiled for, as given to the build (e.g. "80,90a,90-virtual").
+const char* built_archs();
+}  // namespace cuda
+
 }  // namespace ldmfast
