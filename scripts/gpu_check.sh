@@ -4,7 +4,7 @@
 #   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput, or all
 # A device command may run 10 minutes, so a session takes the stages in a few calls, e.g.
 #   1. build test sass       (build for sm_90a, pytest -m cuda, HMMA count of the attention kernels)
-#   2. sanitize              (compute-sanitizer memcheck and racecheck on the kernel tests)
+#   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
 # Every stage builds first if csrc/ changed since the last build (the machine keeps the build
@@ -60,10 +60,13 @@ stage_sanitize() {
   local cs
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [ ! -x "$cs" ]; then echo "compute-sanitizer not found"; return 0; fi
-  for tool in memcheck racecheck; do
+  # synccheck: barriers reached by only part of a block, and invalid warp-sync masks.
+  # SANITIZE_TOOLS=memcheck gives one tool the whole stage limit.
+  local tools=(${SANITIZE_TOOLS:-memcheck racecheck synccheck})
+  for tool in "${tools[@]}"; do
     echo "== compute-sanitizer $tool"
-    # Big CUDA cases are skipped under the sanitizer (tests/conftest.py); half the limit each.
-    LDMFAST_SANITIZER_SHAPES=1 timeout $((limit / 2)) "$cs" --tool "$tool" --error-exitcode 9 \
+    # Big CUDA cases are skipped under the sanitizer (tests/conftest.py); the limit is shared.
+    LDMFAST_SANITIZER_SHAPES=1 timeout $((limit / ${#tools[@]})) "$cs" --tool "$tool" --error-exitcode 9 \
       python3 -m pytest -q -x -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
       > "$OUT/sanitizer_$tool.log" 2>&1
     echo "$tool exit code $? (124: time limit; log: sanitizer_$tool.log)"; tail -3 "$OUT/sanitizer_$tool.log"

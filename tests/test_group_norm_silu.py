@@ -367,3 +367,18 @@ def test_cuda_gn_kernel_choice_rejects_unknown(monkeypatch):
     x, w, b, _ = _inputs((1, 32, 4, 4), torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="LDMFAST_GN_KERNEL must be one of .* got 'fastest'"):
         ops.group_norm_silu(x, w, b, 8)
+
+
+# Few, large groups: on Hopper the groups kernel splits each group over a cluster of CTAs (up to
+# 8) that exchange partial statistics through distributed shared memory. The combination order is
+# fixed, so two runs must give the same bits, and both must match the reference.
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_gn_cluster_split_is_deterministic(monkeypatch, dtype, channels_last):
+    monkeypatch.setenv("LDMFAST_GN_KERNEL", "groups")
+    shape, groups = (1, 64, 128, 128), 4  # 4 groups of 262144 elements
+    first, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)
+    again, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)
+    assert torch.equal(first, again)

@@ -132,6 +132,8 @@ __global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(co
   // j * items + k, so that a warp's accesses hit consecutive words (no bank conflicts).
   extern __shared__ float vals[];
   __shared__ float red[32];
+  static_assert((kFusedMaxElems + 32) * sizeof(float) <= 48 * 1024,
+                "the fused kernel's shared memory must fit the 48 KB a launch gets without opting in");
   const int64_t n = blockIdx.x / a.G, g = blockIdx.x - n * a.G;
   const int64_t items = a.E / V;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
