@@ -48,6 +48,7 @@ E kernel_from_env(const char* name, const char* op, std::initializer_list<std::p
     valid += std::string(", ") + n;
   }
   TORCH_CHECK(false, "ldmfast.", op, ": ", name, " must be one of ", valid, "; got '", v, "'");
+  return E::kDefault;  // not reached; older torch headers do not mark the throw [[noreturn]]
 }
 
 // See AttentionKernel in attention.h.
