@@ -369,3 +369,16 @@ def test_gradients_match_reference(device, guided, with_noise, tensor_scalars):
     want64 = grads(ref.ddim_step, torch.float64)
     for a, r, r64 in zip(got, want, want64):
         assert_parity(a, r, r64, torch.float32, "grad")
+
+
+def test_samplers_follow_the_reference_switch():
+    """use_reference_ops(True) (the way round GPUs the kernels do not run on) covers the
+    samplers' DDIM step as well as the model layer's ops."""
+    from ldmfast.diffusion import samplers
+    from ldmfast.models import use_reference_ops
+
+    x = torch.zeros(1, 4, 8, 8)
+    assert samplers._ddim_step_for(x) is ops.ddim_step
+    with use_reference_ops(True):
+        assert samplers._ddim_step_for(x) is ref.ddim_step
+    assert samplers._ddim_step_for(x) is ops.ddim_step

@@ -67,10 +67,16 @@ cuda::GroupNormKernel group_norm_kernel_from_env() {
 void check_launch(int err, const char* op) {
   if (err == 0) return;
   constexpr int kNoKernelImage = 209;  // cudaErrorNoKernelImageForDevice
-  const int cc = cuda::device_compute_capability();
-  TORCH_CHECK(err != kNoKernelImage, "ldmfast.", op, ": ", cuda::error_string(err), ". The kernels were built for ",
-              "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\" and this device is sm_", cc,
-              "; rebuild with LDMFAST_CUDA_ARCHS=\"", cc, "\" (pip install --no-build-isolation -e .)");
+  if (err == kNoKernelImage) {
+    const int cc = cuda::device_compute_capability();
+    // The kernels use sm_80 instructions (mma.sync m16n8k16, cp.async, bf16): no rebuild helps.
+    TORCH_CHECK(cc >= 80, "ldmfast.", op, ": ", cuda::error_string(err), ". ldmfast's CUDA kernels need ",
+                "compute capability 8.0 or newer and this device is sm_", cc, "; ",
+                "ldmfast.models.use_reference_ops(True) runs the models with PyTorch ops instead");
+    TORCH_CHECK(false, "ldmfast.", op, ": ", cuda::error_string(err), ". The kernels were built for ",
+                "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\" and this device is sm_", cc,
+                "; rebuild with LDMFAST_CUDA_ARCHS=\"", cc, "\" (pip install --no-build-isolation -e .)");
+  }
   TORCH_CHECK(false, "ldmfast.", op, ": CUDA kernel launch failed (", cuda::error_string(err), ")");
 }
 

@@ -33,6 +33,7 @@ from .schedule import StepSchedule, _bcast, randn_like, x0_from_eps
 log = logging.getLogger("ldmfast")
 
 from ldmfast import ref as _ref
+from ldmfast.models.ops import using_reference_ops
 
 try:  # the fused op; its reference has the same signature and semantics
     from ldmfast import ops as _ops
@@ -42,9 +43,10 @@ except ImportError as exc:  # the compiled library is not built in this checkout
 
 
 def _ddim_step_for(x):
-    """The fused ddim_step where a kernel exists for x's device, else the reference; chosen
-    once per sampling call, before the loop."""
-    if _ops is None or (x.device.type == "cuda" and not _ops.cuda_available()):
+    """The fused ddim_step where a kernel exists for x's device and the model layer is not
+    switched to the references (``use_reference_ops``), else the reference; chosen once per
+    sampling call, before the loop."""
+    if _ops is None or using_reference_ops() or (x.device.type == "cuda" and not _ops.cuda_available()):
         return _ref.ddim_step
     if x.device.type not in ("cpu", "cuda"):
         return _ref.ddim_step

@@ -56,7 +56,8 @@ def using_reference_ops() -> bool:
 
 
 class use_reference_ops:
-    """``use_reference_ops(True)`` switches the model layer to ``ldmfast.ref``.
+    """``use_reference_ops(True)`` switches the model layer, and the samplers' DDIM step, to
+    ``ldmfast.ref`` (e.g. on a GPU older than the CUDA kernels' sm_80).
 
     Called plainly it sets the flag for good; used as ``with use_reference_ops(True): ...`` it
     restores the previous setting on exit.
