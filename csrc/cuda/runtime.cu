@@ -1,9 +1,8 @@
 // What the torch bindings (or any host program) need to explain a failed launch, without
 // including the CUDA runtime headers themselves.
-#include <cuda_runtime.h>
-
 #include <cstdio>
 
+#include "common.cuh"
 #include "ldmfast/common.h"
 
 #ifndef LDMFAST_BUILT_ARCHS
@@ -21,14 +20,8 @@ const char* error_string(int err) {
 }
 
 int device_compute_capability() {
-  int dev = 0, major = 0, minor = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) != cudaSuccess ||
-      cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return 0;
-  }
-  return 10 * major + minor;
+  const int major = detail::device_attribute(cudaDevAttrComputeCapabilityMajor, 0);
+  return major == 0 ? 0 : 10 * major + detail::device_attribute(cudaDevAttrComputeCapabilityMinor, 0);
 }
 
 const char* built_archs() { return LDMFAST_BUILT_ARCHS; }
