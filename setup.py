@@ -34,7 +34,7 @@ def _want_cuda():
 
 
 class CMakeBuild(build_ext):
-    """Configures and builds CMakeLists.txt once, then places _C (and _C_cuda) in the package."""
+    """Configures and builds CMakeLists.txt, then places _C (and _C_cuda) in the package."""
 
     def run(self):
         cuda, why = _want_cuda()
@@ -56,8 +56,9 @@ class CMakeBuild(build_ext):
             print(f"ldmfast: building the CPU and CUDA kernels ({why})", flush=True)
         else:
             print(f"ldmfast: building the CPU kernels only ({why})", flush=True)
-        if not os.path.exists(os.path.join(build_dir, "CMakeCache.txt")) or self.force:
-            subprocess.check_call(args)
+        # Configured every time (seconds): a changed LDMFAST_CUDA_ARCHS or CUTLASS_DIR reaches the
+        # cache, and a configure that failed (it still leaves a cache behind) is tried again.
+        subprocess.check_call(args)
         jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
         subprocess.check_call(["cmake", "--build", build_dir, "--parallel", jobs])
         for ext in self.extensions:

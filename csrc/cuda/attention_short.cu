@@ -163,7 +163,10 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_short_kernel<D, T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) return static_cast<int>(err);
+    if (err != cudaSuccess) {
+      (void)cudaGetLastError();  // returned here; not to be reported again by a later launch
+      return static_cast<int>(err);
+    }
   }
   int resident = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem) !=

@@ -69,6 +69,8 @@ void check_launch(int err, const char* op) {
   constexpr int kNoKernelImage = 209;  // cudaErrorNoKernelImageForDevice
   if (err == kNoKernelImage) {
     const int cc = cuda::device_compute_capability();
+    TORCH_CHECK(cc > 0, "ldmfast.", op, ": ", cuda::error_string(err), " (the kernels were built for ",
+                "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\"; the device's compute capability could not be read)");
     // The kernels use sm_80 instructions (mma.sync m16n8k16, cp.async, bf16): no rebuild helps.
     TORCH_CHECK(cc >= 80, "ldmfast.", op, ": ", cuda::error_string(err), ". ldmfast's CUDA kernels need ",
                 "compute capability 8.0 or newer and this device is sm_", cc, "; ",
