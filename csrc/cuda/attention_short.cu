@@ -163,18 +163,12 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   if (smem > 48 * 1024) {
     const cudaError_t err = cudaFuncSetAttribute(attention_short_kernel<D, T>,
                                                  cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (err != cudaSuccess) {
-      (void)cudaGetLastError();  // returned here; not to be reported again by a later launch
-      return static_cast<int>(err);
-    }
+    if (!call_ok(err)) return static_cast<int>(err);
   }
   int resident = 0;
-  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem) !=
-      cudaSuccess) {
-    (void)cudaGetLastError();  // the query's own error, not the caller's
+  if (!call_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem)) ||
+      resident < 1)
     resident = 1;
-  }
-  if (resident < 1) resident = 1;
   const int per_sm = ctas_per_sm() < resident ? ctas_per_sm() : resident;
   const int64_t bh = p.B * p.H;
   const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);

@@ -231,14 +231,19 @@ __device__ __forceinline__ Welford block_welford(Welford w, Welford* scratch) {
 // Status of the launch just made (0 == cudaSuccess), as the contracts' return value.
 inline int launch_status() { return static_cast<int>(cudaGetLastError()); }
 
-// An attribute of the current device, or `fallback` (with the query's error cleared, so that
-// it is not reported as the next launch's) when it cannot be read.
+// Whether a host-side runtime call (a query, an attribute set) succeeded. A failed one also
+// leaves its error as the runtime's last error, which launch_status() would then report as the
+// next launch's failure: it is cleared here.
+inline bool call_ok(cudaError_t err) {
+  if (err == cudaSuccess) return true;
+  (void)cudaGetLastError();
+  return false;
+}
+
+// An attribute of the current device, or `fallback` when it cannot be read.
 inline int device_attribute(cudaDeviceAttr attr, int fallback) {
   int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, attr, dev) != cudaSuccess) {
-    (void)cudaGetLastError();
-    return fallback;
-  }
+  if (!call_ok(cudaGetDevice(&dev)) || !call_ok(cudaDeviceGetAttribute(&n, attr, dev))) return fallback;
   return n;
 }
 

@@ -266,11 +266,7 @@ template <class Kernel>
 bool cluster_capable(Kernel kernel) {
   if (device_attribute(cudaDevAttrComputeCapabilityMajor, 0) < 9) return false;
   cudaFuncAttributes attr{};
-  if (cudaFuncGetAttributes(&attr, kernel) != cudaSuccess) {
-    (void)cudaGetLastError();  // a failed query is not the launch's error
-    return false;
-  }
-  return attr.ptxVersion >= 90;
+  return call_ok(cudaFuncGetAttributes(&attr, kernel)) && attr.ptxVersion >= 90;
 }
 
 template <class T, class P, int V, bool CL>
@@ -306,8 +302,7 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
     cfg.gridDim = dim3(static_cast<unsigned>(imin(ng * K, INT32_MAX)));
     attr[0].val.clusterDim.x = static_cast<unsigned>(K);
     int clusters = 0;
-    if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) == cudaSuccess && clusters > 0) break;
-    (void)cudaGetLastError();  // the query's own error, not the caller's
+    if (call_ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg)) && clusters > 0) break;
     K /= 2;
   }
   if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);

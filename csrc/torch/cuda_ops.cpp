@@ -68,16 +68,16 @@ void check_launch(int err, const char* op) {
   if (err == 0) return;
   constexpr int kNoKernelImage = 209;  // cudaErrorNoKernelImageForDevice
   if (err == kNoKernelImage) {
+    const std::string what = std::string("ldmfast.") + op + ": " + cuda::error_string(err);
     const int cc = cuda::device_compute_capability();
-    TORCH_CHECK(cc > 0, "ldmfast.", op, ": ", cuda::error_string(err), " (the kernels were built for ",
-                "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\"; the device's compute capability could not be read)");
+    TORCH_CHECK(cc > 0, what, " (the kernels were built for LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(),
+                "\"; the device's compute capability could not be read)");
     // The kernels use sm_80 instructions (mma.sync m16n8k16, cp.async, bf16): no rebuild helps.
-    TORCH_CHECK(cc >= 80, "ldmfast.", op, ": ", cuda::error_string(err), ". ldmfast's CUDA kernels need ",
-                "compute capability 8.0 or newer and this device is sm_", cc, "; ",
-                "ldmfast.models.use_reference_ops(True) runs the models with PyTorch ops instead");
-    TORCH_CHECK(false, "ldmfast.", op, ": ", cuda::error_string(err), ". The kernels were built for ",
-                "LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(), "\" and this device is sm_", cc,
-                "; rebuild with LDMFAST_CUDA_ARCHS=\"", cc, "\" (pip install --no-build-isolation -e .)");
+    TORCH_CHECK(cc >= 80, what, ". ldmfast's CUDA kernels need compute capability 8.0 or newer and this ",
+                "device is sm_", cc, "; ldmfast.models.use_reference_ops(True) runs the models with PyTorch ops instead");
+    TORCH_CHECK(false, what, ". The kernels were built for LDMFAST_CUDA_ARCHS=\"", cuda::built_archs(),
+                "\" and this device is sm_", cc, "; rebuild with LDMFAST_CUDA_ARCHS=\"", cc,
+                "\" (pip install --no-build-isolation -e .)");
   }
   TORCH_CHECK(false, "ldmfast.", op, ": CUDA kernel launch failed (", cuda::error_string(err), ")");
 }
