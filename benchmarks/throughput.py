@@ -21,10 +21,12 @@ and the end-to-end image from `sample(cuda_graph=True)`, the whole denoising loo
 plus `decode(cuda_graph=True)`), ldmfast-eager (no graphs, GPU only: on CPU it is ldmfast),
 ldmfast-ref (the model layer on the plain-PyTorch reference ops), diffusers (eager),
 diffusers+ldmfast (the same diffusers pipeline after `ldmfast.accelerate(pipe)`: ldmfast's U-Net
-and decoder over diffusers' own weight tensors, restored afterwards), diffusers-graph (U-Net
-step replayed from a CUDA graph, GPU only) and diffusers-compile (torch.compile of the U-Net and
-decoder; opt-in with --compile, slow to build). Without diffusers installed the ldmfast providers
-run on an ldmfast model built from the same architecture, and the diffusers ones are skipped.
+and decoder over diffusers' own weight tensors, restored afterwards), diffusers+ldmfast-graph (the
+same with `accelerate(pipe, cuda_graph=True)`: its U-Net calls and decodes replayed from CUDA
+graphs, GPU only), diffusers-graph (U-Net step replayed from a CUDA graph, GPU only) and
+diffusers-compile (torch.compile of the U-Net and decoder; opt-in with --compile, slow to build).
+Without diffusers installed the ldmfast providers run on an ldmfast model built from the same
+architecture, and the diffusers ones are skipped.
 """
 from __future__ import annotations
 
@@ -40,9 +42,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers+ldmfast", "diffusers-graph",
-                 "diffusers-compile"]
-DIFFUSERS_PROVIDERS = ("diffusers", "diffusers+ldmfast", "diffusers-graph", "diffusers-compile")
+ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers+ldmfast",
+                 "diffusers+ldmfast-graph", "diffusers-graph", "diffusers-compile"]
+DIFFUSERS_PROVIDERS = ("diffusers", "diffusers+ldmfast", "diffusers+ldmfast-graph", "diffusers-graph",
+                       "diffusers-compile")
+CUDA_ONLY_PROVIDERS = ("ldmfast-eager", "diffusers+ldmfast-graph", "diffusers-graph")
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
@@ -245,7 +249,7 @@ def main(argv=None):
         if p not in ALL_PROVIDERS:
             ap.error(f"--providers: unknown provider {p!r} (choose from {', '.join(ALL_PROVIDERS)})")
     if device.type != "cuda":
-        providers = [p for p in providers if p not in ("ldmfast-eager", "diffusers-graph")]
+        providers = [p for p in providers if p not in CUDA_ONLY_PROVIDERS]
     try:
         import diffusers  # noqa: F401
         have_diffusers = True
@@ -333,8 +337,8 @@ def main(argv=None):
                     if graphs:
                         step = graphed(step)
                 else:
-                    if prov == "diffusers+ldmfast":
-                        ldmfast.dropin.accelerate(pipe)
+                    if prov.startswith("diffusers+ldmfast"):
+                        ldmfast.dropin.accelerate(pipe, cuda_graph=prov.endswith("-graph"))
                         accelerated = True
                     unet, vae = pipe.unet, pipe.vae
                     if prov == "diffusers-compile":

@@ -63,11 +63,12 @@ def from_diffusers(module_or_pipeline):
     return _convert(module_or_pipeline)
 
 
-def accelerate(obj, restore: bool = False):
+def accelerate(obj, restore: bool = False, cuda_graph=False):
     """ldmfast's U-Net and VAE decoder inside a diffusers pipeline (or bare module), sharing its
-    weights; ``restore=True`` undoes it. See ``ldmfast.dropin``."""
+    weights; ``restore=True`` undoes it; ``cuda_graph=True`` replays the calls from CUDA graphs.
+    See ``ldmfast.dropin``."""
     from .dropin import accelerate as _accelerate
-    return _accelerate(obj, restore=restore)
+    return _accelerate(obj, restore=restore, cuda_graph=cuda_graph)
 
 
 def __getattr__(name):

@@ -24,6 +24,14 @@ attention processors other than diffusers' plain ones (``AttnProcessor``, ``Attn
 slicing or tiling enabled. Configurations the CompVis architecture cannot express at all (SDXL's
 added embeddings, class-embedding types...) are refused by ``accelerate`` itself with the
 converter's message. ``vae.encode`` is always diffusers' own.
+
+``accelerate(pipe, cuda_graph=True)`` also replays the calls it computes from CUDA graphs, one
+per input shapes/dtypes (``ldmfast.graphs.GraphCache``, one memory pool for the pipeline's U-Net
+and decoder): an eager step pays the host's cost of each of its launches, a replay pays it
+once. Parameters updated in place are read by the next replay; moved or replaced ones make it
+capture again.
+Calls with autograd recording, under autocast or on CPU run eagerly (said once per module).
+Graph memory is held until ``restore=True`` or ``cuda_graph=False``.
 """
 from __future__ import annotations
 
@@ -71,6 +79,7 @@ class _Shared:
         self.src, self.part = src, part
         self.cls = type(src).__name__
         self.attention = [m for m in src.modules() if type(m).__name__ == "Attention"]
+        self.generation = 0  # counts builds: graphs captured against an older one are stale
         self._build()
 
     def _build(self):
@@ -121,6 +130,8 @@ class _Shared:
         self.fast = fast.train(self.src.training)
         self.config = cfg
         self._same, self._views = same, views
+        self.tensors = tuple(fast.parameters()) + tuple(fast.buffers())
+        self.generation += 1
 
     def module(self) -> nn.Module:
         """The ldmfast module, rebuilt first if a diffusers tensor object was replaced or moved
@@ -151,16 +162,57 @@ class _Adapter:
         self.src, self.shared, self.attr = src, shared, attr
         self.own = src.__dict__.get(attr)  # an instance-level override we replace, if any
         self._said = set()
+        self.graphs = None  # a GraphCache when accelerate(..., cuda_graph=...) asked for graphs
+        self._graphed_generation = None
 
     def original(self):
         return self.own if self.own is not None else getattr(type(self.src), self.attr).__get__(
             self.src)
 
+    def say_once(self, what):
+        if what not in self._said:
+            self._said.add(what)
+            log.warning("ldmfast.accelerate: %s: %s", self.shared.cls, what)
+
     def passthrough(self, reason):
-        if reason not in self._said:
-            self._said.add(reason)
-            log.warning("ldmfast.accelerate: %s: %s; using diffusers' own %s for such calls",
-                        self.shared.cls, reason, self.attr)
+        self.say_once(f"{reason}; using diffusers' own {self.attr} for such calls")
+
+    def eager_reason(self, device):
+        """Why this call cannot replay a graph (None: it can)."""
+        if self.graphs.requires_cuda and device.type != "cuda":
+            return f"the call is on {device.type}, CUDA graphs need CUDA tensors"
+        if torch.is_grad_enabled():
+            return "autograd is recording (graphs replay under torch.no_grad() only)"
+        if torch.is_autocast_enabled(device.type):
+            return "autocast is on"
+        return None
+
+    def drop_graphs(self):
+        if self.graphs is not None:
+            mine = self.graph_key()
+            self.graphs.discard(lambda key: isinstance(key, tuple) and key[:2] == mine)
+
+    def graph_key(self):
+        # tagged: a GraphCache passed in may hold other users' graphs too
+        return ("ldmfast.accelerate", id(self))
+
+    def compute(self, part, fn, inputs, device):
+        """fn(**inputs), from a CUDA graph when graphs are on and the call allows one."""
+        reason = "no graphs" if self.graphs is None else self.eager_reason(device)
+        if reason is not None:
+            if self.graphs is not None:
+                self.say_once(f"cuda_graph: {reason}; such calls run eagerly")
+            return fn(**inputs)
+        from .graphs import tensor_spec
+
+        shared = self.shared
+        if self._graphed_generation not in (None, shared.generation):
+            # the ldmfast module was rebuilt over new tensors: its old graphs read the old ones
+            self.drop_graphs()
+        self._graphed_generation = shared.generation
+        key = self.graph_key() + (part, shared.generation, torch.is_inference_mode_enabled(),
+                                  tensor_spec(inputs))
+        return self.graphs.run(key, fn, inputs, watch=shared.tensors)
 
     def common_reason(self):
         if getattr(self.src, "_hf_peft_config_loaded", False) or getattr(self.src, "peft_config",
@@ -232,8 +284,12 @@ class _UNetForward(_Adapter):
         elif t.dim() == 0:
             t = t[None]
         t = t.to(sample.device).expand(sample.shape[0])
-        out = fast(sample, t, context=encoder_hidden_states,
-                   y=class_labels if fast.num_classes is not None else None)
+
+        def unet(sample, t, context, y):
+            return fast(sample, t, context=context, y=y)
+        out = self.compute("unet", unet, {
+            "sample": sample, "t": t, "context": encoder_hidden_states,
+            "y": class_labels if fast.num_classes is not None else None}, sample.device)
         if not return_dict:
             return (out,)
         return self.output(sample=out) if self.output is not None else (out,)
@@ -254,7 +310,8 @@ class _VAEDecode(_Adapter):
         if reason is not None:
             self.passthrough(reason)
             return self.original()(z, return_dict=return_dict, generator=generator)
-        out = self.shared.module().decode(z)
+        fast = self.shared.module()
+        out = self.compute("decode", lambda z: fast.decode(z), {"z": z}, z.device)
         if not return_dict:
             return (out,)
         return self.output(sample=out) if self.output is not None else (out,)
@@ -278,7 +335,7 @@ def fast_module(module) -> nn.Module:
     return module.__dict__[_MARK].shared.module()
 
 
-def _accelerate_module(module, restore: bool):
+def _accelerate_module(module, restore: bool, graphs=None):
     cls = type(module).__name__
     if cls not in _KINDS:
         raise ValueError(f"ldmfast.accelerate: {cls} is not supported (UNet2DConditionModel, "
@@ -287,29 +344,58 @@ def _accelerate_module(module, restore: bool):
     current = module.__dict__.get(_MARK)
     if restore:
         if current is not None:
+            current.drop_graphs()
             if current.own is not None:
                 module.__dict__[attr] = current.own
             else:
                 module.__dict__.pop(attr, None)
             del module.__dict__[_MARK]
         return module
-    if current is not None:
-        return module  # already accelerated
+    if current is not None:  # already accelerated: only the graph setting can change
+        if current.graphs is not graphs:
+            current.drop_graphs()
+            current.graphs, current._graphed_generation = graphs, None
+        return module
     if getattr(module, "_hf_hook", None) is not None:
         raise ValueError(f"ldmfast.accelerate: this {cls} has accelerate hooks (model CPU "
                          "offload, device maps); call ldmfast.accelerate before enabling them")
     adapter = adapter_cls(module, _Shared(module, part))
+    adapter.graphs = graphs
     module.__dict__[attr] = adapter
     module.__dict__[_MARK] = adapter
     return module
 
 
-def accelerate(obj, restore: bool = False):
+def _graph_cache(cuda_graph, restore):
+    from .graphs import GraphCache
+
+    if isinstance(cuda_graph, GraphCache):
+        cache = cuda_graph
+    elif isinstance(cuda_graph, bool):
+        cache = GraphCache() if cuda_graph else None
+    else:
+        raise ValueError(f"ldmfast.accelerate: cuda_graph must be True, False or a "
+                         f"ldmfast.graphs.GraphCache, got {type(cuda_graph).__name__}")
+    if cache is not None and restore:
+        raise ValueError("ldmfast.accelerate: cuda_graph has no meaning with restore=True")
+    if cache is not None and cache.requires_cuda and not torch.cuda.is_available():
+        raise ValueError("ldmfast.accelerate: cuda_graph=True needs CUDA, and torch sees no CUDA "
+                         "device here (pass cuda_graph=False)")
+    return cache
+
+
+def accelerate(obj, restore: bool = False, cuda_graph=False):
     """Puts ldmfast's U-Net and VAE decoder into a diffusers pipeline (``.unet``, and ``.vae``
     when it is an ``AutoencoderKL``) or into a bare ``UNet2DConditionModel`` / ``AutoencoderKL``,
-    sharing their weight tensors; ``restore=True`` undoes it. Returns ``obj``."""
+    sharing their weight tensors; ``restore=True`` undoes it. Returns ``obj``.
+
+    cuda_graph: True replays the calls from CUDA graphs (one ``GraphCache``, so one memory
+    pool, for the pipeline's U-Net and decoder); a ``ldmfast.graphs.GraphCache`` uses that one
+    (e.g. with ``eager_capture``: the same path without capturing); False (the default) turns
+    graphs off, also on an already accelerated module."""
+    graphs = _graph_cache(cuda_graph, restore)
     if isinstance(obj, nn.Module):
-        return _accelerate_module(obj, restore)
+        return _accelerate_module(obj, restore, graphs)
     unet = getattr(obj, "unet", None)
     vae = getattr(obj, "vae", None)
     if unet is None and vae is None:
@@ -318,11 +404,11 @@ def accelerate(obj, restore: bool = False):
     done = []
     try:
         if unet is not None:
-            _accelerate_module(unet, restore)
+            _accelerate_module(unet, restore, graphs)
             done.append(unet)
         if vae is not None:
             if type(vae).__name__ in _KINDS:
-                _accelerate_module(vae, restore)
+                _accelerate_module(vae, restore, graphs)
                 done.append(vae)
             elif not restore:
                 log.info("ldmfast.accelerate: %s is left to diffusers", type(vae).__name__)

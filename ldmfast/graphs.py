@@ -146,6 +146,11 @@ class GraphCache:
     def keys(self):
         return list(self._entries)
 
+    def discard(self, predicate: Callable) -> None:
+        """Drops the graphs whose key satisfies ``predicate`` (the pool stays)."""
+        for key in [k for k in self._entries if predicate(k)]:
+            del self._entries[key]
+
     def clear(self) -> None:
         """Drops every graph and the pool (the memory returns to the caching allocator)."""
         self._entries.clear()

@@ -202,3 +202,99 @@ def test_bare_modules_and_output_types(pipe):
     finally:
         acc.accelerate(pipe.vae, restore=True)
         acc.accelerate(pipe.unet, restore=True)
+
+
+# ------------------------------------------------------------------ accelerate(cuda_graph=...)
+# On CPU the graph path runs with ldmfast.graphs.eager_capture: keys, static copies, recaptures
+# and output copies as with real graphs, each "replay" computed eagerly. Real captures: the
+# cuda-marked test below.
+
+def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
+    from ldmfast.graphs import GraphCache, eager_capture
+
+    p = make_sd_pipeline(str(tmp_path))
+    ref = run(p)
+    acc.accelerate(p)
+    eager = run(p)
+    cache = GraphCache(capture=eager_capture)
+    ldmfast.accelerate(p, cuda_graph=cache)  # switches graphs on for the accelerated pipeline
+    unet, vae = p.unet, p.vae
+    try:
+        out = run(p)
+        assert torch.equal(out, eager) and rel(out, ref) < REL
+        assert sorted(k[2] for k in cache.keys()) == ["decode", "unet"] and cache.captures == 2
+        assert torch.equal(run(p), out) and cache.captures == 2  # same shapes: replays only
+        _, t, ctx = unet_inputs()
+        x = torch.randn(2, 4, 24, 24)
+        with torch.no_grad():
+            a = unet(x, t, encoder_hidden_states=ctx).sample  # 24x24 latents: a new graph
+            assert cache.captures == 3
+            assert rel(a, diffusers_unet(unet, x, t, ctx)) < REL
+            w = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_v.weight
+            w.data.add_(0.5 * torch.randn_like(w))  # in place: the same graph reads it
+            b = unet(x, t, encoder_hidden_states=ctx).sample
+            assert cache.captures == 3 and rel(b, a) > 1e-3
+            assert rel(b, diffusers_unet(unet, x, t, ctx)) < REL
+            # a replaced parameter object: the module is rebuilt and its old graphs dropped
+            unet.conv_out.bias = torch.nn.Parameter(unet.conv_out.bias.detach() + 1)
+            c = unet(x, t, encoder_hidden_states=ctx).sample
+            assert cache.captures == 4 and sum(k[2] == "unet" for k in cache.keys()) == 1
+            assert rel(c, diffusers_unet(unet, x, t, ctx)) < REL
+            # .to() moves the storage under the same objects: captured again
+            p.to(torch.float64)
+            d = unet(x.double(), t, encoder_hidden_states=ctx.double()).sample
+            assert cache.captures == 5 and d.dtype == torch.float64
+            assert rel(d, diffusers_unet(unet, x.double(), t, ctx.double())) < 1e-10
+            p.to(torch.float32)
+        with caplog.at_level(logging.WARNING, logger="ldmfast"):
+            e = unet(x, t, encoder_hidden_states=ctx).sample  # autograd on: eager, said once
+            assert "autograd is recording" in caplog.text
+        assert e.requires_grad and cache.captures == 5
+        with torch.no_grad():
+            # the float32 entry's parameters moved (to float64 and back): captured again
+            f = unet(x, t, encoder_hidden_states=ctx).sample
+        assert cache.captures == 6 and rel(f, e.detach()) < REL
+        assert rel(f, diffusers_unet(unet, x, t, ctx)) < REL
+    finally:
+        acc.accelerate(p, restore=True)
+    assert len(cache) == 0  # restore drops the graphs
+
+
+def test_graph_arguments_are_checked(pipe):
+    with pytest.raises(ValueError, match="cuda_graph must be"):
+        acc.accelerate(pipe, cuda_graph="yes")
+    with pytest.raises(ValueError, match="cuda_graph has no meaning with restore"):
+        acc.accelerate(pipe, restore=True, cuda_graph=True)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+            acc.accelerate(pipe, cuda_graph=True)
+    assert not acc.is_accelerated(pipe.unet)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_graphs_replay_what_eager_computes(tmp_path):
+    p = make_sd_pipeline(str(tmp_path)).to("cuda", torch.float16)
+    acc.accelerate(p)
+    x, t, ctx = (v.to("cuda", torch.float16) if v.is_floating_point() else v.cuda()
+                 for v in unet_inputs())
+    z = torch.randn(1, 4, 16, 16, device="cuda", dtype=torch.float16)
+    unet, vae = p.unet, p.vae
+    with torch.no_grad():
+        eager = unet(x, t, encoder_hidden_states=ctx).sample
+        eager_img = vae.decode(z).sample
+        acc.accelerate(p, cuda_graph=True)
+        cache = unet.__dict__["forward"].graphs
+        try:
+            for _ in range(2):  # a capture, then a replay
+                assert rel(unet(x, t, encoder_hidden_states=ctx).sample, eager) < 1e-3
+                assert rel(vae.decode(z).sample, eager_img) < 1e-3
+            assert cache.captures == 2 and vae.__dict__["decode"].graphs is cache
+            # LoRA-style in-place update: seen by the next replay, without a new capture
+            w = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_v.weight
+            w.data.add_(0.5 * torch.randn_like(w))
+            after = unet(x, t, encoder_hidden_states=ctx).sample
+            expected = acc.fast_module(unet)(x, t.cuda().expand(2), context=ctx)
+            assert cache.captures == 2 and rel(after, eager) > 1e-3 and rel(after, expected) < 1e-3
+        finally:
+            acc.accelerate(p, restore=True)
