@@ -8,12 +8,16 @@
 // K and V are converted to float once per call, before the tasks start (pack_kv): K transposed to
 // (D, keys) tiles so the score micro-kernel runs along keys with unit stride, V as (keys, D)
 // tiles. Each task converts its Q rows, pre-multiplied by scale * log2(e) so that the softmax is
-// a bare exp2. Both products are register-blocked micro-kernels written as
+// a bare exp2 (exp2_nonpositive). Both products are register-blocked micro-kernels written as
 // plain loops over fixed-size arrays that the compiler keeps in vector registers:
-//   scores: 6 query rows x 16 keys (12 AVX2 accumulators), one rank-1 update per head-dim step;
-//   P V:    8 query rows x 8 head-dim lanes (8 accumulators), one rank-1 update per key.
+//   scores: 6 query rows x 16 keys (12 AVX2 / 6 AVX-512 accumulators), one rank-1 update per
+//           head-dim step;
+//   P V:    6 query rows x 16 head-dim lanes, one rank-1 update per key, and 8 rows x 8 lanes
+//           for the last 8 lanes when the padded head dim is not a multiple of 16 (40, 72...).
 // Rows, keys and head dims are padded with zeros to those block sizes; padded keys get a score
-// of -inf so they carry no probability.
+// of -inf so they carry no probability. The micro-kernels are not inlined: inlined into the
+// task loop, GCC ran out of registers and reloaded a row offset from the stack before every
+// FMA (perf annotate; 1.2x slower on Zen 4).
 #include <omp.h>
 
 #include <algorithm>
@@ -33,10 +37,14 @@ namespace {
 constexpr int64_t kBq = 48;      // queries whose scores are live at once
 constexpr int64_t kQkRows = 6;   // score micro-kernel: query rows ...
 constexpr int64_t kQkCols = 16;  // ... times keys
-constexpr int64_t kPvRows = 8;   // P V micro-kernel: query rows ...
-constexpr int64_t kPvCols = 8;   // ... times head-dim lanes
-constexpr int64_t kRowPad = 24;  // rows are padded to a multiple of both micro-kernels' rows
-static_assert(kRowPad % kQkRows == 0 && kRowPad % kPvRows == 0 && kBq % kRowPad == 0, "row blocking");
+constexpr int64_t kPvRows = 6;   // P V micro-kernel: query rows ...
+constexpr int64_t kPvCols = 16;  // ... times head-dim lanes
+constexpr int64_t kPvTailRows = 8;  // the 8-lane tail kernel's rows
+constexpr int64_t kDimPad = 8;   // head dims are padded to a multiple of 8 lanes
+constexpr int64_t kRowPad = 24;  // rows are padded to a multiple of every micro-kernel's rows
+static_assert(kRowPad % kQkRows == 0 && kRowPad % kPvRows == 0 && kRowPad % kPvTailRows == 0 &&
+                  kBq % kRowPad == 0,
+              "row blocking");
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147180559945309f;
 
@@ -47,7 +55,7 @@ int64_t round_up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
 int64_t key_tile(int64_t D) { return D > 256 ? 32 : D > 128 ? 64 : 128; }
 
 // s[r][j] = sum_d q[r][d] kt[d][j] for 6 rows and 16 keys.
-inline void qk_micro(const float* __restrict q, int64_t ldq, const float* __restrict kt, int64_t ldk,
+LDMFAST_NOINLINE void qk_micro(const float* __restrict q, int64_t ldq, const float* __restrict kt, int64_t ldk,
                      int64_t D, float* __restrict s, int64_t lds) {
   float acc[kQkRows][kQkCols] = {};
   for (int64_t d = 0; d < D; ++d) {
@@ -63,23 +71,24 @@ inline void qk_micro(const float* __restrict q, int64_t ldq, const float* __rest
     for (int64_t j = 0; j < kQkCols; ++j) s[r * lds + j] = acc[r][j];
 }
 
-// o[r][0:8] += sum_j p[r][j] v[j][0:8] for 8 rows.
-inline void pv_micro(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv,
-                     int64_t nk, float* __restrict o, int64_t ldo) {
-  float acc[kPvRows][kPvCols];
-  for (int64_t r = 0; r < kPvRows; ++r)
-    for (int64_t c = 0; c < kPvCols; ++c) acc[r][c] = o[r * ldo + c];
+// o[r][0:COLS] += sum_j p[r][j] v[j][0:COLS] for ROWS rows.
+template <int64_t ROWS, int64_t COLS>
+LDMFAST_NOINLINE void pv_micro(const float* __restrict p, int64_t ldp, const float* __restrict v, int64_t ldv,
+                               int64_t nk, float* __restrict o, int64_t ldo) {
+  float acc[ROWS][COLS];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t c = 0; c < COLS; ++c) acc[r][c] = o[r * ldo + c];
   for (int64_t j = 0; j < nk; ++j) {
     const float* __restrict vr = v + j * ldv;
-    float pv[kPvRows];
-    for (int64_t r = 0; r < kPvRows; ++r) pv[r] = p[r * ldp + j];
-    for (int64_t r = 0; r < kPvRows; ++r) {
+    float pv[ROWS];
+    for (int64_t r = 0; r < ROWS; ++r) pv[r] = p[r * ldp + j];
+    for (int64_t r = 0; r < ROWS; ++r) {
 #pragma omp simd
-      for (int64_t c = 0; c < kPvCols; ++c) acc[r][c] += pv[r] * vr[c];
+      for (int64_t c = 0; c < COLS; ++c) acc[r][c] += pv[r] * vr[c];
     }
   }
-  for (int64_t r = 0; r < kPvRows; ++r)
-    for (int64_t c = 0; c < kPvCols; ++c) o[r * ldo + c] = acc[r][c];
+  for (int64_t r = 0; r < ROWS; ++r)
+    for (int64_t c = 0; c < COLS; ++c) o[r * ldo + c] = acc[r][c];
 }
 
 // Rows of Q (and of the output accumulator) a task keeps in float: as many as fit in about
@@ -143,7 +152,7 @@ struct Workspace {
   int64_t dp, bk_max;
   std::vector<float> q, s, o, m, l;
   Workspace(int64_t D, int64_t bk_max_, int64_t chunk)
-      : dp(round_up(D, kPvCols)),
+      : dp(round_up(D, kDimPad)),
         bk_max(bk_max_),
         q(chunk * dp),
         s(kBq * bk_max),
@@ -207,11 +216,11 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < bkp; ++j) {
-          const float e = exp2_approx(si[j] - mx);
+          const float e = exp2_nonpositive(si[j] - mx);
           si[j] = e;
           sum += e;
         }
-        const float alpha = exp2_approx(m_old - mx);  // 0 on the first tile (m_old = -inf)
+        const float alpha = exp2_nonpositive(m_old - mx);  // 0 on the first tile (m_old = -inf)
         m[i0 + i] = mx;
         l[i0 + i] = l[i0 + i] * alpha + sum;
         if (alpha != 1.0f) {
@@ -221,9 +230,13 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
         }
       }
 
+      const int64_t wide = dp / kPvCols * kPvCols;
       for (int64_t i = 0; i < nr; i += kPvRows)
-        for (int64_t c = 0; c < dp; c += kPvCols)
-          pv_micro(s + i * ldk, ldk, v + c, dp, bkp, o + (i0 + i) * dp + c, dp);
+        for (int64_t c = 0; c < wide; c += kPvCols)
+          pv_micro<kPvRows, kPvCols>(s + i * ldk, ldk, v + c, dp, bkp, o + (i0 + i) * dp + c, dp);
+      if (wide < dp)  // dp - wide = 8 lanes
+        for (int64_t i = 0; i < nr; i += kPvTailRows)
+          pv_micro<kPvTailRows, kDimPad>(s + i * ldk, ldk, v + wide, dp, bkp, o + (i0 + i) * dp + wide, dp);
     }
   }
 
@@ -243,7 +256,7 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
 
 template <typename T>
 void run(const AttentionParams& p) {
-  const int64_t dp = round_up(p.D, kPvCols), bk_max = key_tile(p.D);
+  const int64_t dp = round_up(p.D, kDimPad), bk_max = key_tile(p.D);
   // Large chunks amortise the Q conversion and per-tile overheads; smaller ones when there
   // would otherwise be too few tasks to keep every thread busy (about four per thread).
   const int64_t want_tasks = 4 * static_cast<int64_t>(omp_get_max_threads());
