@@ -63,7 +63,7 @@ def from_diffusers(module_or_pipeline):
     return _convert(module_or_pipeline)
 
 
-def accelerate(obj, restore: bool = False, cuda_graph=False):
+def accelerate(obj, restore: bool = False, cuda_graph=None):
     """ldmfast's U-Net and VAE decoder inside a diffusers pipeline (or bare module), sharing its
     weights; ``restore=True`` undoes it; ``cuda_graph=True`` replays the calls from CUDA graphs.
     See ``ldmfast.dropin``."""

@@ -25,17 +25,22 @@ slicing or tiling enabled. Configurations the CompVis architecture cannot expres
 added embeddings, class-embedding types...) are refused by ``accelerate`` itself with the
 converter's message. ``vae.encode`` is always diffusers' own.
 
-``accelerate(pipe, cuda_graph=True)`` also replays the calls it computes from CUDA graphs, one
-per input shapes/dtypes (``ldmfast.graphs.GraphCache``, one memory pool for the pipeline's U-Net
-and decoder): an eager step pays the host's cost of each of its launches, a replay pays it
-once. Parameters updated in place are read by the next replay; moved or replaced ones make it
-capture again.
-Calls with autograd recording, under autocast or on CPU run eagerly (said once per module).
-Graph memory is held until ``restore=True`` or ``cuda_graph=False``.
+``accelerate(pipe, cuda_graph=True)`` also replays the calls it computes from CUDA graphs
+(``ldmfast.graphs.GraphCache``, one memory pool for the pipeline's U-Net and decoder), one graph
+per input shapes and dtypes, inference mode and global setting (``graph_settings``): an eager
+step pays the host's cost of each of its launches, a replay pays it once. Parameters updated in
+place are read by the next replay; when any moves (``.to()``) or is replaced, all of that
+module's graphs are dropped and captured again as calls come. Calls with autograd recording,
+under autocast, inside someone else's capture or on CPU run eagerly (a warning once per reason).
+Graph memory is held until ``restore=True`` or ``cuda_graph=False``. A LoRA merged into the
+weights in place is seen by the graphs as by the eager path; LoRA layers kept loaded through
+PEFT send every call to diffusers' own code, as said above.
 """
 from __future__ import annotations
 
+import itertools
 import logging
+import weakref
 
 import torch
 import torch.nn as nn
@@ -45,6 +50,7 @@ log = logging.getLogger("ldmfast")
 __all__ = ["accelerate", "fast_module", "is_accelerated"]
 
 _MARK = "_ldmfast_accelerated"
+_TAGS = itertools.count()
 # diffusers attention processors that compute plain softmax(QK^T/sqrt(d))V on to_q/k/v/out
 _PLAIN_PROCESSORS = frozenset(("AttnProcessor", "AttnProcessor2_0", "XFormersAttnProcessor",
                                "SlicedAttnProcessor"))
@@ -163,7 +169,9 @@ class _Adapter:
         self.own = src.__dict__.get(attr)  # an instance-level override we replace, if any
         self._said = set()
         self.graphs = None  # a GraphCache when accelerate(..., cuda_graph=...) asked for graphs
-        self._graphed_generation = None
+        # Tags this adapter's keys in a GraphCache that others may share (an id() could be reused)
+        self._tag = ("ldmfast.accelerate", next(_TAGS))
+        self._graphed_state = None  # (module build, tensor addresses) the graphs were captured on
 
     def original(self):
         return self.own if self.own is not None else getattr(type(self.src), self.attr).__get__(
@@ -177,24 +185,31 @@ class _Adapter:
     def passthrough(self, reason):
         self.say_once(f"{reason}; using diffusers' own {self.attr} for such calls")
 
+    def set_graphs(self, cache):
+        if cache is self.graphs:
+            return
+        self.drop_graphs()
+        self.graphs, self._graphed_state = cache, None
+        if cache is not None:
+            # an adapter dropped without restore=True (its module deleted) leaves no graphs behind
+            weakref.finalize(self, _discard_tagged, cache, self._tag)
+
+    def drop_graphs(self):
+        if self.graphs is not None:
+            _discard_tagged(self.graphs, self._tag)
+
     def eager_reason(self, device):
         """Why this call cannot replay a graph (None: it can)."""
-        if self.graphs.requires_cuda and device.type != "cuda":
-            return f"the call is on {device.type}, CUDA graphs need CUDA tensors"
+        if self.graphs.requires_cuda:
+            if device.type != "cuda":
+                return f"the call is on {device.type}, CUDA graphs need CUDA tensors"
+            if torch.cuda.is_current_stream_capturing():
+                return "a CUDA graph capture is in progress (the call is recorded into it)"
         if torch.is_grad_enabled():
             return "autograd is recording (graphs replay under torch.no_grad() only)"
         if torch.is_autocast_enabled(device.type):
             return "autocast is on"
         return None
-
-    def drop_graphs(self):
-        if self.graphs is not None:
-            mine = self.graph_key()
-            self.graphs.discard(lambda key: isinstance(key, tuple) and key[:2] == mine)
-
-    def graph_key(self):
-        # tagged: a GraphCache passed in may hold other users' graphs too
-        return ("ldmfast.accelerate", id(self))
 
     def compute(self, part, fn, inputs, device):
         """fn(**inputs), from a CUDA graph when graphs are on and the call allows one."""
@@ -204,21 +219,28 @@ class _Adapter:
                 self.say_once(f"cuda_graph: {reason}; such calls run eagerly")
             return fn(**inputs)
         from .graphs import tensor_spec
+        from .models.ops import graph_settings
 
         shared = self.shared
-        if self._graphed_generation not in (None, shared.generation):
-            # the ldmfast module was rebuilt over new tensors: its old graphs read the old ones
+        state = (shared.generation, tuple(t.data_ptr() for t in shared.tensors))
+        if state != self._graphed_state:
+            # Rebuilt over new tensors, or moved by .to(): every graph of this adapter reads
+            # the old addresses, so all of them go (not only the one for this call's shapes).
             self.drop_graphs()
-        self._graphed_generation = shared.generation
-        key = self.graph_key() + (part, shared.generation, torch.is_inference_mode_enabled(),
-                                  tensor_spec(inputs))
-        return self.graphs.run(key, fn, inputs, watch=shared.tensors)
+            self._graphed_state = state
+        key = self._tag + (part, graph_settings(), torch.is_inference_mode_enabled(),
+                           tensor_spec(inputs))
+        return self.graphs.run(key, fn, inputs)
 
     def common_reason(self):
         if getattr(self.src, "_hf_peft_config_loaded", False) or getattr(self.src, "peft_config",
                                                                           None):
             return "PEFT adapters are loaded"
         return self.shared.processors_ok()
+
+
+def _discard_tagged(cache, tag):
+    cache.discard(lambda key: isinstance(key, tuple) and key[:2] == tag)
 
 
 def _output_type(module_path, name):
@@ -335,87 +357,98 @@ def fast_module(module) -> nn.Module:
     return module.__dict__[_MARK].shared.module()
 
 
-def _accelerate_module(module, restore: bool, graphs=None):
-    cls = type(module).__name__
-    if cls not in _KINDS:
-        raise ValueError(f"ldmfast.accelerate: {cls} is not supported (UNet2DConditionModel, "
-                         "AutoencoderKL, or a pipeline holding them as .unet / .vae)")
-    part, attr, adapter_cls = _KINDS[cls]
+def _restore(module):
     current = module.__dict__.get(_MARK)
-    if restore:
-        if current is not None:
-            current.drop_graphs()
-            if current.own is not None:
-                module.__dict__[attr] = current.own
-            else:
-                module.__dict__.pop(attr, None)
-            del module.__dict__[_MARK]
-        return module
-    if current is not None:  # already accelerated: only the graph setting can change
-        if current.graphs is not graphs:
-            current.drop_graphs()
-            current.graphs, current._graphed_generation = graphs, None
-        return module
-    if getattr(module, "_hf_hook", None) is not None:
-        raise ValueError(f"ldmfast.accelerate: this {cls} has accelerate hooks (model CPU "
-                         "offload, device maps); call ldmfast.accelerate before enabling them")
-    adapter = adapter_cls(module, _Shared(module, part))
-    adapter.graphs = graphs
-    module.__dict__[attr] = adapter
-    module.__dict__[_MARK] = adapter
-    return module
-
-
-def _graph_cache(cuda_graph, restore):
-    from .graphs import GraphCache
-
-    if isinstance(cuda_graph, GraphCache):
-        cache = cuda_graph
-    elif isinstance(cuda_graph, bool):
-        cache = GraphCache() if cuda_graph else None
+    if current is None:
+        return
+    current.set_graphs(None)
+    if current.own is not None:
+        module.__dict__[current.attr] = current.own
     else:
-        raise ValueError(f"ldmfast.accelerate: cuda_graph must be True, False or a "
-                         f"ldmfast.graphs.GraphCache, got {type(cuda_graph).__name__}")
-    if cache is not None and restore:
-        raise ValueError("ldmfast.accelerate: cuda_graph has no meaning with restore=True")
-    if cache is not None and cache.requires_cuda and not torch.cuda.is_available():
-        raise ValueError("ldmfast.accelerate: cuda_graph=True needs CUDA, and torch sees no CUDA "
-                         "device here (pass cuda_graph=False)")
-    return cache
+        module.__dict__.pop(current.attr, None)
+    del module.__dict__[_MARK]
 
 
-def accelerate(obj, restore: bool = False, cuda_graph=False):
+def _accelerate_module(module, graphs, keep_graphs: bool):
+    current = module.__dict__.get(_MARK)
+    if current is None:
+        if getattr(module, "_hf_hook", None) is not None:
+            raise ValueError(f"ldmfast.accelerate: this {type(module).__name__} has accelerate "
+                             "hooks (model CPU offload, device maps); call ldmfast.accelerate "
+                             "before enabling them")
+        part, attr, adapter_cls = _KINDS[type(module).__name__]
+        current = adapter_cls(module, _Shared(module, part))
+        module.__dict__[attr] = current
+        module.__dict__[_MARK] = current
+    if not keep_graphs:
+        current.set_graphs(graphs)
+
+
+def _modules(obj, restore):
+    """The diffusers modules accelerate acts on: obj itself, or a pipeline's .unet and .vae."""
+    if isinstance(obj, nn.Module):
+        mods = [obj]
+    else:
+        unet, vae = getattr(obj, "unet", None), getattr(obj, "vae", None)
+        if unet is None and vae is None:
+            raise ValueError(f"ldmfast.accelerate: {type(obj).__name__} is neither a diffusers "
+                             "pipeline with .unet/.vae nor a UNet2DConditionModel/AutoencoderKL")
+        mods = [unet] if unet is not None else []
+        if vae is not None:
+            if type(vae).__name__ in _KINDS:
+                mods.append(vae)
+            elif not restore:
+                log.info("ldmfast.accelerate: %s is left to diffusers", type(vae).__name__)
+    for m in mods:
+        if type(m).__name__ not in _KINDS:
+            raise ValueError(f"ldmfast.accelerate: {type(m).__name__} is not supported "
+                             "(UNet2DConditionModel, AutoencoderKL, or a pipeline holding them as "
+                             ".unet / .vae)")
+    return mods
+
+
+def accelerate(obj, restore: bool = False, cuda_graph=None):
     """Puts ldmfast's U-Net and VAE decoder into a diffusers pipeline (``.unet``, and ``.vae``
     when it is an ``AutoencoderKL``) or into a bare ``UNet2DConditionModel`` / ``AutoencoderKL``,
     sharing their weight tensors; ``restore=True`` undoes it. Returns ``obj``.
 
-    cuda_graph: True replays the calls from CUDA graphs (one ``GraphCache``, so one memory
-    pool, for the pipeline's U-Net and decoder); a ``ldmfast.graphs.GraphCache`` uses that one
-    (e.g. with ``eager_capture``: the same path without capturing); False (the default) turns
-    graphs off, also on an already accelerated module."""
-    graphs = _graph_cache(cuda_graph, restore)
-    if isinstance(obj, nn.Module):
-        return _accelerate_module(obj, restore, graphs)
-    unet = getattr(obj, "unet", None)
-    vae = getattr(obj, "vae", None)
-    if unet is None and vae is None:
-        raise ValueError(f"ldmfast.accelerate: {type(obj).__name__} is neither a diffusers "
-                         "pipeline with .unet/.vae nor a UNet2DConditionModel/AutoencoderKL")
-    done = []
+    cuda_graph: True replays the calls from CUDA graphs, all modules of ``obj`` sharing one
+    ``ldmfast.graphs.GraphCache`` (one memory pool; the one they already have, if any, so
+    calling again keeps the captured graphs); a ``GraphCache`` uses that one (e.g. one with
+    ``eager_capture``, the same path without capturing); False turns graphs off; None (the
+    default) leaves the setting as it is (off for a module accelerated now)."""
+    from .graphs import GraphCache
+
+    if cuda_graph is not None and not isinstance(cuda_graph, (bool, GraphCache)):
+        raise TypeError(f"ldmfast.accelerate: cuda_graph must be True, False, None or a "
+                        f"ldmfast.graphs.GraphCache, got {type(cuda_graph).__name__}")
+    if restore and cuda_graph:
+        raise ValueError("ldmfast.accelerate: cuda_graph has no meaning with restore=True")
+    mods = _modules(obj, restore)
+    if restore:
+        for m in mods:
+            _restore(m)
+        return obj
+    before = [(m, m.__dict__.get(_MARK)) for m in mods]
+    graphs = None
+    if cuda_graph is True:
+        graphs = next((a.graphs for _, a in before if a is not None and a.graphs is not None),
+                      None) or GraphCache()
+    elif isinstance(cuda_graph, GraphCache):
+        graphs = cuda_graph
+    if graphs is not None and graphs.requires_cuda and not torch.cuda.is_available():
+        raise ValueError("ldmfast.accelerate: cuda_graph needs CUDA, and torch sees no CUDA "
+                         "device here (pass cuda_graph=False)")
+    previous = [(m, a, a.graphs if a is not None else None) for m, a in before]
     try:
-        if unet is not None:
-            _accelerate_module(unet, restore, graphs)
-            done.append(unet)
-        if vae is not None:
-            if type(vae).__name__ in _KINDS:
-                _accelerate_module(vae, restore, graphs)
-                done.append(vae)
-            elif not restore:
-                log.info("ldmfast.accelerate: %s is left to diffusers", type(vae).__name__)
+        for m in mods:
+            _accelerate_module(m, graphs, keep_graphs=cuda_graph is None)
     except Exception:
-        if not restore:
-            for m in done:
-                _accelerate_module(m, True)
+        # back to the state before this call: new adapters go, existing ones keep their graphs
+        for m, a, g in previous:
+            if a is None:
+                _restore(m)
+            else:
+                a.set_graphs(g)
         raise
     return obj
-

@@ -166,6 +166,16 @@ class GraphCache:
         return tuple(t.data_ptr() for t in watch)
 
     def run(self, key, fn: Callable, inputs: dict, watch=()):
+        if self.requires_cuda:
+            # Capture, copies and replay on the inputs' GPU (its current stream), whichever
+            # device is current: a graph records only the capturing device's stream.
+            device = next((t.device for t in _tensors(inputs) if t.is_cuda), None)
+            if device is not None:
+                with torch.cuda.device(device):
+                    return self._run(key, fn, inputs, watch)
+        return self._run(key, fn, inputs, watch)
+
+    def _run(self, key, fn, inputs, watch):
         watch = tuple(watch)
         entry = self._entries.get(key)
         if entry is not None and entry.watch != self._addresses(watch):

@@ -251,11 +251,11 @@ class LatentDiffusion(nn.Module):
 
     def _decode_graphed(self, fs, z, dtype):
         from .graphs import tensor_spec
-        from .models.ops import using_reference_ops
+        from .models.ops import graph_settings
 
         z = z.to(next(fs.parameters()).device)
         scale = self.scale_factor
-        key = ("decode", tensor_spec(z), dtype, scale, using_reference_ops())
+        key = ("decode", tensor_spec(z), dtype, scale, graph_settings())
 
         def body(z):
             return fs.decode_latent(z.to(dtype) / scale)
@@ -508,7 +508,7 @@ class LatentDiffusion(nn.Module):
     def _sample_graphed(self, sampler_fn, schedule, opts, x, cond, uncond, guidance_scale,
                         concat, steps, start_step):
         from .graphs import tensor_spec
-        from .models.ops import using_reference_ops
+        from .models.ops import graph_settings
 
         scale = None
         if guidance_scale is not None:
@@ -517,7 +517,7 @@ class LatentDiffusion(nn.Module):
                   "concat": concat}
         key = ("sample", sampler_fn.__name__, int(steps), int(start_step),
                tuple(sorted(opts.items())), self.parameterization, self.conditioning_key,
-               using_reference_ops()) + tuple((k, tensor_spec(v)) for k, v in inputs.items())
+               graph_settings()) + tuple((k, tensor_spec(v)) for k, v in inputs.items())
         body = self.graph_body(sampler_fn, schedule, opts)
         return self.graph_cache().run(key, body, inputs, watch=tuple(self.unet.parameters()))
 

@@ -209,6 +209,10 @@ def test_bare_modules_and_output_types(pipe):
 # and output copies as with real graphs, each "replay" computed eagerly. Real captures: the
 # cuda-marked test below.
 
+def _unet_keys(cache):
+    return sum(k[2] == "unet" for k in cache.keys())
+
+
 def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
     from ldmfast.graphs import GraphCache, eager_capture
 
@@ -217,13 +221,17 @@ def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
     acc.accelerate(p)
     eager = run(p)
     cache = GraphCache(capture=eager_capture)
+    cache._entries["someone else's"] = None  # a shared cache: accelerate must leave this alone
     ldmfast.accelerate(p, cuda_graph=cache)  # switches graphs on for the accelerated pipeline
     unet, vae = p.unet, p.vae
     try:
         out = run(p)
         assert torch.equal(out, eager) and rel(out, ref) < REL
-        assert sorted(k[2] for k in cache.keys()) == ["decode", "unet"] and cache.captures == 2
+        assert sorted(k[2] for k in cache.keys() if k != "someone else's") == ["decode", "unet"]
+        assert cache.captures == 2
         assert torch.equal(run(p), out) and cache.captures == 2  # same shapes: replays only
+        acc.accelerate(p)  # cuda_graph=None: the setting stays, and so do the graphs
+        assert torch.equal(run(p), out) and cache.captures == 2
         _, t, ctx = unet_inputs()
         x = torch.randn(2, 4, 24, 24)
         with torch.no_grad():
@@ -235,40 +243,69 @@ def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
             b = unet(x, t, encoder_hidden_states=ctx).sample
             assert cache.captures == 3 and rel(b, a) > 1e-3
             assert rel(b, diffusers_unet(unet, x, t, ctx)) < REL
-            # a replaced parameter object: the module is rebuilt and its old graphs dropped
+            # a global setting a graph would freeze is part of the key
+            with ldmfast.models.use_reference_ops(True):
+                assert rel(unet(x, t, encoder_hidden_states=ctx).sample, b) < REL
+            assert cache.captures == 4
+            # a replaced parameter object: the module is rebuilt and all its graphs dropped
             unet.conv_out.bias = torch.nn.Parameter(unet.conv_out.bias.detach() + 1)
             c = unet(x, t, encoder_hidden_states=ctx).sample
-            assert cache.captures == 4 and sum(k[2] == "unet" for k in cache.keys()) == 1
+            assert cache.captures == 5 and _unet_keys(cache) == 1
             assert rel(c, diffusers_unet(unet, x, t, ctx)) < REL
-            # .to() moves the storage under the same objects: captured again
+            # .to() moves the storage under the same objects: the graphs go, new ones come
             p.to(torch.float64)
             d = unet(x.double(), t, encoder_hidden_states=ctx.double()).sample
-            assert cache.captures == 5 and d.dtype == torch.float64
+            assert cache.captures == 6 and _unet_keys(cache) == 1 and d.dtype == torch.float64
             assert rel(d, diffusers_unet(unet, x.double(), t, ctx.double())) < 1e-10
             p.to(torch.float32)
         with caplog.at_level(logging.WARNING, logger="ldmfast"):
             e = unet(x, t, encoder_hidden_states=ctx).sample  # autograd on: eager, said once
             assert "autograd is recording" in caplog.text
-        assert e.requires_grad and cache.captures == 5
-        with torch.no_grad():
-            # the float32 entry's parameters moved (to float64 and back): captured again
+        assert e.requires_grad and cache.captures == 6
+        with torch.inference_mode():  # inference tensors: a graph of their own ...
             f = unet(x, t, encoder_hidden_states=ctx).sample
-        assert cache.captures == 6 and rel(f, e.detach()) < REL
-        assert rel(f, diffusers_unet(unet, x, t, ctx)) < REL
+        with torch.no_grad():  # ... that no_grad calls never replay
+            g = unet(x, t, encoder_hidden_states=ctx).sample
+        assert cache.captures == 8 and torch.equal(f, g) and rel(g, e.detach()) < REL
+        assert rel(g, diffusers_unet(unet, x, t, ctx)) < REL
+        acc.accelerate(p, cuda_graph=False)  # off: this pipeline's graphs go, others' stay
+        assert cache.keys() == ["someone else's"]
+        acc.accelerate(p, cuda_graph=cache)
+        run(p)
+        assert len(cache) == 3
     finally:
         acc.accelerate(p, restore=True)
-    assert len(cache) == 0  # restore drops the graphs
+    assert cache.keys() == ["someone else's"]  # restore drops the graphs
 
 
 def test_graph_arguments_are_checked(pipe):
-    with pytest.raises(ValueError, match="cuda_graph must be"):
+    with pytest.raises(TypeError, match="cuda_graph must be"):
         acc.accelerate(pipe, cuda_graph="yes")
     with pytest.raises(ValueError, match="cuda_graph has no meaning with restore"):
         acc.accelerate(pipe, restore=True, cuda_graph=True)
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match="cuda_graph=True needs CUDA"):
+        with pytest.raises(ValueError, match="cuda_graph needs CUDA"):
             acc.accelerate(pipe, cuda_graph=True)
+        with pytest.raises(ValueError, match="not supported"):  # the object is checked first
+            acc.accelerate(torch.nn.Linear(2, 2), cuda_graph=True)
     assert not acc.is_accelerated(pipe.unet)
+
+
+def test_failed_call_keeps_what_was_accelerated(pipe):
+    from ldmfast.graphs import GraphCache, eager_capture
+
+    acc.accelerate(pipe.unet)
+    try:
+        bad = copy.copy(pipe)
+        bad.__dict__["vae"] = diffusers.AutoencoderKL(
+            block_out_channels=[32, 64], latent_channels=4, use_quant_conv=False,
+            down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
+        with pytest.raises(ValueError, match="use_quant_conv"):
+            acc.accelerate(bad, cuda_graph=GraphCache(capture=eager_capture))
+        assert acc.is_accelerated(pipe.unet) and pipe.unet.__dict__["forward"].graphs is None
+        assert not acc.is_accelerated(bad.vae)
+    finally:
+        acc.accelerate(pipe.unet, restore=True)
 
 
 @pytest.mark.cuda
@@ -276,25 +313,30 @@ def test_graph_arguments_are_checked(pipe):
 def test_cuda_graphs_replay_what_eager_computes(tmp_path):
     p = make_sd_pipeline(str(tmp_path)).to("cuda", torch.float16)
     acc.accelerate(p)
-    x, t, ctx = (v.to("cuda", torch.float16) if v.is_floating_point() else v.cuda()
-                 for v in unet_inputs())
-    z = torch.randn(1, 4, 16, 16, device="cuda", dtype=torch.float16)
-    unet, vae = p.unet, p.vae
+    eager = run(p, steps=3)  # the pipeline loop: a new 0-d timestep each step, guidance batch 2
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(2, 4, 16, 16, generator=g).to("cuda", torch.float16) for _ in range(2)]
+    _, t, ctx = unet_inputs()
+    ctx = ctx.to("cuda", torch.float16)
+    unet = p.unet
     with torch.no_grad():
-        eager = unet(x, t, encoder_hidden_states=ctx).sample
-        eager_img = vae.decode(z).sample
+        eager_x = [unet(x, t, encoder_hidden_states=ctx).sample for x in xs]
         acc.accelerate(p, cuda_graph=True)
         cache = unet.__dict__["forward"].graphs
+        assert p.vae.__dict__["decode"].graphs is cache
         try:
-            for _ in range(2):  # a capture, then a replay
-                assert rel(unet(x, t, encoder_hidden_states=ctx).sample, eager) < 1e-3
-                assert rel(vae.decode(z).sample, eager_img) < 1e-3
-            assert cache.captures == 2 and vae.__dict__["decode"].graphs is cache
+            assert rel(run(p, steps=3), eager) < 1e-3  # captures, then replays, in the loop
+            assert cache.captures == 2
+            # replays take new inputs, and an earlier output survives a later replay
+            first = unet(xs[0], t, encoder_hidden_states=ctx).sample
+            second = unet(xs[1], t, encoder_hidden_states=ctx).sample
+            assert rel(first, eager_x[0]) < 1e-3 and rel(second, eager_x[1]) < 1e-3
             # LoRA-style in-place update: seen by the next replay, without a new capture
             w = unet.down_blocks[1].attentions[0].transformer_blocks[0].attn2.to_v.weight
             w.data.add_(0.5 * torch.randn_like(w))
-            after = unet(x, t, encoder_hidden_states=ctx).sample
-            expected = acc.fast_module(unet)(x, t.cuda().expand(2), context=ctx)
-            assert cache.captures == 2 and rel(after, eager) > 1e-3 and rel(after, expected) < 1e-3
+            after = unet(xs[0], t, encoder_hidden_states=ctx).sample
+            expected = acc.fast_module(unet)(xs[0], t.cuda().expand(2), context=ctx)
+            assert cache.captures == 2
+            assert rel(after, first) > 1e-3 and rel(after, expected) < 1e-3
         finally:
             acc.accelerate(p, restore=True)

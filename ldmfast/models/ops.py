@@ -10,6 +10,7 @@ The choice is read when a module runs, i.e. at trace time under ``torch.compile`
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn.functional as F
@@ -142,3 +143,13 @@ class fp16_accumulation:
 def fp16_accumulation_enabled() -> bool:
     matmul = torch.backends.cuda.matmul
     return bool(getattr(matmul, "allow_fp16_accumulation", False))
+
+
+def graph_settings() -> tuple:
+    """The process-wide choices a captured CUDA graph freezes: which ops the model layer calls,
+    the cuBLAS/cuDNN math modes, and the kernel choices the CUDA binding reads from the
+    environment. Part of every graph key (``ldmfast.pipeline``, ``ldmfast.dropin``), so changing
+    one captures anew instead of replaying the old choice."""
+    return (using_reference_ops(), fp16_accumulation_enabled(),
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            os.environ.get("LDMFAST_ATTENTION_KERNEL"), os.environ.get("LDMFAST_GN_KERNEL"))
