@@ -70,6 +70,9 @@ ATTN_CASES = [
     pytest.param(2, 4096, 77, 8, 40, id="cross-2x4096x77x8xd40"),
     pytest.param(2, 256, 256, 8, 160, id="self-2x256x8xd160"),
     pytest.param(2, 1024, 1024, 5, 64, id="sd2-self-2x1024x5xd64"),
+    # the built-in model's (benchmarks/throughput.py on CPU): small, overhead shows
+    pytest.param(2, 256, 256, 1, 32, id="builtin-self-2x256x1xd32"),
+    pytest.param(2, 256, 12, 1, 32, id="builtin-cross-2x256x12x1xd32"),
 ]
 
 

@@ -25,7 +25,6 @@
 #include <cstdint>
 #include <limits>
 #include <memory>
-#include <vector>
 
 #include "dtype.h"
 #include "ldmfast/attention.h"
@@ -114,10 +113,12 @@ struct PackedKV {
   float* vt(int64_t bh, int64_t t) { return v.get() + (bh * tiles + t) * ldk * dp; }
 };
 
+// Called inside run's parallel region: the orphaned `omp for` shares the tiles among its
+// threads and ends with a barrier, so every tile is packed before any task reads one.
 template <typename T>
 void pack_kv(const AttentionParams& p, PackedKV& pk) {
   const int64_t D = p.D, dp = pk.dp, ldk = pk.ldk;
-#pragma omp parallel for schedule(static)
+#pragma omp for schedule(static)
   for (int64_t u = 0; u < p.B * p.H * pk.tiles; ++u) {
     const int64_t bh = u / pk.tiles, t = u % pk.tiles, b = bh / p.H, h = bh % p.H;
     const int64_t k0 = t * ldk, bk = std::min(ldk, p.Lk - k0);
@@ -148,17 +149,25 @@ void pack_kv(const AttentionParams& p, PackedKV& pk) {
   }
 }
 
+// Per-thread buffers, left uninitialised: attention_chunk writes every element it reads (Q rows
+// and their padding, o, m, l, the scores and their padded keys), and zeroing ~100 KB per thread
+// per call is measurable at the U-Net's small shapes.
 struct Workspace {
   int64_t dp, bk_max;
-  std::vector<float> q, s, o, m, l;
+  std::unique_ptr<float[]> q_, s_, o_, m_, l_;
   Workspace(int64_t D, int64_t bk_max_, int64_t chunk)
       : dp(round_up(D, kDimPad)),
         bk_max(bk_max_),
-        q(chunk * dp),
-        s(kBq * bk_max),
-        o(chunk * dp),
-        m(chunk),
-        l(chunk) {}
+        q_(new float[static_cast<size_t>(chunk * dp)]),
+        s_(new float[static_cast<size_t>(kBq * bk_max)]),
+        o_(new float[static_cast<size_t>(chunk * dp)]),
+        m_(new float[static_cast<size_t>(chunk)]),
+        l_(new float[static_cast<size_t>(chunk)]) {}
+  float* q() { return q_.get(); }
+  float* s() { return s_.get(); }
+  float* o() { return o_.get(); }
+  float* m() { return m_.get(); }
+  float* l() { return l_.get(); }
 };
 
 // Queries [q0, q0 + rows) of head (b, h). Every query row goes through the same key tiles in
@@ -170,11 +179,11 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
   const int64_t D = p.D, dp = w.dp, ldk = w.bk_max;
   const int64_t rows_p = round_up(rows, kRowPad);
   const T* Q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
-  float* q = w.q.data();
-  float* s = w.s.data();
-  float* o = w.o.data();
-  float* m = w.m.data();
-  float* l = w.l.data();
+  float* q = w.q();
+  float* s = w.s();
+  float* o = w.o();
+  float* m = w.m();
+  float* l = w.l();
   const float qscale = p.scale * kLog2e;  // scores come out in log2 units
 
   for (int64_t i = 0; i < rows_p; ++i) {
@@ -256,7 +265,10 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
 
 template <typename T>
 void run(const AttentionParams& p) {
-  const int64_t dp = round_up(p.D, kDimPad), bk_max = key_tile(p.D);
+  const int64_t dp = round_up(p.D, kDimPad);
+  // A context shorter than a tile (77 text tokens) gets a tile of its own length: the padded
+  // keys would be packed and zeroed for nothing.
+  const int64_t bk_max = std::min(key_tile(p.D), round_up(p.Lk, kQkCols));
   // Large chunks amortise the Q conversion and per-tile overheads; smaller ones when there
   // would otherwise be too few tasks to keep every thread busy (about four per thread).
   const int64_t want_tasks = 4 * static_cast<int64_t>(omp_get_max_threads());
@@ -265,9 +277,9 @@ void run(const AttentionParams& p) {
   const int64_t chunks = (p.Lq + chunk - 1) / chunk;
   const int64_t tasks = p.B * p.H * chunks;
   PackedKV pk(p, dp, bk_max);
-  pack_kv<T>(p, pk);
 #pragma omp parallel
   {
+    pack_kv<T>(p, pk);
     Workspace w(p.D, bk_max, chunk);
     // Chunks of one head are consecutive, so neighbouring tasks share K and V in cache.
 #pragma omp for schedule(dynamic, 1)
