@@ -2,7 +2,7 @@
 
     python benchmarks/throughput.py [--preset sd15|cpu|shapes] [--height H --width W] [--batch 2]
                                     [--dtype fp16|bf16|fp32] [--steps 50] [--providers ...]
-                                    [--compile] [--csv PATH]
+                                    [--compile] [--rounds N] [--repeats N] [--csv PATH]
 
 With no arguments it runs on whatever device is present: on a GPU the SD-1.5 architecture at
 512x512 in fp16 with random weights, on CPU the built-in model (ldmfast's trained shapes model,
@@ -14,7 +14,9 @@ provider's end-to-end image is judged from its pixels (colour and shape) and, wi
 saved. Printed per provider: U-Net steps per second at the given batch (2 =
 classifier-free guidance), VAE decode time at batch 1, and the end-to-end latency of one DDIM image
 with guidance plus decode; the ratios to diffusers eager; and the floor, the model's FLOPs over
-the matmul throughput measured in the same run.
+the matmul throughput measured in the same run. On CPU every provider is measured in each of 3
+rounds (--rounds) and the figures are medians over rounds, so that a machine whose speed drifts
+during the run (a shared CPU) does not favour whichever provider ran at its fast moments.
 
 Providers: ldmfast (fused kernels; on GPU the U-Net step and the decode replayed from CUDA graphs,
 and the end-to-end image from `sample(cuda_graph=True)`, the whole denoising loop as one graph,
@@ -34,6 +36,7 @@ import argparse
 import contextlib
 import math
 import os
+import statistics
 import sys
 
 import torch
@@ -225,7 +228,9 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="DDIM steps of the end-to-end image")
     ap.add_argument("--providers", default=None, help=f"comma list from {', '.join(ALL_PROVIDERS)}")
     ap.add_argument("--compile", action="store_true", help="add diffusers-compile (takes minutes)")
-    ap.add_argument("--repeats", type=int, default=None, help="end-to-end repeats (median)")
+    ap.add_argument("--repeats", type=int, default=None, help="end-to-end repeats per round (median)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="rounds over all providers, figures are medians over rounds (default 3 on CPU, 1 on GPU)")
     ap.add_argument("--images", default=None, help="folder for each provider's end-to-end image (built-in model)")
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
     args = ap.parse_args(argv)
@@ -242,6 +247,8 @@ def main(argv=None):
         ap.error(f"--height/--width must be positive multiples of 8, got {height}x{width}")
     if args.batch < 1 or steps < 1:
         ap.error("--batch and --steps must be >= 1")
+    if (args.rounds is not None and args.rounds < 1) or (args.repeats is not None and args.repeats < 1):
+        ap.error("--rounds and --repeats must be >= 1")
     providers = args.providers.split(",") if args.providers else [p for p in ALL_PROVIDERS if p != "diffusers-compile"]
     if args.compile and "diffusers-compile" not in providers:
         providers.append("diffusers-compile")
@@ -315,10 +322,14 @@ def main(argv=None):
 
     e2e_repeats = args.repeats or (3 if device.type == "cuda" else 1)
     inner_step = 10 if device.type == "cuda" else 2
-    results, images = {}, {}
-    for prov in tqdm(providers, desc="providers", disable=not sys.stderr.isatty()):
+    rounds = args.rounds or (3 if device.type == "cpu" else 1)
+    images = {}
+
+    def measure(prov, want_image):
+        """One round of prov: its figures (seconds) and, if asked, its end-to-end image."""
         ref_ops = model_ops.use_reference_ops(prov == "ldmfast-ref")
         accelerated = False
+        image = None
         try:
             with torch.no_grad():
                 if prov.startswith("ldmfast"):
@@ -360,17 +371,33 @@ def main(argv=None):
                 r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3),
                      "decode": C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1, repeats=5 if device.type == "cuda" else 3),
                      "e2e": C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)}
-                if preset.get("builtin"):
-                    images[prov] = e2e().float().cpu().clamp(-1 if prov.startswith("ldmfast") else 0, 1)
+                if want_image:
+                    image = e2e().float().cpu().clamp(-1 if prov.startswith("ldmfast") else 0, 1)
                     if not prov.startswith("ldmfast"):
-                        images[prov] = images[prov] * 2 - 1  # diffusers' "pt" images are in [0, 1]
+                        image = image * 2 - 1  # diffusers' "pt" images are in [0, 1]
                 if prov == "diffusers-compile":
                     pipe.unet = orig
-            results[prov] = r
+            return r, image
         finally:
             ref_ops.__exit__()
             if accelerated:
                 ldmfast.dropin.accelerate(pipe, restore=True)
+
+    # Every provider once per round, rounds one after another: a machine whose speed drifts
+    # (a shared CPU, clocks) then slows all providers alike, and the medians over rounds are
+    # compared; the spread of the step figure over rounds is printed beside it.
+    samples = {p: {"step": [], "decode": [], "e2e": []} for p in providers}
+    with tqdm(total=rounds * len(providers), desc="providers x rounds", disable=not sys.stderr.isatty()) as bar:
+        for rnd in range(rounds):
+            for prov in providers:
+                r, image = measure(prov, want_image=rnd == 0 and bool(preset.get("builtin")))
+                for metric, t in r.items():
+                    samples[prov][metric].append(t)
+                if image is not None:
+                    images[prov] = image
+                bar.update()
+    results = {p: {m: statistics.median(v) for m, v in s.items()} for p, s in samples.items()}
+    spread = {p: (min(s["step"]), max(s["step"])) for p, s in samples.items()}
 
     rows = []
     if have_diffusers and any(p.startswith("ldmfast") for p in providers) and "diffusers" in providers:
@@ -383,14 +410,18 @@ def main(argv=None):
                      "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}"})
     base = results.get("diffusers")
     print()
+    if rounds > 1:
+        print(f"medians of {rounds} rounds; step_range_ms: the U-Net step's lowest and highest round")
     C.print_table(
         [{"provider": p, "unet_steps_per_s": 1 / r["step"], "step_ms": r["step"] * 1e3,
+          "step_range_ms": f"{spread[p][0] * 1e3:.3g}-{spread[p][1] * 1e3:.3g}",
           "decode_ms": r["decode"] * 1e3, "e2e_s": r["e2e"],
           "x_step_vs_diffusers": base["step"] / r["step"] if base else "",
           "x_e2e_vs_diffusers": base["e2e"] / r["e2e"] if base else ""} for p, r in results.items()]
         + [{"provider": "floor", "unet_steps_per_s": 1 / floor["step"], "step_ms": floor["step"] * 1e3,
             "decode_ms": floor["decode"] * 1e3, "e2e_s": floor["e2e"]}],
-        ["provider", "unet_steps_per_s", "step_ms", "decode_ms", "e2e_s", "x_step_vs_diffusers", "x_e2e_vs_diffusers"])
+        ["provider", "unet_steps_per_s", "step_ms", "step_range_ms", "decode_ms", "e2e_s", "x_step_vs_diffusers",
+         "x_e2e_vs_diffusers"])
     shape = f"{height}x{width}_b{args.batch}"
     for p, r in list(results.items()) + [("floor", floor)]:
         for metric, t in r.items():
@@ -398,7 +429,7 @@ def main(argv=None):
                                                         "e2e": f"ddim{steps}_cfg_decode"}[metric],
                          "shape": shape, "dtype": str(dtype).split(".")[-1], "layout": "", "provider": p,
                          "time_us": t * 1e6, "steps_per_s": 1 / t if metric == "step" else "",
-                         "note": f"preset={preset_name}"})
+                         "note": f"preset={preset_name} rounds={rounds}" if p != "floor" else f"preset={preset_name}"})
     if images:
         from ldmfast.data import shapes
         from ldmfast.images import save_png, to_pil

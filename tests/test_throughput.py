@@ -25,7 +25,7 @@ def run_bench(*args):
 def test_builtin_preset_times_both_sides_on_the_same_weights(tmp_path):
     pytest.importorskip("diffusers")
     out = tmp_path / "r.csv"
-    r = run_bench("--preset", "shapes", "--providers", "ldmfast,diffusers",
+    r = run_bench("--preset", "shapes", "--providers", "ldmfast,diffusers", "--rounds", "2",
                   "--images", str(tmp_path), "--csv", str(out))
     assert r.returncode == 0, r.stderr[-3000:]
     # the parity check ran (and passed) before anything was timed
@@ -36,7 +36,9 @@ def test_builtin_preset_times_both_sides_on_the_same_weights(tmp_path):
     rows = list(csv.DictReader(open(out)))
     assert {row["provider"] for row in rows} == {"ldmfast", "diffusers", "floor"}
     timed = [row for row in rows if row["op"] != "parity"]
-    assert all(row["note"] == "preset=shapes" for row in timed)
+    assert all(row["note"] == ("preset=shapes" if row["provider"] == "floor" else "preset=shapes rounds=2")
+               for row in timed)
+    assert "medians of 2 rounds" in r.stdout
     # the output parity of the target, from the same noise (float32 here: near exact)
     (par,) = [row for row in rows if row["op"] == "parity"]
     fields = dict(kv.split("=") for kv in par["note"].split())
@@ -47,4 +49,10 @@ def test_builtin_preset_times_both_sides_on_the_same_weights(tmp_path):
 def test_unknown_provider_is_a_usage_error(tmp_path):
     r = run_bench("--providers", "ldmfast,tensorflow", "--csv", str(tmp_path / "r.csv"))
     assert r.returncode == 2 and "unknown provider 'tensorflow'" in r.stderr
+    assert not (tmp_path / "r.csv").exists()
+
+
+def test_zero_rounds_is_a_usage_error(tmp_path):
+    r = run_bench("--rounds", "0", "--csv", str(tmp_path / "r.csv"))
+    assert r.returncode == 2 and "--rounds and --repeats must be >= 1" in r.stderr
     assert not (tmp_path / "r.csv").exists()
