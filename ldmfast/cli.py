@@ -116,6 +116,9 @@ class Generate:
         p.add_argument("--out", "-o", default="out.png",
                        help="output PNG (a batch also writes <out>-<i>.png; default out.png)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+        p.add_argument("--cuda-graph", action="store_true",
+                       help="run the denoising loop and the decode as CUDA graphs (GPU; ddim or "
+                       "dpmpp_2m with eta 0; no progress bar)")
 
     @staticmethod
     def run(args) -> int:
@@ -131,6 +134,11 @@ class Generate:
         model = load_model(args)
         if model.cond_stage is None or not hasattr(model.cond_stage, "tokenize"):
             raise UsageError(f"checkpoint {args.checkpoint!r} is not a text-to-image model")
+        if args.cuda_graph:
+            try:
+                model._check_graphable("sample", sampler=args.sampler, eta=args.eta)
+            except ValueError as e:
+                raise UsageError(f"--cuda-graph: {e}") from None
         guidance = model.guidance_scale if args.guidance is None else args.guidance
         seed = args.seed
         if seed is None:
@@ -140,7 +148,7 @@ class Generate:
         model.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps,
                       guidance_scale=guidance, seed=seed, height=args.height,
                       width=args.width, batch=args.batch, sampler=args.sampler, eta=args.eta,
-                      out=args.out, progress=not args.no_progress)
+                      out=args.out, progress=not args.no_progress, cuda_graph=args.cuda_graph)
         return 0
 
 

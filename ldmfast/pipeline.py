@@ -538,10 +538,10 @@ class LatentDiffusion(nn.Module):
                              f"downsampling factor), got {h}x{w}")
         return h // f, w // f
 
-    def _finish(self, latents, out, output_type):
+    def _finish(self, latents, out, output_type, cuda_graph: bool = False):
         if output_type == "latent":
             return latents
-        pixels = self.decode(latents)
+        pixels = self.decode(latents, cuda_graph=cuda_graph)
         if output_type == "tensor":
             return pixels
         if output_type != "pil":
@@ -556,8 +556,10 @@ class LatentDiffusion(nn.Module):
     def txt2img(self, prompt, negative_prompt="", steps: int = 50, guidance_scale: float = 7.5,
                 seed=None, height=None, width=None, batch: int = 1, sampler: str = "ddim",
                 eta: float = 0.0, out=None, progress: bool = True, callback=None,
-                generator=None, output_type: str = "pil"):
-        """Text to image: ``batch`` images of ``prompt`` (a string, or a list of ``batch``)."""
+                generator=None, output_type: str = "pil", cuda_graph: bool = False):
+        """Text to image: ``batch`` images of ``prompt`` (a string, or a list of ``batch``).
+        ``cuda_graph``: the denoising loop and the decode replayed from CUDA graphs (see
+        ``sample`` and ``decode``; no progress bar, the loop being one graph)."""
         prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
         batch = len(prompts)
         negatives = ([negative_prompt] * batch if isinstance(negative_prompt, str)
@@ -568,8 +570,8 @@ class LatentDiffusion(nn.Module):
         z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta,
                         generator=self._generator(seed, generator),
                         shape=(batch, self.latent_channels, h, w), progress=progress,
-                        callback=callback)
-        return self._finish(z, out, output_type)
+                        callback=callback, cuda_graph=cuda_graph)
+        return self._finish(z, out, output_type, cuda_graph)
 
     def sample_class(self, labels, steps: int = 50, guidance_scale: float = 1.0,
                      uncond_label=None, seed=None, sampler: str = "ddim", eta: float = 0.0,

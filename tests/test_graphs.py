@@ -133,6 +133,19 @@ def test_in_place_weight_update_is_seen_and_moved_weights_recapture(model):
     assert cap.calls == 2
 
 
+def test_txt2img_graph_path_with_eager_capture(model):
+    cap = CountingCapture()
+    model.set_graph_cache(GraphCache(capture=cap))
+    try:
+        kw = dict(steps=2, guidance_scale=7.5, seed=0, height=16, width=16, progress=False,
+                  output_type="tensor")
+        graphed = model.txt2img("a red cat", cuda_graph=True, **kw)
+        assert cap.calls == 2  # the denoising loop and the decode
+        assert rel(graphed, model.txt2img("a red cat", **kw)) < 1e-5
+    finally:
+        model.set_graph_cache(None)
+
+
 def test_decode_graph_path_with_eager_capture(model):
     cap = CountingCapture()
     model.set_graph_cache(GraphCache(capture=cap))
