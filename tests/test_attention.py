@@ -111,6 +111,18 @@ EDGE = [
 ]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_early_key_tiles_overflowing_to_minus_inf(device, dtype):
+    # |q|, |k| near the float range (float32, bfloat16): every score of the first key tiles
+    # (CPU 128 keys, CUDA 32 or 64) is -inf in float32 while the later keys' are finite. The
+    # softmax is then over the later keys; a NaN would be the online softmax's -inf - -inf.
+    q, k, v = _qkv(1, 9, 200, 2, 64, dtype, device)
+    q[..., 0] = 1e20
+    k[:, :130, :, 0] = -1e20
+    k[:, 130:, :, 0] = 0
+    _check(q, k, v)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("B,Lq,Lk,H,D,kw", EDGE)
 def test_edge_cases(device, B, Lq, Lk, H, D, kw, dtype):

@@ -222,14 +222,17 @@ void attention_chunk(const AttentionParams& p, PackedKV& pk, int64_t b, int64_t 
         float mx = m_old;
 #pragma omp simd reduction(max : mx)
         for (int64_t j = 0; j < bk; ++j) mx = mx > si[j] ? mx : si[j];
+        // Scores that all overflowed to -inf so far (|q|, |k| near the float range) leave mx at
+        // -inf: exponents are then taken against 0, giving 0 where -inf - -inf would be NaN.
+        const float ref = mx == -std::numeric_limits<float>::infinity() ? 0.0f : mx;
         float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
         for (int64_t j = 0; j < bkp; ++j) {
-          const float e = exp2_nonpositive(si[j] - mx);
+          const float e = exp2_nonpositive(si[j] - ref);
           si[j] = e;
           sum += e;
         }
-        const float alpha = exp2_nonpositive(m_old - mx);  // 0 on the first tile (m_old = -inf)
+        const float alpha = exp2_nonpositive(m_old - ref);  // 0 on the first tile (m_old = -inf)
         m[i0 + i] = mx;
         l[i0 + i] = l[i0 + i] * alpha + sum;
         if (alpha != 1.0f) {

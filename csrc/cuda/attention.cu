@@ -126,14 +126,17 @@ __global__ void __launch_bounds__(kThreads) attention_simt_kernel(const Attentio
       mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 2));
       mx = fmaxf(mx, __shfl_xor_sync(kFullMask, mx, 4));
-      // mx is finite: every tile holds at least one valid key. On the first tile m is -inf and
-      // the rescale factor exp2(-inf) = 0 multiplies accumulators that are still zero.
-      const float alpha = exp2f(m[r] - mx);
+      // On the first tile m is -inf and the rescale factor exp2(-inf) = 0 multiplies
+      // accumulators that are still zero. mx is -inf only if every score so far overflowed to
+      // -inf (|q|, |k| near the float range): exponents are then taken against 0, giving 0
+      // where -inf - -inf would be NaN.
+      const float ref = mx == -INFINITY ? 0.0f : mx;
+      const float alpha = exp2f(m[r] - ref);
       m[r] = mx;
       float sum = 0.0f;
 #pragma unroll
       for (int jj = 0; jj < kPer; ++jj) {
-        sc[jj] = exp2f(sc[jj] - mx);  // 0 for the keys past Lk
+        sc[jj] = exp2f(sc[jj] - ref);  // 0 for the keys past Lk
         sum += sc[jj];
       }
       __syncwarp();  // all scores read before any probability overwrites them

@@ -104,8 +104,9 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       if (k0 + kBlockK < p.Lk) load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, k0 + kBlockK, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
     }
 
-    // Online softmax. The tile holds at least one key < Lk, so the new max is finite and the
-    // first tile's rescale factor exp2(-inf) = 0 meets accumulators that are still zero.
+    // Online softmax. The first tile's rescale factor exp2(-inf) = 0 meets accumulators that
+    // are still zero. The new max is -inf only if every score so far overflowed to -inf (|q|,
+    // |k| near the bf16 range): exponents are then taken against 0 (ref), not -inf (NaN).
     float mx[2] = {m[0], m[1]};
 #pragma unroll
     for (int j = 0; j < NT; ++j)
@@ -115,12 +116,13 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
         s[j][c] = key < p.Lk ? s[j][c] * qscale : -INFINITY;
         mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
       }
-    float alpha[2];
+    float alpha[2], ref[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
       mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-      alpha[r] = exp2f(m[r] - mx[r]);
+      ref[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
+      alpha[r] = exp2f(m[r] - ref[r]);
       m[r] = mx[r];
       l[r] *= alpha[r];
     }
@@ -128,7 +130,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     for (int j = 0; j < NT; ++j)
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
-        s[j][c] = exp2f(s[j][c] - m[c >> 1]);
+        s[j][c] = exp2f(s[j][c] - ref[c >> 1]);
         l[c >> 1] += s[j][c];
       }
 #pragma unroll

@@ -140,7 +140,10 @@ static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool no
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short.
-static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0) {
+// overflow: lane 0 of every query is 1e20 and of the first 64 keys -1e20 (0 for the others), so
+// whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
+static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
+                      bool overflow = false) {
   const int64_t L = std::max(Lq, Lk);
   Buf qkv(dt, B * L * 3 * H * D, off), q(dt, B * Lq * H * D, off), k(dt, B * Lk * H * D, off), v(dt, B * Lk * H * D, off), o(dt, B * Lq * H * D, off);
   std::vector<float> lsev(B * H * Lq, NAN);
@@ -159,6 +162,11 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     p.q_stride_b = Lq * H * D; p.k_stride_b = p.v_stride_b = Lk * H * D;
     p.q_stride_l = p.k_stride_l = p.v_stride_l = H * D;
     p.q_stride_h = p.k_stride_h = p.v_stride_h = D;
+    if (overflow) {
+      for (int64_t i = 0; i < B * Lq * H; ++i) q.set(i * D, 1e20f);
+      for (int64_t b = 0; b < B; ++b) for (int64_t j = 0; j < Lk; ++j) for (int64_t h = 0; h < H; ++h)
+        k.set(b * p.k_stride_b + j * p.k_stride_l + h * D, j < 64 ? -1e20f : 0.0f);
+    }
   }
   o.poison(B * Lq * H * D);
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
@@ -189,7 +197,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -248,6 +256,8 @@ int main(int argc, char** argv) {
     }
     test_attn(DType::kFloat16, 1, 1, 1, 77, 40, true, 1, true);      // one query, unaligned, context 77
     test_attn(DType::kFloat32, 1, 1, 64, 64, 64, false, 1, true);
+    test_attn(DType::kFloat32, 1, 2, 9, 130, 64, false, 0, true, 0, true);   // first tiles all -inf
+    test_attn(DType::kBFloat16, 1, 1, 9, 130, 40, false, 0, true, 0, true);
   }
   if (which == "all" || which == "mma") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -258,6 +268,7 @@ int main(int argc, char** argv) {
       }
       test_attn(DType::kFloat16, 2, 1, 64, 77, 40, false, 0, true, mode);  // context 77
       test_attn(DType::kBFloat16, 1, 1, 3, 200, 64, false, 0, false, mode);  // 4 key tiles, one query
+      test_attn(DType::kBFloat16, 1, 2, 17, 130, 64, false, 0, true, mode, true);  // first tile all -inf
     }
   }
   if (which == "all" || which == "short") {
