@@ -131,14 +131,21 @@ class Generate:
             get_sampler(args.sampler)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        if args.cuda_graph:  # before loading what may be gigabytes
+            import torch
+
+            from .pipeline import check_graphable_loop
+            if not torch.cuda.is_available() or not args.device.startswith(("auto", "cuda")):
+                raise UsageError("--cuda-graph needs a CUDA GPU (--device cuda or auto); "
+                                 + ("torch sees none here" if not torch.cuda.is_available()
+                                    else f"--device is {args.device}"))
+            try:
+                check_graphable_loop(args.sampler, args.eta)
+            except ValueError as e:
+                raise UsageError(f"--cuda-graph: {e}") from None
         model = load_model(args)
         if model.cond_stage is None or not hasattr(model.cond_stage, "tokenize"):
             raise UsageError(f"checkpoint {args.checkpoint!r} is not a text-to-image model")
-        if args.cuda_graph:
-            try:
-                model._check_graphable("sample", sampler=args.sampler, eta=args.eta)
-            except ValueError as e:
-                raise UsageError(f"--cuda-graph: {e}") from None
         guidance = model.guidance_scale if args.guidance is None else args.guidance
         seed = args.seed
         if seed is None:

@@ -172,6 +172,7 @@ class _Adapter:
         # Tags this adapter's keys in a GraphCache that others may share (an id() could be reused)
         self._tag = ("ldmfast.accelerate", next(_TAGS))
         self._graphed_state = None  # (module build, tensor addresses) the graphs were captured on
+        self._finalizer = None
 
     def original(self):
         return self.own if self.own is not None else getattr(type(self.src), self.attr).__get__(
@@ -189,10 +190,13 @@ class _Adapter:
         if cache is self.graphs:
             return
         self.drop_graphs()
+        if self._finalizer is not None:
+            self._finalizer.detach()
+            self._finalizer = None
         self.graphs, self._graphed_state = cache, None
         if cache is not None:
             # an adapter dropped without restore=True (its module deleted) leaves no graphs behind
-            weakref.finalize(self, _discard_tagged, cache, self._tag)
+            self._finalizer = weakref.finalize(self, _discard_tagged, cache, self._tag)
 
     def drop_graphs(self):
         if self.graphs is not None:
@@ -369,7 +373,8 @@ def _restore(module):
     del module.__dict__[_MARK]
 
 
-def _accelerate_module(module, graphs, keep_graphs: bool):
+def _adapter(module):
+    """The module's adapter, made and installed now if it has none."""
     current = module.__dict__.get(_MARK)
     if current is None:
         if getattr(module, "_hf_hook", None) is not None:
@@ -380,8 +385,7 @@ def _accelerate_module(module, graphs, keep_graphs: bool):
         current = adapter_cls(module, _Shared(module, part))
         module.__dict__[attr] = current
         module.__dict__[_MARK] = current
-    if not keep_graphs:
-        current.set_graphs(graphs)
+    return current
 
 
 def _modules(obj, restore):
@@ -422,33 +426,33 @@ def accelerate(obj, restore: bool = False, cuda_graph=None):
     if cuda_graph is not None and not isinstance(cuda_graph, (bool, GraphCache)):
         raise TypeError(f"ldmfast.accelerate: cuda_graph must be True, False, None or a "
                         f"ldmfast.graphs.GraphCache, got {type(cuda_graph).__name__}")
-    if restore and cuda_graph:
+    # (a GraphCache is falsy while empty: it has a length, so no truth tests on it here)
+    if restore and cuda_graph is not None and cuda_graph is not False:
         raise ValueError("ldmfast.accelerate: cuda_graph has no meaning with restore=True")
     mods = _modules(obj, restore)
     if restore:
         for m in mods:
             _restore(m)
         return obj
-    before = [(m, m.__dict__.get(_MARK)) for m in mods]
     graphs = None
     if cuda_graph is True:
-        graphs = next((a.graphs for _, a in before if a is not None and a.graphs is not None),
-                      None) or GraphCache()
+        current = [m.__dict__.get(_MARK) for m in mods]
+        existing = [a.graphs for a in current if a is not None and a.graphs is not None]
+        graphs = existing[0] if existing else GraphCache()
     elif isinstance(cuda_graph, GraphCache):
         graphs = cuda_graph
     if graphs is not None and graphs.requires_cuda and not torch.cuda.is_available():
         raise ValueError("ldmfast.accelerate: cuda_graph needs CUDA, and torch sees no CUDA "
                          "device here (pass cuda_graph=False)")
-    previous = [(m, a, a.graphs if a is not None else None) for m, a in before]
+    # Every adapter first; a refusal undoes the ones this call made and changes nothing else.
+    new = [m for m in mods if m.__dict__.get(_MARK) is None]
     try:
-        for m in mods:
-            _accelerate_module(m, graphs, keep_graphs=cuda_graph is None)
+        adapters = [_adapter(m) for m in mods]
     except Exception:
-        # back to the state before this call: new adapters go, existing ones keep their graphs
-        for m, a, g in previous:
-            if a is None:
-                _restore(m)
-            else:
-                a.set_graphs(g)
+        for m in new:
+            _restore(m)
         raise
+    if cuda_graph is not None:
+        for a in adapters:
+            a.set_graphs(graphs)
     return obj

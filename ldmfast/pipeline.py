@@ -67,6 +67,25 @@ def diffusers_scheduler_kwargs(config) -> dict:
             "prediction_type": predictions[diffusion.get("parameterization", "eps")]}
 
 
+def check_graphable_loop(sampler="ddim", eta=0.0, callback=None, mask=None) -> None:
+    """Raises ValueError when ``sample(cuda_graph=True)`` cannot replay this loop (checked
+    before any model is loaded by ``python -m ldmfast generate --cuda-graph``)."""
+    fn, _ = get_sampler(sampler)
+    if fn not in (sample_ddim, sample_dpmpp_2m):
+        raise ValueError(f"sample(cuda_graph=True) supports the 'ddim' and 'dpmpp_2m' "
+                         f"samplers, not {sampler!r} (its per-step noise would be frozen "
+                         "into the graph)")
+    if eta:
+        raise ValueError("sample(cuda_graph=True) supports eta=0 only: eta > 0 draws noise at "
+                         "every step, which a replayed graph would repeat")
+    if callback is not None:
+        raise ValueError("sample(cuda_graph=True) takes no callback: the loop runs as one "
+                         "graph with no host code between steps")
+    if mask is not None:
+        raise ValueError("sample(cuda_graph=True) takes no mask/x0: the known region is "
+                         "re-noised at every step, which a replayed graph would repeat")
+
+
 class LatentDiffusion(nn.Module):
     """A latent diffusion model: ``.unet``, ``.first_stage``, ``.cond_stage``, ``.config``,
     ``.scale_factor`` and ``.schedule`` (a ``NoiseSchedule`` whose buffers move with the model
@@ -471,22 +490,8 @@ class LatentDiffusion(nn.Module):
             raise ValueError(f"{what}(cuda_graph=True) needs the model on a CUDA device; it is on "
                              f"{self.device.type} (move it with .to('cuda') or pass "
                              "cuda_graph=False)")
-        if what != "sample":
-            return
-        fn, _ = get_sampler(sampler)
-        if fn not in (sample_ddim, sample_dpmpp_2m):
-            raise ValueError(f"sample(cuda_graph=True) supports the 'ddim' and 'dpmpp_2m' "
-                             f"samplers, not {sampler!r} (its per-step noise would be frozen "
-                             "into the graph)")
-        if eta:
-            raise ValueError("sample(cuda_graph=True) supports eta=0 only: eta > 0 draws noise at "
-                             "every step, which a replayed graph would repeat")
-        if callback is not None:
-            raise ValueError("sample(cuda_graph=True) takes no callback: the loop runs as one "
-                             "graph with no host code between steps")
-        if mask is not None:
-            raise ValueError("sample(cuda_graph=True) takes no mask/x0: the known region is "
-                             "re-noised at every step, which a replayed graph would repeat")
+        if what == "sample":
+            check_graphable_loop(sampler, eta, callback, mask)
 
     def graph_body(self, sampler_fn, schedule: StepSchedule, opts=None):
         """The function ``sample(cuda_graph=True)`` captures: x_T, the encoded conditionings,

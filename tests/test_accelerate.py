@@ -294,16 +294,27 @@ def test_graph_arguments_are_checked(pipe):
 def test_failed_call_keeps_what_was_accelerated(pipe):
     from ldmfast.graphs import GraphCache, eager_capture
 
-    acc.accelerate(pipe.unet)
+    cache = GraphCache(capture=eager_capture)
+    acc.accelerate(pipe.unet, cuda_graph=cache)
     try:
+        # an empty cache is still the one in use (it is falsy: it has a length)
+        acc.accelerate(pipe.unet, cuda_graph=True)
+        assert pipe.unet.__dict__["forward"].graphs is cache
+        with pytest.raises(ValueError, match="no meaning with restore"):
+            acc.accelerate(pipe.unet, restore=True, cuda_graph=GraphCache(capture=eager_capture))
+        x, t, ctx = unet_inputs()
+        with torch.no_grad():
+            pipe.unet(x, t, encoder_hidden_states=ctx)
+        assert len(cache) == 1
         bad = copy.copy(pipe)
         bad.__dict__["vae"] = diffusers.AutoencoderKL(
             block_out_channels=[32, 64], latent_channels=4, use_quant_conv=False,
             down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2)
         with pytest.raises(ValueError, match="use_quant_conv"):
             acc.accelerate(bad, cuda_graph=GraphCache(capture=eager_capture))
-        assert acc.is_accelerated(pipe.unet) and pipe.unet.__dict__["forward"].graphs is None
-        assert not acc.is_accelerated(bad.vae)
+        # the U-Net accelerated before keeps its adapter, its cache and its graph
+        assert acc.is_accelerated(pipe.unet) and pipe.unet.__dict__["forward"].graphs is cache
+        assert len(cache) == 1 and not acc.is_accelerated(bad.vae)
     finally:
         acc.accelerate(pipe.unet, restore=True)
 

@@ -81,10 +81,13 @@ def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
     assert cli.main(base + ["--steps", "1", "--height", "15", "--width", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "multiples of 4" in err[0]
-    if not torch.cuda.is_available():
-        assert cli.main(base + ["--steps", "1", "--cuda-graph"]) == 2
-        err = capsys.readouterr().err
-        assert "--cuda-graph" in err and "CUDA device" in err
+    assert cli.main(base + ["--steps", "1", "--cuda-graph"]) == 2  # base has --device cpu
+    err = capsys.readouterr().err
+    assert "--cuda-graph needs a CUDA GPU" in err
+    # checked before the checkpoint is read: a missing one does not come first
+    missing = [a if a != path else str(tmp_path / "none.ckpt") for a in base]
+    assert cli.main(missing + ["--steps", "1", "--cuda-graph"]) == 2
+    assert "--cuda-graph needs a CUDA GPU" in capsys.readouterr().err
     with pytest.raises(SystemExit) as e:  # argparse's own usage errors are also status 2
         cli.main(["generate", "--steps", "2"])
     assert e.value.code == 2

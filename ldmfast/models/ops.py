@@ -150,6 +150,10 @@ def graph_settings() -> tuple:
     the cuBLAS/cuDNN math modes, and the kernel choices the CUDA binding reads from the
     environment. Part of every graph key (``ldmfast.pipeline``, ``ldmfast.dropin``), so changing
     one captures anew instead of replaying the old choice."""
-    return (using_reference_ops(), fp16_accumulation_enabled(),
-            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-            os.environ.get("LDMFAST_ATTENTION_KERNEL"), os.environ.get("LDMFAST_GN_KERNEL"))
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return (using_reference_ops(), fp16_accumulation_enabled(), matmul.allow_tf32,
+            getattr(matmul, "allow_fp16_reduced_precision_reduction", None),
+            getattr(matmul, "allow_bf16_reduced_precision_reduction", None),
+            cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
+            *(os.environ.get(k) for k in ("LDMFAST_ATTENTION_KERNEL", "LDMFAST_GN_KERNEL",
+                                          "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM")))
