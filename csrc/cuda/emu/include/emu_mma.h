@@ -5,6 +5,7 @@
 #include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <vector>
 
 namespace emu_mma {
 inline uint32_t* wbuf() { return &emu::t_block->wx[(threadIdx.x / 32) * 32 * 16]; }
@@ -67,13 +68,30 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 }
 }  // namespace emu_mma
 
+namespace emu_mma {
+// cp.async as the PTX ISA allows it to behave at its latest: a thread's copies land in shared
+// memory only at its cp.async.wait_group 0, and only those committed before it; until then the
+// destination keeps its old bytes. A missing wait (or commit) then reads stale data and fails
+// the parity check instead of passing. The 16 source bytes are read at issue (global memory
+// does not change during a kernel).
+struct PendingCopy { void* dst; unsigned char bytes[16]; };
+inline thread_local std::vector<PendingCopy> t_pending;
+inline thread_local size_t t_committed = 0;
+}  // namespace emu_mma
+
 namespace ldmfast::cuda::detail {
-// cp.async as an immediate copy: the emulator cannot see a missing wait, only wrong addresses.
 inline void cp_async16(void* dst, const void* src, bool fill) {
-  if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+  emu_mma::PendingCopy c{dst, {}};
+  if (fill) std::memcpy(c.bytes, src, 16);
+  emu_mma::t_pending.push_back(c);
 }
-inline void cp_async_commit() {}
-inline void cp_async_wait_all() {}
+inline void cp_async_commit() { emu_mma::t_committed = emu_mma::t_pending.size(); }
+inline void cp_async_wait_all() {
+  auto& q = emu_mma::t_pending;
+  for (size_t i = 0; i < emu_mma::t_committed; ++i) std::memcpy(q[i].dst, q[i].bytes, 16);
+  q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(emu_mma::t_committed));
+  emu_mma::t_committed = 0;
+}
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu_mma::ldmatrix<2, true>(r, p); }
