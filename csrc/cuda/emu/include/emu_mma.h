@@ -2,6 +2,7 @@
 // mma.cuh provides as inline PTX, so the tensor-core attention kernels can run in the emulator.
 #pragma once
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -73,7 +74,8 @@ namespace emu_mma {
 // memory only at its cp.async.wait_group 0, and only those committed before it; until then the
 // destination keeps its old bytes. A missing wait (or commit) then reads stale data and fails
 // the parity check instead of passing. The 16 source bytes are read at issue (global memory
-// does not change during a kernel).
+// does not change during a kernel). EMU_CP_ASYNC=early lands them at issue instead, the other
+// extreme, where a copy issued into a buffer other threads still read shows up.
 struct PendingCopy { void* dst; unsigned char bytes[16]; };
 inline thread_local std::vector<PendingCopy> t_pending;
 inline thread_local size_t t_committed = 0;
@@ -81,6 +83,14 @@ inline thread_local size_t t_committed = 0;
 
 namespace ldmfast::cuda::detail {
 inline void cp_async16(void* dst, const void* src, bool fill) {
+  static const bool early = [] {
+    const char* e = std::getenv("EMU_CP_ASYNC");
+    return e != nullptr && std::strcmp(e, "early") == 0;
+  }();
+  if (early) {
+    if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+    return;
+  }
   emu_mma::PendingCopy c{dst, {}};
   if (fill) std::memcpy(c.bytes, src, 16);
   emu_mma::t_pending.push_back(c);
