@@ -171,7 +171,7 @@ class _Adapter:
         self.graphs = None  # a GraphCache when accelerate(..., cuda_graph=...) asked for graphs
         # Tags this adapter's keys in a GraphCache that others may share (an id() could be reused)
         self._tag = ("ldmfast.accelerate", next(_TAGS))
-        self._graphed_state = None  # (module build, tensor addresses) the graphs were captured on
+        self._graphed_generation = None  # the module build the graphs were captured on
         self._finalizer = None
 
     def original(self):
@@ -193,7 +193,7 @@ class _Adapter:
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
-        self.graphs, self._graphed_state = cache, None
+        self.graphs, self._graphed_generation = cache, None
         if cache is not None:
             # an adapter dropped without restore=True (its module deleted) leaves no graphs behind
             self._finalizer = weakref.finalize(self, _discard_tagged, cache, self._tag)
@@ -226,15 +226,14 @@ class _Adapter:
         from .models.ops import graph_settings
 
         shared = self.shared
-        state = (shared.generation, tuple(t.data_ptr() for t in shared.tensors))
-        if state != self._graphed_state:
-            # Rebuilt over new tensors, or moved by .to(): every graph of this adapter reads
-            # the old addresses, so all of them go (not only the one for this call's shapes).
+        if shared.generation != self._graphed_generation:
+            # Rebuilt over new tensor objects: the graphs read the old ones. (Tensors moved by
+            # .to() are the cache's watch: it drops every graph captured on the old addresses.)
             self.drop_graphs()
-            self._graphed_state = state
+            self._graphed_generation = shared.generation
         key = self._tag + (part, graph_settings(), torch.is_inference_mode_enabled(),
                            tensor_spec(inputs))
-        return self.graphs.run(key, fn, inputs)
+        return self.graphs.run(key, fn, inputs, watch=shared.tensors)
 
     def common_reason(self):
         if getattr(self.src, "_hf_peft_config_loaded", False) or getattr(self.src, "peft_config",

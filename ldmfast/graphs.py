@@ -13,7 +13,8 @@ What a graph reads stays where it was at capture: parameters updated in place
 (``param.data.add_()``, LoRA merging) are seen by the next replay. Parameters whose storage was
 replaced (``module.to(...)``, ``param.data = new``) are not, so every entry remembers the
 addresses of the tensors it was captured against (``watch``) and is captured again when they
-moved.
+moved; the first call that sees them moved drops every graph captured on their old addresses,
+whatever its key.
 
 ``capture`` is injectable: ``cuda_capture`` records a graph; ``eager_capture`` runs the same
 function eagerly on every call (any device), which is how the cache logic and the captured body
@@ -110,10 +111,11 @@ def eager_capture(fn: Callable, static: dict, pool=None, warmup: int = 0):
 
 
 class _Entry:
-    __slots__ = ("static", "replay", "out", "watch", "replays")
+    __slots__ = ("static", "replay", "out", "watch", "watch_ids", "replays")
 
-    def __init__(self, static, replay, out, watch):
+    def __init__(self, static, replay, out, watch, watch_ids):
         self.static, self.replay, self.out, self.watch = static, replay, out, watch
+        self.watch_ids = watch_ids
         self.replays = 0
 
 
@@ -177,13 +179,18 @@ class GraphCache:
 
     def _run(self, key, fn, inputs, watch):
         watch = tuple(watch)
+        addresses, ids = self._addresses(watch), tuple(map(id, watch))
+        # Every graph captured against these same tensors at other addresses (moved by .to())
+        # reads memory that is no longer theirs: all of them go, not only this key's.
+        stale = [k for k, e in self._entries.items()
+                 if (k == key or e.watch_ids == ids) and e.watch != addresses]
+        if stale:
+            log.info("ldmfast graphs: parameters moved since capture; dropping %d graph(s)", len(stale))
+            for k in stale:
+                del self._entries[k]
         entry = self._entries.get(key)
-        if entry is not None and entry.watch != self._addresses(watch):
-            log.info("ldmfast graphs: parameters moved since capture; capturing again")
-            del self._entries[key]
-            entry = None
         if entry is None:
-            entry = self._capture(key, fn, inputs, watch)
+            entry = self._capture(key, fn, inputs, addresses, ids)
         else:
             for name, value in inputs.items():
                 for dst, src in zip(_tensors(entry.static[name]), _tensors(value)):
@@ -192,7 +199,7 @@ class GraphCache:
         entry.replays += 1
         return _map(torch.clone, entry.out)
 
-    def _capture(self, key, fn, inputs, watch):
+    def _capture(self, key, fn, inputs, addresses, ids):
         if self.max_entries is not None and len(self._entries) >= self.max_entries:
             self._entries.pop(next(iter(self._entries)))  # the oldest
         static = {}
@@ -204,7 +211,7 @@ class GraphCache:
         if self.requires_cuda:
             # The capture itself computed nothing: run it once for these inputs.
             replay()
-        entry = _Entry(static, replay, out, self._addresses(watch))
+        entry = _Entry(static, replay, out, addresses, ids)
         self._entries[key] = entry
         self.captures += 1
         log.debug("ldmfast graphs: captured %s (%d graphs)", key, len(self._entries))

@@ -214,6 +214,7 @@ def _unet_keys(cache):
 
 
 def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
+    import ldmfast.graphs as graphs_mod
     from ldmfast.graphs import GraphCache, eager_capture
 
     p = make_sd_pipeline(str(tmp_path))
@@ -221,7 +222,8 @@ def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
     acc.accelerate(p)
     eager = run(p)
     cache = GraphCache(capture=eager_capture)
-    cache._entries["someone else's"] = None  # a shared cache: accelerate must leave this alone
+    # a shared cache: accelerate must leave another user's graph alone
+    cache._entries["someone else's"] = graphs_mod._Entry(None, None, None, (), ())
     ldmfast.accelerate(p, cuda_graph=cache)  # switches graphs on for the accelerated pipeline
     unet, vae = p.unet, p.vae
     try:

@@ -201,6 +201,21 @@ def test_graph_cache_structures_and_eviction():
         cache.run("k4", f, {"a": 1.0})
 
 
+def test_moved_watch_drops_every_graph_captured_on_it():
+    cache = GraphCache(capture=CountingCapture())
+    w = torch.nn.Parameter(torch.ones(3))
+    other = torch.ones(3)
+
+    def f(a):
+        return a * w
+    cache.run("small", f, {"a": torch.ones(3)}, watch=[w])
+    cache.run("large", f, {"a": torch.ones(2, 3)}, watch=[w])
+    cache.run("elsewhere", lambda a: a + other, {"a": torch.ones(3)}, watch=[other])
+    w.data = w.data * 2  # moved, as by .to(): both graphs on w's old address go at once
+    assert torch.equal(cache.run("small", f, {"a": torch.ones(3)}, watch=[w]), torch.full((3,), 2.0))
+    assert cache.keys() == ["elsewhere", "small"] and cache.captures == 4
+
+
 # --------------------------------------------------------------------------- GPU: real graphs
 
 def _cuda_model(dtype=torch.float32):
