@@ -1,13 +1,14 @@
-"""The CUDA kernels run on the CPU: csrc/cuda/emu builds them with g++ (one thread per CUDA
+"""The CUDA kernels run on the CPU: csrc/cuda/emu builds them with g++ (one fiber per CUDA
 thread, ldmatrix / mma.sync / cp.async / clusters re-implemented) and checks every path the host
 code picks against float64 references. On machines without a GPU this is the only place the
-kernels' indexing, tails and layouts are executed. cp.async copies land at the issuing thread's
-wait (a missing wait fails), and the attention kernels run again with copies landing at issue
-(EMU_CP_ASYNC=early, the other extreme). It cannot see timing or a missing barrier;
-compute-sanitizer on the GPU does (scripts/gpu_check.sh).
+kernels' indexing, tails, layouts and barriers are executed. cp.async copies land at the issuing
+thread's wait (a missing wait fails), and the attention kernels run again with copies landing at
+issue (EMU_CP_ASYNC=early, the other extreme). A second build with ThreadSanitizer runs a smaller
+set and fails on any two accesses no barrier orders (a missing __syncthreads or __syncwarp).
+It cannot see timing; compute-sanitizer on the GPU checks the real thing (scripts/gpu_check.sh).
 
-Needs g++ and the CUDA headers (not a GPU or nvcc); skipped visibly without them, unless
-LDMFAST_REQUIRE_NVCC=1 (CI). Takes about 3 minutes on 2 cores.
+Needs g++ and the CUDA headers (not a GPU or nvcc), and libtsan for the race check; skipped
+visibly without them, unless LDMFAST_REQUIRE_NVCC=1 (CI). Takes about 4 minutes on 2 cores.
 """
 from __future__ import annotations
 
@@ -18,27 +19,50 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUN_SH = os.path.join(ROOT, "csrc", "cuda", "emu", "run.sh")
 
 
-def test_cuda_kernels_on_the_cpu_emulator(tmp_path):
-    headers = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_runtime.h")
-    missing = [w for w, ok in (("g++", shutil.which("g++")), ("the CUDA headers", os.path.exists(headers))) if not ok]
+def _require(missing):
     if missing:
         if os.environ.get("LDMFAST_REQUIRE_NVCC") == "1":
             pytest.fail(f"{' and '.join(missing)} not found, but LDMFAST_REQUIRE_NVCC=1 requires the CUDA checks")
         pytest.skip(f"{' and '.join(missing)} not found")
-    env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path)}
-    res = subprocess.run(["bash", os.path.join(ROOT, "csrc", "cuda", "emu", "run.sh"), "all"],
-                         capture_output=True, text=True, env=env)
+
+
+def _toolchain():
+    headers = os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "include", "cuda_runtime.h")
+    _require([w for w, ok in (("g++", shutil.which("g++")), ("the CUDA headers", os.path.exists(headers))) if not ok])
+
+
+def _check(res, least):
+    """The run passed every check, and ran at least `least` of them."""
     tail = (res.stdout + res.stderr)[-6000:]
     assert res.returncode == 0, tail
-    last = res.stdout.strip().splitlines()[-1]
-    passed, total = (int(n) for n in last.split()[0].split("/"))
-    assert passed == total and total >= 250, tail
+    passed, total = (int(n) for n in res.stdout.strip().splitlines()[-1].split()[0].split("/"))
+    assert passed == total and total >= least, tail
+
+
+def test_cuda_kernels_on_the_cpu_emulator(tmp_path):
+    _toolchain()
+    env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "0"}
+    _check(subprocess.run(["bash", RUN_SH, "all"], capture_output=True, text=True, env=env), 250)
+    exe = str(tmp_path / "emu_test")
     for which in ("mma", "short"):  # the cp.async kernels, copies landing at issue
-        res = subprocess.run([str(tmp_path / "emu_test"), which], capture_output=True, text=True,
-                             env={**env, "EMU_CP_ASYNC": "early"})
-        tail = (res.stdout + res.stderr)[-6000:]
-        assert res.returncode == 0, tail
-        passed, total = (int(n) for n in res.stdout.strip().splitlines()[-1].split()[0].split("/"))
-        assert passed == total and total >= 30, tail
+        _check(subprocess.run([exe, which], capture_output=True, text=True, env={**env, "EMU_CP_ASYNC": "early"}), 30)
+    # The sm_90 group_norm_silu path: one group's statistics gathered across a cluster's CTAs.
+    _check(subprocess.run([exe, "gn"], capture_output=True, text=True, env={**env, "EMU_SM90": "1"}), 100)
+
+
+def test_cuda_kernels_have_no_unordered_accesses(tmp_path):
+    _toolchain()
+    probe = subprocess.run(["g++", "-fsanitize=thread", "-x", "c++", "-", "-o", str(tmp_path / "probe")],
+                           input="int main() { return 0; }\n", capture_output=True, text=True)
+    _require([] if probe.returncode == 0 else ["ThreadSanitizer (g++ -fsanitize=thread)"])
+    env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "1"}
+    _check(subprocess.run(["bash", RUN_SH, "race"], capture_output=True, text=True, env=env), 14)
+    exe = str(tmp_path / "emu_test")
+    # Copies landing at issue: a cp.async into a buffer other warps still read is a race too.
+    # The sm_90 cluster path synchronises CTAs through cluster.sync.
+    for extra in ({"EMU_CP_ASYNC": "early"}, {"EMU_SM90": "1"}):
+        _check(subprocess.run([exe, "race"], capture_output=True, text=True,
+                              env={**env, "TSAN_OPTIONS": "halt_on_error=1", **extra}), 14)

@@ -1,21 +1,26 @@
 #!/bin/bash
 # Builds the CPU emulation of the CUDA kernels with g++ (no GPU, no nvcc needed; the CUDA headers
-# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|attn|mma|short]
+# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|attn|mma|short|race]
+# EMU_TSAN=1 builds with ThreadSanitizer (emu.h): a race between the CUDA threads fails the run.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(dirname "$HERE")
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
-OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu}
+FLAGS="-O2"
+if [ "${EMU_TSAN:-0}" = 1 ]; then FLAGS="-O1 -g -fsanitize=thread"; fi
+OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu$([ "${EMU_TSAN:-0}" = 1 ] && echo -tsan)}
 mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"
 for f in group_norm_silu group_norm_silu_rows ddim_step attention attention_mma attention_short; do
   python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$f.emu.cpp"
-  g++ -std=c++20 -O2 -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$f.emu.cpp" -o "$OUT/$f.o" &
+  g++ -std=c++20 $FLAGS -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$f.emu.cpp" -o "$OUT/$f.o" &
   pids+=($!)
 done
+# The float64 references are not instrumented: ThreadSanitizer watches the kernels only.
 g++ -std=c++20 -O2 -Wall $INC -c "$HERE/test_main.cpp" -o "$OUT/test_main.o" &
 pids+=($!)
 for p in "${pids[@]}"; do wait "$p"; done
-g++ "$OUT"/*.o -o "$OUT/emu_test" -lpthread
-"$OUT/emu_test" "${1:-all}"
+g++ $FLAGS "$OUT"/*.o -o "$OUT/emu_test"
+# halt_on_error: the first race ends the run with its report (and exit code 66).
+TSAN_OPTIONS=${TSAN_OPTIONS:-halt_on_error=1} "$OUT/emu_test" "${1:-all}"

@@ -1,6 +1,6 @@
 // Runs the ldmfast CUDA kernels on the CPU through emu.h and compares them with float64
 // references: every path the host code picks (vector / scalar, fused / stream, NCHW /
-// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma|short]
+// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma|short|race]
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -282,6 +282,25 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 64, 80, 40, false, 0, false, 3);   // the largest context
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);   // one full key chunk
     test_attn(DType::kFloat16, 3, 1, 17, 17, 160, true, 1, true, 3);    // one key past a chunk, unaligned
+  }
+  if (which == "race") {
+    // One or two cases per kernel path, small enough for a ThreadSanitizer build (run.sh with
+    // EMU_TSAN=1), which reports accesses that no barrier orders.
+    const auto rows = cuda::GroupNormKernel::kRows, dflt = cuda::GroupNormKernel::kDefault;
+    for (bool cl : {false, true}) {
+      test_gn(DType::kFloat16, true, cl, true, true, 2, 32, 16, 4, 0, 0);     // fused
+      test_gn(DType::kBFloat16, false, cl, false, true, 1, 64, 520, 2, 0, 0); // stream
+    }
+    test_gn(DType::kFloat16, true, true, true, true, 1, 128, 4099, 32, 0, 0, rows);
+    test_gn(DType::kFloat32, true, true, false, true, 3, 64, 3000, 2, 0, 0, dflt);
+    test_attn(DType::kFloat16, 1, 2, 33, 70, 64, true, 0, true);        // SIMT
+    test_attn(DType::kFloat32, 1, 1, 9, 130, 40, false, 0, true, 0, true);
+    for (int mode : {1, 2}) {                                           // mma, pipelined and not
+      test_attn(DType::kFloat16, 1, 2, 70, 130, 40, true, 0, true, mode);
+      test_attn(DType::kBFloat16, 1, 1, 3, 200, 64, false, 0, false, mode);
+    }
+    test_attn(DType::kFloat16, 2, 4, 300, 77, 40, true, 0, true, 3);   // short, 2-3 Q blocks a warp
+    test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

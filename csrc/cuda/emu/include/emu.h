@@ -1,55 +1,144 @@
-// A CPU emulator for the ldmfast CUDA kernels, for machines without a GPU: each CTA runs as one
-// std::thread per CUDA thread, with std::barrier for __syncthreads / __syncwarp / cluster.sync
-// and an exchange buffer for the warp shuffles. Static __shared__ variables live in a per-CTA
-// arena (transform.py rewrites their declarations), so the CTAs of a cluster run concurrently
-// and map_shared_rank works. It checks indexing, tails, reductions and layouts; not timing, the
-// memory model, or inline PTX other than the ldmatrix / mma.sync that emu_mma.h re-implements.
+// A CPU emulator for the ldmfast CUDA kernels, for machines without a GPU. Every CUDA thread is
+// a fiber (ucontext) with its own stack, and one scheduler on the calling thread runs the fibers
+// of a cluster's CTAs in turn, each until it waits at a barrier (__syncthreads, __syncwarp,
+// cluster.sync, and the lane exchanges behind shuffles and mma) or ends. The schedule is
+// deterministic, and a barrier that part of a block never reaches aborts instead of hanging.
+// Static __shared__ variables live in a per-CTA arena (transform.py rewrites their
+// declarations), so map_shared_rank works. Built with -fsanitize=thread (run.sh with
+// EMU_TSAN=1), the fibers are ThreadSanitizer fibers whose only synchronisation is the barriers,
+// so two accesses to shared or global memory that no barrier orders (a missing __syncthreads)
+// are reported as a data race, whatever order the scheduler happened to run them in. It checks
+// indexing, tails, reductions, layouts and barriers; not timing, or inline PTX other than the
+// ldmatrix / mma.sync / cp.async that emu_mma.h re-implements.
 #pragma once
 #include <cuda_runtime.h>
+#include <ucontext.h>
 
-#include <barrier>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <typeindex>
 #include <typeinfo>
 #include <vector>
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define EMU_TSAN 1
+extern "C" void __tsan_ignore_thread_begin();  // in libtsan, not in GCC 12's header
+extern "C" void __tsan_ignore_thread_end();
+#endif
 
 namespace emu {
+// The emulator's own bookkeeping, hidden from ThreadSanitizer while in scope.
+struct TsanIgnore {
+#ifdef EMU_TSAN
+  TsanIgnore() { __tsan_ignore_thread_begin(); }
+  ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#endif
+};
+}  // namespace emu
+
+inline uint3 threadIdx, blockIdx;  // of the running fiber, set by the scheduler
+inline dim3 blockDim, gridDim;
+
+namespace emu {
+struct Barrier;
+struct Block;
+// This thread's cp.async copies not yet landed (emu_mma.h).
+struct PendingCopy { void* dst; unsigned char bytes[16]; };
+// Under ThreadSanitizer the scheduler switches to a fiber with synchronisation (the fiber sees
+// what the launch set up) and back without, and its own memory accesses while it runs the
+// fibers are ignored (it only hands over threadIdx and the like). What fibers share outside
+// the kernel's memory is atomic (relaxed: no order between fibers).
+struct Fiber {
+  ucontext_t ctx;
+  std::unique_ptr<char[]> stack;
+  Block* block = nullptr;
+  uint3 tid{}, bid{};
+  const Barrier* waits_on = nullptr;  // while waiting: the barrier, and the phase that must end
+  uint64_t wait_phase = 0;
+  bool done = false;
+  std::vector<PendingCopy> pending;  // the first `committed` of them are committed
+  size_t committed = 0;
+  void* tsan = nullptr;
+};
+inline Fiber* g_fiber = nullptr;  // the running fiber
+inline ucontext_t g_sched;        // the scheduler's context
+inline void* g_sched_tsan = nullptr;
+inline std::atomic<uint64_t> g_events{0};  // barrier arrivals and fiber ends: the scheduler's progress
+inline const std::function<void()>* g_body = nullptr;
+inline char g_end_sync;  // ThreadSanitizer: the fibers' writes -> the code after the cluster
+constexpr auto kRelaxed = std::memory_order_relaxed;
+
+inline void to_scheduler() {
+#ifdef EMU_TSAN
+  __tsan_switch_to_fiber(g_sched_tsan, __tsan_switch_to_fiber_no_sync);
+#endif
+  swapcontext(&g_fiber->ctx, &g_sched);
+}
+
+struct Barrier {
+  const unsigned expected;
+  std::atomic<unsigned> arrived{0};
+  std::atomic<uint64_t> phase{0};
+  char sync[2] = {};  // ThreadSanitizer sync objects, one per phase parity
+  explicit Barrier(unsigned n) : expected(n) {}
+  // order: the barrier orders the memory accesses before it and after it (for ThreadSanitizer).
+  void arrive_and_wait(bool order = true) {
+    const uint64_t my = phase.load(kRelaxed);
+    g_events.fetch_add(1, kRelaxed);
+#ifdef EMU_TSAN
+    if (order) __tsan_release(&sync[my & 1]);
+#endif
+    if (arrived.fetch_add(1, kRelaxed) + 1 == expected) {
+      arrived.store(0, kRelaxed);
+      phase.store(my + 1, kRelaxed);
+    } else {
+      g_fiber->wait_phase = my;
+      g_fiber->waits_on = this;
+      to_scheduler();
+    }
+#ifdef EMU_TSAN
+    // Releases for phase my + 2 reuse this object, but only after every fiber arrived for
+    // phase my + 1, so after this acquire: it sees exactly the writes made before phase my ended.
+    if (order) __tsan_acquire(&sync[my & 1]);
+#endif
+  }
+};
+
 struct Block {
-  std::unique_ptr<std::barrier<>> bar;
-  std::vector<std::unique_ptr<std::barrier<>>> warp_bar;
+  std::unique_ptr<Barrier> bar;
+  std::vector<std::unique_ptr<Barrier>> warp_bar;
   std::vector<double> xbuf;  // shuffle exchange, 32 per warp
   std::vector<unsigned char> dsmem;
   std::vector<uint32_t> wx;  // warp exchange for the mma emulation, 32 lanes x 16 words per warp
   std::vector<unsigned char> arena;  // static __shared__ variables
   std::vector<Block*> cluster;       // the CTAs of this CTA's cluster, by rank
-  std::barrier<>* cluster_bar = nullptr;
+  Barrier* cluster_bar = nullptr;
 };
-inline thread_local Block* t_block = nullptr;
+inline Block* t_block = nullptr;  // the running fiber's CTA
 constexpr size_t kArenaBytes = 256 * 1024;
+constexpr size_t kStackBytes = 256 * 1024;
 
 // Offsets of the static __shared__ variables in every CTA's arena, assigned on first use within
 // one launch (all its CTAs share the table); keyed by declaration and type, since template
 // instances of one declaration differ in size.
 struct SharedTable {
-  std::mutex mu;
   std::map<std::pair<int, std::type_index>, size_t> offsets;
   size_t next = 0;
 };
 inline SharedTable g_shared;
 inline void reset_shared_table() {
-  std::lock_guard<std::mutex> lock(g_shared.mu);
   g_shared.offsets.clear();
   g_shared.next = 0;
 }
 inline size_t shared_offset(int id, std::type_index type, size_t bytes) {
-  std::lock_guard<std::mutex> lock(g_shared.mu);
+  TsanIgnore hide;  // every CUDA thread looks the table up, the first one inserts
   auto it = g_shared.offsets.find({id, type});
   if (it != g_shared.offsets.end()) return it->second;
   g_shared.next = (g_shared.next + 15) & ~size_t(15);
@@ -66,20 +155,23 @@ template <class T> T& shared_var(int id) {
   return *reinterpret_cast<T*>(t_block->arena.data() + shared_offset(id, std::type_index(typeid(T)), sizeof(T)));
 }
 }  // namespace emu
-inline thread_local uint3 threadIdx, blockIdx;
-inline thread_local dim3 blockDim, gridDim;
 
 inline void __syncthreads() { emu::t_block->bar->arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::t_block->warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
+// The lanes' meeting in a warp-collective instruction (shuffle, ldmatrix, mma.sync): unlike
+// __syncwarp (bar.warp.sync) these promise no memory ordering between the lanes, so the meeting
+// orders nothing for ThreadSanitizer, and their exchange buffers are hidden from it.
+inline void emu_warp_meet() { emu::t_block->warp_bar[threadIdx.x / 32]->arrive_and_wait(false); }
 template <class T> inline T emu_shfl(T v, int src_fn(int, int), int arg) {
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32;
   double* buf = &emu::t_block->xbuf[w * 32];
+  emu::TsanIgnore hide;
   std::memcpy(&buf[lane], &v, sizeof(T));
-  __syncwarp();
+  emu_warp_meet();
   const int src = src_fn(lane, arg);
   T r = v;
   if (src >= 0 && src < 32) std::memcpy(&r, &buf[src], sizeof(T));
-  __syncwarp();
+  emu_warp_meet();
   return r;
 }
 inline int emu_xor(int l, int o) { return l ^ o; }
@@ -101,8 +193,8 @@ inline void poison(std::vector<unsigned char>& v) {
 }
 inline std::unique_ptr<Block> make_block(unsigned nthreads, size_t smem) {
   auto b = std::make_unique<Block>();
-  b->bar = std::make_unique<std::barrier<>>(nthreads);
-  for (unsigned w = 0; w < (nthreads + 31) / 32; ++w) b->warp_bar.push_back(std::make_unique<std::barrier<>>(32));
+  b->bar = std::make_unique<Barrier>(nthreads);
+  for (unsigned w = 0; w < (nthreads + 31) / 32; ++w) b->warp_bar.push_back(std::make_unique<Barrier>(32));
   b->xbuf.assign(((nthreads + 31) / 32) * 32, 0.0);
   b->wx.assign(((nthreads + 31) / 32) * 32 * 16, 0u);
   // Shared memory starts as NaN floats, so reads of words nothing wrote show up.
@@ -112,28 +204,102 @@ inline std::unique_ptr<Block> make_block(unsigned nthreads, size_t smem) {
   poison(b->arena);
   return b;
 }
-// Runs the grid cluster by cluster; the CTAs of one cluster run concurrently.
+// Fibers live as long as the process and every cluster reuses them (a ThreadSanitizer fiber
+// costs a memory mapping): one per CUDA thread of the largest cluster so far. A fiber's
+// history then spans clusters, which the launch orders anyway (cluster by cluster).
+inline std::vector<std::unique_ptr<Fiber>> g_pool;
+inline Fiber& pooled_fiber(size_t i) {
+  while (g_pool.size() <= i) {
+    auto f = std::make_unique<Fiber>();
+    f->stack.reset(new char[kStackBytes]);
+#ifdef EMU_TSAN
+    f->tsan = __tsan_create_fiber(0);
+#endif
+    g_pool.push_back(std::move(f));
+  }
+  return *g_pool[i];
+}
+inline void fiber_main() {
+  (*g_body)();
+  g_fiber->done = true;
+  g_events.fetch_add(1, kRelaxed);
+#ifdef EMU_TSAN
+  __tsan_release(&g_end_sync);
+#endif
+  to_scheduler();  // never resumed
+}
+// Runs the fibers until all have ended: a round over them resumes each whose barrier phase has
+// ended; a round that resumes none means some barrier waits for threads that never come.
+inline void run_fibers(const std::vector<Fiber*>& fibers) {
+#ifdef EMU_TSAN
+  __tsan_ignore_thread_begin();
+  g_sched_tsan = __tsan_get_current_fiber();
+#endif
+  size_t left = fibers.size();
+  while (left > 0) {
+    const uint64_t before = g_events.load(kRelaxed);
+    for (Fiber* fp : fibers) {
+      Fiber& f = *fp;
+      if (f.done || (f.waits_on != nullptr && f.waits_on->phase.load(kRelaxed) == f.wait_phase)) continue;
+      f.waits_on = nullptr;
+      g_fiber = &f;
+      t_block = f.block;
+      threadIdx = f.tid;
+      blockIdx = f.bid;
+#ifdef EMU_TSAN
+      __tsan_switch_to_fiber(f.tsan, 0);
+#endif
+      swapcontext(&g_sched, &f.ctx);
+      if (f.done) --left;
+    }
+    if (left > 0 && g_events.load(kRelaxed) == before) {
+      fprintf(stderr, "emu: deadlock in the cluster of block %u: %zu threads wait at a barrier the others never reach\n", blockIdx.x, left);
+      std::abort();
+    }
+  }
+#ifdef EMU_TSAN
+  __tsan_ignore_thread_end();
+  __tsan_acquire(&g_end_sync);  // the launching code reads what the fibers wrote
+#endif
+}
+// Runs the grid cluster by cluster; the CTAs of one cluster run together (their fibers take
+// turns), so cluster.sync and map_shared_rank work.
 template <class K, class... Args>
 void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csize, Args... args) {
   const unsigned nthreads = block.x * block.y * block.z;
   if (getenv("EMU_TRACE")) fprintf(stderr, "launch grid=%u block=%u cluster=%u smem=%zu\n", grid.x, nthreads, csize, smem);
   reset_shared_table();
+  const std::function<void()> body = [&] { kernel(args...); };
+  g_body = &body;
+  blockDim = block;
+  gridDim = grid;
   for (unsigned c0 = 0; c0 < grid.x; c0 += csize) {
     std::vector<std::unique_ptr<Block>> blocks;
     std::vector<Block*> ranks;
     for (unsigned r = 0; r < csize; ++r) { blocks.push_back(make_block(nthreads, smem)); ranks.push_back(blocks.back().get()); }
-    std::barrier<> cbar(csize * nthreads);
+    Barrier cbar(csize * nthreads);
     for (auto* b : ranks) { b->cluster = ranks; b->cluster_bar = &cbar; }
-    std::vector<std::thread> th;
+    std::vector<Fiber*> fibers;
     for (unsigned r = 0; r < csize; ++r)
-      for (unsigned t = 0; t < nthreads; ++t)
-        th.emplace_back([&, r, t] {
-          t_block = ranks[r];
-          threadIdx = make_uint3(t, 0, 0); blockIdx = make_uint3(c0 + r, 0, 0); blockDim = block; gridDim = grid;
-          kernel(args...);
-        });
-    for (auto& x : th) x.join();
+      for (unsigned t = 0; t < nthreads; ++t) {
+        Fiber& f = pooled_fiber(fibers.size());
+        f.block = ranks[r];
+        f.tid = make_uint3(t, 0, 0);
+        f.bid = make_uint3(c0 + r, 0, 0);
+        f.waits_on = nullptr;
+        f.done = false;
+        f.pending.clear();
+        f.committed = 0;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_size = kStackBytes;
+        f.ctx.uc_link = nullptr;
+        makecontext(&f.ctx, fiber_main, 0);
+        fibers.push_back(&f);
+      }
+    run_fibers(fibers);
   }
+  g_body = nullptr;
 }
 template <class K, class... Args>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {

@@ -12,13 +12,15 @@ namespace emu_mma {
 inline uint32_t* wbuf() { return &emu::t_block->wx[(threadIdx.x / 32) * 32 * 16]; }
 inline int lane() { return threadIdx.x % 32; }
 inline uint16_t ld16(uintptr_t a) { uint16_t v; std::memcpy(&v, reinterpret_cast<const void*>(a), 2); return v; }
-// Every lane posts its row address; returns the 32 addresses.
+// Every lane posts its row address; returns the 32 addresses. The lanes meet as in any warp
+// collective (emu.h): the rows they read are ordered by the kernel's own barriers or not at all.
 inline void post_addrs(const void* p, uintptr_t (&addr)[32]) {
+  emu::TsanIgnore hide;
   uintptr_t a = reinterpret_cast<uintptr_t>(p);
   std::memcpy(&wbuf()[lane() * 16], &a, sizeof a);
-  __syncwarp();
+  emu_warp_meet();
   for (int l = 0; l < 32; ++l) std::memcpy(&addr[l], &wbuf()[l * 16], sizeof(uintptr_t));
-  __syncwarp();
+  emu_warp_meet();
 }
 template <int N, bool kTrans>
 inline void ldmatrix(uint32_t* r, const void* p) {
@@ -41,12 +43,13 @@ template <class T> inline float b16_to_float(uint16_t v) {
 }
 template <class T>
 inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  emu::TsanIgnore hide;  // registers only: the exchange buffer stands in for the tensor core
   uint32_t* w = wbuf();
   const int l = lane();
   uint32_t mine[10] = {a[0], a[1], a[2], a[3], b0, b1};
   std::memcpy(&mine[6], d, 16);
   std::memcpy(&w[l * 16], mine, sizeof mine);
-  __syncwarp();
+  emu_warp_meet();
   auto A = [&](int row, int k) {  // a_i layout: reg = (row / 8) + 2 * (k / 8), half = k % 2
     const int ln = (row % 8) * 4 + (k % 8) / 2, reg = row / 8 + 2 * (k / 8);
     const uint32_t v = w[ln * 16 + reg];
@@ -64,22 +67,18 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
     for (int k = 0; k < 16; ++k) acc += A(row, k) * B(k, col);
     out[c] = acc;
   }
-  __syncwarp();
+  emu_warp_meet();
   std::memcpy(d, out, 16);
 }
 }  // namespace emu_mma
 
-namespace emu_mma {
 // cp.async as the PTX ISA allows it to behave at its latest: a thread's copies land in shared
 // memory only at its cp.async.wait_group 0, and only those committed before it; until then the
 // destination keeps its old bytes. A missing wait (or commit) then reads stale data and fails
 // the parity check instead of passing. The 16 source bytes are read at issue (global memory
 // does not change during a kernel). EMU_CP_ASYNC=early lands them at issue instead, the other
-// extreme, where a copy issued into a buffer other threads still read shows up.
-struct PendingCopy { void* dst; unsigned char bytes[16]; };
-inline thread_local std::vector<PendingCopy> t_pending;
-inline thread_local size_t t_committed = 0;
-}  // namespace emu_mma
+// extreme, where a copy issued into a buffer other threads still read shows up. The pending
+// copies are the running fiber's (emu::Fiber::pending).
 
 namespace ldmfast::cuda::detail {
 inline void cp_async16(void* dst, const void* src, bool fill) {
@@ -91,16 +90,17 @@ inline void cp_async16(void* dst, const void* src, bool fill) {
     if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
     return;
   }
-  emu_mma::PendingCopy c{dst, {}};
+  emu::PendingCopy c{dst, {}};
   if (fill) std::memcpy(c.bytes, src, 16);
-  emu_mma::t_pending.push_back(c);
+  emu::g_fiber->pending.push_back(c);
 }
-inline void cp_async_commit() { emu_mma::t_committed = emu_mma::t_pending.size(); }
+inline void cp_async_commit() { emu::g_fiber->committed = emu::g_fiber->pending.size(); }
 inline void cp_async_wait_all() {
-  auto& q = emu_mma::t_pending;
-  for (size_t i = 0; i < emu_mma::t_committed; ++i) std::memcpy(q[i].dst, q[i].bytes, 16);
-  q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(emu_mma::t_committed));
-  emu_mma::t_committed = 0;
+  auto& q = emu::g_fiber->pending;
+  const size_t n = emu::g_fiber->committed;
+  for (size_t i = 0; i < n; ++i) std::memcpy(q[i].dst, q[i].bytes, 16);
+  q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(n));
+  emu::g_fiber->committed = 0;
 }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }

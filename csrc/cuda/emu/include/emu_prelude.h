@@ -1,5 +1,5 @@
 // Force-included before everything: makes CUDA kernel source compile as host C++ so its blocks
-// can be run by emu.h with one std::thread per CUDA thread.
+// can be run by emu.h with one fiber per CUDA thread.
 #pragma once
 #define __global__
 #define __device__
