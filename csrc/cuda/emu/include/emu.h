@@ -6,8 +6,11 @@
 // Static __shared__ variables live in a per-CTA arena (transform.py rewrites their
 // declarations), so map_shared_rank works. Built with -fsanitize=thread (run.sh with
 // EMU_TSAN=1), the fibers are ThreadSanitizer fibers whose only synchronisation is the barriers,
-// so two accesses to shared or global memory that no barrier orders (a missing __syncthreads)
-// are reported as a data race, whatever order the scheduler happened to run them in. It checks
+// so two accesses to shared or global memory by threads of one cluster (of one CTA, for
+// launches without clusters) that no barrier orders (a missing __syncthreads) are reported as a
+// data race, whatever order the scheduler ran them in. Clusters run one after another, so
+// races between them are not seen. Code the fibers run must not hold dynamically initialised
+// function-local statics: their guard is an ordering TSan would see. It checks
 // indexing, tails, reductions, layouts and barriers; not timing, or inline PTX other than the
 // ldmatrix / mma.sync / cp.async that emu_mma.h re-implements.
 #pragma once
@@ -53,8 +56,9 @@ struct Block;
 struct PendingCopy { void* dst; unsigned char bytes[16]; };
 // Under ThreadSanitizer the scheduler switches to a fiber with synchronisation (the fiber sees
 // what the launch set up) and back without, and its own memory accesses while it runs the
-// fibers are ignored (it only hands over threadIdx and the like). What fibers share outside
-// the kernel's memory is atomic (relaxed: no order between fibers).
+// fibers are ignored (it only hands over threadIdx and the like; the fields below that fibers
+// write are read only there). The barrier counters fibers share are atomic (relaxed: no order
+// between fibers).
 struct Fiber {
   ucontext_t ctx;
   std::unique_ptr<char[]> stack;

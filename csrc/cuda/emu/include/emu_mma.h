@@ -80,13 +80,18 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 // extreme, where a copy issued into a buffer other threads still read shows up. The pending
 // copies are the running fiber's (emu::Fiber::pending).
 
+namespace emu_mma {
+// Read at start-up, not in a function-local static: its guard, first passed inside a fiber,
+// would order every later caller after the first one for ThreadSanitizer.
+inline const bool g_cp_async_early = [] {
+  const char* e = std::getenv("EMU_CP_ASYNC");
+  return e != nullptr && std::strcmp(e, "early") == 0;
+}();
+}  // namespace emu_mma
+
 namespace ldmfast::cuda::detail {
 inline void cp_async16(void* dst, const void* src, bool fill) {
-  static const bool early = [] {
-    const char* e = std::getenv("EMU_CP_ASYNC");
-    return e != nullptr && std::strcmp(e, "early") == 0;
-  }();
-  if (early) {
+  if (emu_mma::g_cp_async_early) {
     if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
     return;
   }
