@@ -179,17 +179,20 @@ class GraphCache:
 
     def _run(self, key, fn, inputs, watch):
         watch = tuple(watch)
-        addresses, ids = self._addresses(watch), tuple(map(id, watch))
-        # Every graph captured against these same tensors at other addresses (moved by .to())
-        # reads memory that is no longer theirs: all of them go, not only this key's.
-        stale = [k for k, e in self._entries.items()
-                 if (k == key or e.watch_ids == ids) and e.watch != addresses]
-        if stale:
-            log.info("ldmfast graphs: parameters moved since capture; dropping %d graph(s)", len(stale))
-            for k in stale:
-                del self._entries[k]
+        addresses = self._addresses(watch)
         entry = self._entries.get(key)
-        if entry is None:
+        if entry is None or entry.watch != addresses:
+            # A miss, or this key's tensors moved (.to()): every graph captured against these
+            # same tensors at other addresses reads memory that is no longer theirs, so all of
+            # them go, not only this key's. A replay skips the scan: each miss or move leaves
+            # the graphs on these tensors all on the current addresses.
+            ids = tuple(map(id, watch))
+            stale = [k for k, e in self._entries.items()
+                     if (k == key or e.watch_ids == ids) and e.watch != addresses]
+            if stale:
+                log.info("ldmfast graphs: parameters moved since capture; dropping %d graph(s)", len(stale))
+                for k in stale:
+                    del self._entries[k]
             entry = self._capture(key, fn, inputs, addresses, ids)
         else:
             for name, value in inputs.items():

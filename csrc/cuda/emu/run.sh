@@ -6,9 +6,9 @@ set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 SRC=$(dirname "$HERE")
 CUDA_INC=${CUDA_HOME:-/usr/local/cuda}/include
-FLAGS="-O2"
-if [ "${EMU_TSAN:-0}" = 1 ]; then FLAGS="-O1 -g -fsanitize=thread"; fi
-OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu$([ "${EMU_TSAN:-0}" = 1 ] && echo -tsan)}
+FLAGS="-O2" SUFFIX=""
+if [ "${EMU_TSAN:-0}" = 1 ]; then FLAGS="-O1 -g -fsanitize=thread" SUFFIX="-tsan"; fi
+OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu$SUFFIX}
 mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"

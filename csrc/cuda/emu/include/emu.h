@@ -36,20 +36,19 @@ extern "C" void __tsan_ignore_thread_begin();  // in libtsan, not in GCC 12's he
 extern "C" void __tsan_ignore_thread_end();
 #endif
 
+inline uint3 threadIdx, blockIdx;  // of the running fiber, set by the scheduler
+inline dim3 blockDim, gridDim;
+
 namespace emu {
 // The emulator's own bookkeeping, hidden from ThreadSanitizer while in scope.
 struct TsanIgnore {
 #ifdef EMU_TSAN
   TsanIgnore() { __tsan_ignore_thread_begin(); }
   ~TsanIgnore() { __tsan_ignore_thread_end(); }
+#else
+  TsanIgnore() {}  // user-provided: a scope guard, not an unused variable (-Wall)
 #endif
 };
-}  // namespace emu
-
-inline uint3 threadIdx, blockIdx;  // of the running fiber, set by the scheduler
-inline dim3 blockDim, gridDim;
-
-namespace emu {
 struct Barrier;
 struct Block;
 // This thread's cp.async copies not yet landed (emu_mma.h).

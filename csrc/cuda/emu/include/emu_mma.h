@@ -6,7 +6,6 @@
 #include <cstring>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
-#include <vector>
 
 namespace emu_mma {
 inline uint32_t* wbuf() { return &emu::t_block->wx[(threadIdx.x / 32) * 32 * 16]; }
@@ -70,7 +69,6 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
   emu_warp_meet();
   std::memcpy(d, out, 16);
 }
-}  // namespace emu_mma
 
 // cp.async as the PTX ISA allows it to behave at its latest: a thread's copies land in shared
 // memory only at its cp.async.wait_group 0, and only those committed before it; until then the
@@ -79,8 +77,6 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 // does not change during a kernel). EMU_CP_ASYNC=early lands them at issue instead, the other
 // extreme, where a copy issued into a buffer other threads still read shows up. The pending
 // copies are the running fiber's (emu::Fiber::pending).
-
-namespace emu_mma {
 // Read at start-up, not in a function-local static: its guard, first passed inside a fiber,
 // would order every later caller after the first one for ThreadSanitizer.
 inline const bool g_cp_async_early = [] {
