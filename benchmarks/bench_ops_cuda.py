@@ -119,7 +119,7 @@ def _sdpa_backends():
     return {k: (sdpa_kernel, getattr(SDPBackend, v)) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-ATTN_KERNELS = ("mma", "mma_sync", "fast")
+ATTN_KERNELS = ("mma", "mma_sync", "mma_wide", "fast")
 
 
 def _with_env(name, value, fn, *args):
@@ -251,16 +251,16 @@ def main(argv=None):
     print(f"device: {C.device_name(dev)}  torch {torch.__version__}  commit {C.git_sha()}  "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim, "geglu": bench_geglu}
-    rows = []
-    for name in args.ops.split(","):
+    names = args.ops.split(",")
+    for name in names:
         if name not in benches:
             ap.error(f"--ops: unknown op {name!r} (choose from {', '.join(benches)})")
+    for name in names:
         part = benches[name](args, dev, bw)
         C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy", "note"])
-        print()
-        rows += part
-    path = C.append_results(rows, dev, args.csv)
-    print(f"results appended to {path}")
+        # Op by op: a run stopped by a time limit keeps the ops it finished.
+        path = C.append_results(part, dev, args.csv)
+        print(f"results appended to {path}\n")
 
 
 if __name__ == "__main__":

@@ -205,6 +205,8 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
         return attention_short_supports(p) ? attention_short(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kMma: return attention_mma(p, stream, true);
       case AttentionKernel::kMmaSync: return attention_mma(p, stream, false);
+      case AttentionKernel::kMmaWide:
+        return attention_mma_wide_supports(p) ? attention_mma_wide(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kDefault:
       case AttentionKernel::kSimt: break;
     }

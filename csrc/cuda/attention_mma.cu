@@ -4,7 +4,8 @@
 // UNVERIFIED ON GPU: compile-checked and run on the CPU emulator only. attention.cu dispatches
 // here for AttentionKernel::kMma / kMmaSync (and kFast past 80 keys).
 //
-// One CTA of 4 warps per (b, h, block of 64 queries); each warp owns 16 query rows. Q is staged
+// One CTA of 4 warps per (b, h, block of 64 R queries); each warp owns R tiles of 16 query rows
+// (R = 1, or 2 for the "wide" variant). Q is staged
 // through shared memory once and kept as mma A fragments in registers. K and V stream through
 // shared memory in tiles of 64 keys: S = Q K^T on the tensor cores, online softmax on the S
 // accumulators (a row's values sit in the 4 lanes of a quad, so row max and sum need two
@@ -12,8 +13,9 @@
 // m16n8 accumulator layout of two adjacent key tiles is the m16k16 A layout). D is padded to a
 // multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V covers D in n8 tiles.
 // Shared-memory rows are padded by 16 bytes so that ldmatrix's 8 row addresses hit 8 distinct
-// 16-byte bank groups. Two variants: pipelined (cp.async, K and V loads overlap the math; the
-// default when opted in) and plain (synchronous loads; kept to compare and to fall back on).
+// 16-byte bank groups. Variants: pipelined (cp.async, K and V loads overlap the math), plain
+// (synchronous loads; kept to compare and to fall back on), and wide (pipelined, R = 2, D <= 80).
+// Which is fastest per shape is for the GPU benchmarks to say.
 #include <cmath>
 #include <cstdlib>
 
@@ -27,28 +29,32 @@ using namespace detail;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
-constexpr int kBlockQ = 16 * kWarps;  // query rows per CTA
-constexpr int kBlockK = 64;           // keys per tile; Q is staged in the K buffer, so >= kBlockQ
+constexpr int kBlockK = 64;  // keys per tile
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
-static_assert(kBlockK >= kBlockQ, "Q is staged through the K tile buffer");
 
 // kPipe: K and V in flight while the other is used (FlashAttention-2's order): V_j loads during
 // S = Q K_j^T, K_{j+1} during the softmax and P V_j. Each buffer is still single; a barrier
 // before each copy keeps it from overwriting a tile a warp still reads.
-template <int D, class T, bool kPipe>
+// R: tiles of 16 query rows per warp (kBlockQ = 64 R rows per CTA). Each K and V fragment read
+// from shared memory then feeds R times the mma: with R = 1 one ldmatrix.x4 (512 bytes) feeds
+// two m16n8k16, about what the shared-memory bandwidth of an SM keeps up with; R = 2 doubles the
+// math per byte, at the price of twice the accumulator registers and half the CTAs.
+template <int D, class T, bool kPipe, int R>
 __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
   static_assert(D % 8 == 0, "P V covers D in n8 tiles");
+  constexpr int kBlockQ = 16 * R * kWarps;  // query rows per CTA
+  static_assert(2 * kBlockK >= kBlockQ, "Q is staged through the K and V tile buffers");
   constexpr int DPAD = (D + 15) / 16 * 16;
-  constexpr int kStride = DPAD + 8;      // +16 bytes: conflict-free ldmatrix
-  constexpr int KC = DPAD / 16;          // k16 chunks of the QK^T reduction
-  constexpr int NT = kBlockK / 8;        // n8 key tiles of S
-  constexpr int DT = D / 8;              // n8 tiles of O
+  constexpr int kStride = DPAD + 8;  // +16 bytes: conflict-free ldmatrix
+  constexpr int KC = DPAD / 16;      // k16 chunks of the QK^T reduction
+  constexpr int NT = kBlockK / 8;    // n8 key tiles of S
+  constexpr int DT = D / 8;          // n8 tiles of O
+  // K tile then V tile, one array so that Q (and at the end O) may span both.
   // uint4 storage: 16-byte aligned for the 16-byte stores and ldmatrix rows.
-  __shared__ uint4 raw_k[kBlockK * kStride * sizeof(T) / 16];
-  __shared__ uint4 raw_v[kBlockK * kStride * sizeof(T) / 16];
-  T* sK = reinterpret_cast<T*>(raw_k);
-  T* sV = reinterpret_cast<T*>(raw_v);
+  __shared__ uint4 raw_kv[2 * kBlockK * kStride * sizeof(T) / 16];
+  T* sK = reinterpret_cast<T*>(raw_kv);
+  T* sV = sK + kBlockK * kStride;
 
   const int64_t nqb = ceil_div(p.Lq, kBlockQ);
   const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;
@@ -60,22 +66,28 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
 
-  // Q -> shared (the K buffer) -> A fragments: rows warp*16 + (lane % 16), columns kc*16 + 8*(lane / 16).
+  // Q -> shared (the tile buffers) -> A fragments: row tile r of warp w is rows (w R + r) 16 +
+  // (lane % 16), columns kc 16 + 8 (lane / 16).
   load_rows<D, DPAD, kStride, false, T>(sK, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec, threadIdx.x, kThreads);
   __syncthreads();
-  uint32_t qf[KC][4];
+  uint32_t qf[R][KC][4];
 #pragma unroll
-  for (int kc = 0; kc < KC; ++kc)
-    ldmatrix_x4(qf[kc], sK + (warp * 16 + (lane & 15)) * kStride + kc * 16 + (lane >> 4) * 8);
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+      ldmatrix_x4(qf[r][kc], sK + ((warp * R + r) * 16 + (lane & 15)) * kStride + kc * 16 + (lane >> 4) * 8);
 
-  // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
-  float o[DT][4];
+  // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2;
+  // m[r][i], l[r][i]: row quad_row + 8 i of row tile r (l: this lane's part of the row sum).
+  float o[R][DT][4];
   zero_acc(o);
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // l: this lane's part of the row sum
-  const float qscale = p.scale * kLog2e;                      // scores in log2 units
+  float m[R][2], l[R][2];
+#pragma unroll
+  for (int r = 0; r < R; ++r) m[r][0] = m[r][1] = -INFINITY, l[r][0] = l[r][1] = 0.0f;
+  const float qscale = p.scale * kLog2e;  // scores in log2 units
 
   if constexpr (kPipe) {
-    __syncthreads();  // every warp has its Q fragments out of the K buffer
+    __syncthreads();  // every warp has its Q fragments out of the buffers
     load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
   }
 
@@ -91,12 +103,12 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       __syncthreads();
     }
 
-    float s[NT][4];
+    float s[R][NT][4];
     zero_acc(s);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
-      for (int np = 0; np < NT / 2; ++np) qk_16keys<kStride>(s[2 * np], s[2 * np + 1], qf[kc], sK, np * 16, kc, lane);
+      for (int np = 0; np < NT / 2; ++np) qk_16keys<R, NT, KC, kStride>(s, qf, sK, np, kc, lane);
 
     if constexpr (kPipe) {
       cp_async_wait_all();  // V_j
@@ -107,82 +119,107 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
     // Online softmax. The first tile's rescale factor exp2(-inf) = 0 meets accumulators that
     // are still zero. The new max is -inf only if every score so far overflowed to -inf (|q|,
     // |k| near the bf16 range): exponents are then taken against 0 (ref), not -inf (NaN).
-    float mx[2] = {m[0], m[1]};
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
+    for (int r = 0; r < R; ++r) {
+      float mx[2] = {m[r][0], m[r][1]};
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
-        s[j][c] = key < p.Lk ? s[j][c] * qscale : -INFINITY;
-        mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
+          s[r][j][c] = key < p.Lk ? s[r][j][c] * qscale : -INFINITY;
+          mx[c >> 1] = fmaxf(mx[c >> 1], s[r][j][c]);
+        }
+      float alpha[2], ref[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 1));
+        mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 2));
+        ref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+        alpha[i] = exp2f(m[r][i] - ref[i]);
+        m[r][i] = mx[i];
+        l[r][i] *= alpha[i];
       }
-    float alpha[2], ref[2];
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-      ref[r] = mx[r] == -INFINITY ? 0.0f : mx[r];
-      alpha[r] = exp2f(m[r] - ref[r]);
-      m[r] = mx[r];
-      l[r] *= alpha[r];
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          s[r][j][c] = exp2f(s[r][j][c] - ref[c >> 1]);
+          l[r][c >> 1] += s[r][j][c];
+        }
+#pragma unroll
+      for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+        for (int c = 0; c < 4; ++c) o[r][dt][c] *= alpha[c >> 1];
     }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[j][c] = exp2f(s[j][c] - ref[c >> 1]);
-        l[c >> 1] += s[j][c];
-      }
-#pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[dt][c] *= alpha[c >> 1];
 
     // O += P V.
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);
+    for (int kk = 0; kk < kBlockK / 16; ++kk) pv_16keys<R, D, NT, kStride>(o, s, sV, kk, lane);
   }
 
-  // The 4 lanes of a quad hold disjoint columns of the same two rows.
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-    l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-  }
-  // Out through the K buffer, 16 rows per warp, for 16-byte stores. The barrier: without the
-  // pipeline no barrier follows the last Q K^T, so another warp may still read that K tile.
+  // Out through the tile buffers, 16 R rows per warp, for 16-byte stores. The barrier: without
+  // the pipeline no barrier follows the last Q K^T, so another warp may still read that K tile
+  // (and any warp may still read the V tile).
   __syncthreads();
-  const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-  const int64_t row0 = qb * kBlockQ + warp * 16;
-  store_o_16rows<D, kStride>(o, inv, sK + warp * 16 * kStride, out, row0, p.Lq, p.o_stride_l, vec_o, lane);
-  if (p.lse != nullptr && quad_col == 0) {
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const int64_t row = row0 + quad_row + 8 * r;
-      if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[r] + log2f(l[r])) * kLn2;
+  for (int r = 0; r < R; ++r) {
+    // The 4 lanes of a quad hold disjoint columns of the same two rows.
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      l[r][i] += __shfl_xor_sync(kFullMask, l[r][i], 1);
+      l[r][i] += __shfl_xor_sync(kFullMask, l[r][i], 2);
+    }
+    const float inv[2] = {1.0f / l[r][0], 1.0f / l[r][1]};
+    const int tile = warp * R + r;
+    const int64_t row0 = qb * kBlockQ + tile * 16;
+    store_o_16rows<D, kStride>(o[r], inv, sK + tile * 16 * kStride, out, row0, p.Lq, p.o_stride_l, vec_o, lane);
+    if (p.lse != nullptr && quad_col == 0) {
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        const int64_t row = row0 + quad_row + 8 * i;
+        if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[r][i] + log2f(l[r][i])) * kLn2;
+      }
     }
   }
 }
 
-template <int D, class T, bool kPipe>
+template <int D, class T, bool kPipe, int R>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
   const bool vec = qkv_aligned16(p);
-  const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
+  const int64_t blocks = ceil_div(p.Lq, 16 * R * kWarps) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  attention_mma_kernel<D, T, kPipe><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec, o_aligned16(p));
+  attention_mma_kernel<D, T, kPipe, R><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(p, vec, o_aligned16(p));
   return launch_status();
 }
 
 template <class T, bool kPipe>
 int launch(const AttentionParams& p, cudaStream_t stream) {
-  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, kPipe>(p, stream); });
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, kPipe, 1>(p, stream); });
+}
+
+// Two row tiles per warp, pipelined only, and only for the head dims whose accumulators still fit
+// the registers (at D = 80: 80 of O, 64 of S, 40 of Q fragments per lane).
+template <class T>
+int launch_wide(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_d<32, T, true, 2>(p, stream);
+    case 40: return launch_d<40, T, true, 2>(p, stream);
+    case 64: return launch_d<64, T, true, 2>(p, stream);
+    case 80: return launch_d<80, T, true, 2>(p, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
 }
 
 }  // namespace
 
 bool attention_mma_supports(const AttentionParams& p) {
   return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && attention_supports_head_dim(p.D);
+}
+
+bool attention_mma_wide_supports(const AttentionParams& p) {
+  return attention_mma_supports(p) && p.D <= kWideMaxHeadDim;
 }
 
 int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined) {
@@ -192,6 +229,13 @@ int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined)
   if (p.dtype == DType::kFloat16)
     return pipelined ? launch<__half, true>(p, stream) : launch<__half, false>(p, stream);
   return pipelined ? launch<__nv_bfloat16, true>(p, stream) : launch<__nv_bfloat16, false>(p, stream);
+}
+
+int attention_mma_wide(const AttentionParams& p, cudaStream_t stream) {
+  if (!attention_mma_wide_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
+  if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  return p.dtype == DType::kFloat16 ? launch_wide<__half>(p, stream) : launch_wide<__nv_bfloat16>(p, stream);
 }
 
 }  // namespace ldmfast::cuda

@@ -33,6 +33,13 @@ bool attention_mma_supports(const AttentionParams& p);
 // `pipelined`: cp.async loads of K and V overlap the math (else synchronous loads).
 int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined = true);
 
+// The wide variant: 2 tiles of 16 query rows per warp, so each K and V fragment read from shared
+// memory feeds twice the mma (pipelined loads). Only up to this head dim: past it the doubled
+// accumulators would spill registers.
+constexpr int64_t kWideMaxHeadDim = 80;
+bool attention_mma_wide_supports(const AttentionParams& p);
+int attention_mma_wide(const AttentionParams& p, cudaStream_t stream);
+
 // True when attention_short can run `p`: attention_mma_supports and 1 <= Lk <= 80.
 bool attention_short_supports(const AttentionParams& p);
 // The short-context (cross-attention) kernel: K and V in shared memory, Q streamed once.

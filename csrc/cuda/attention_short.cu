@@ -79,22 +79,23 @@ __global__ void __launch_bounds__(kThreads)
 
   const float qscale = p.scale * kLog2e;  // scores in log2 units
   for (; rb < nrb; rb += step) {
-    uint32_t qf[KC][4];
+    uint32_t qf[1][KC][4];  // one tile of 16 query rows (the helpers take R of them)
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[kc], sQ + (lane & 15) * kStride + kc * 16 + (lane >> 4) * 8);
+    for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[0][kc], sQ + (lane & 15) * kStride + kc * 16 + (lane >> 4) * 8);
     __syncwarp();  // every lane's fragments are out of sQ before the prefetch overwrites it
     const int64_t next = rb + step;
     if (next < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, next * 16, p.Lq, 16, vec, lane, 32);
 
     // S = Q K^T over the key chunks in use (a warp-uniform test; the indices into s stay
     // compile-time).
-    float s[NT][4];
-    zero_acc(s);
+    float sr[1][NT][4];
+    zero_acc(sr);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np)
-        if (np < nkc) qk_16keys<kStride>(s[2 * np], s[2 * np + 1], qf[kc], sK, np * 16, kc, lane);
+        if (np < nkc) qk_16keys<1, NT, KC, kStride>(sr, qf, sK, np, kc, lane);
+    float (&s)[NT][4] = sr[0];
 
     // Softmax over the whole key range at once. Key 0 is always valid, so the max is finite.
     // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
@@ -126,14 +127,14 @@ __global__ void __launch_bounds__(kThreads)
     }
 
     // O = P V.
-    float o[DT][4];
+    float o[1][DT][4];
     zero_acc(o);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk)
-      if (kk < nkc) pv_16keys<D, kStride>(o, s[2 * kk], s[2 * kk + 1], sV, kk * 16, lane);
+      if (kk < nkc) pv_16keys<1, D, NT, kStride>(o, sr, sV, kk, lane);
 
     const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
-    store_o_16rows<D, kStride>(o, inv, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o, lane);
+    store_o_16rows<D, kStride>(o[0], inv, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o, lane);
     if (p.lse != nullptr && quad_col == 0) {
 #pragma unroll
       for (int r = 0; r < 2; ++r) {

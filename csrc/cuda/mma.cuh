@@ -128,55 +128,69 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l
   }
 }
 
-// Zeroes N m16n8 accumulator tiles (S before Q K^T, O before P V).
-template <int N>
-__device__ __forceinline__ void zero_acc(float (&acc)[N][4]) {
+// Zeroes R x N m16n8 accumulator tiles (S before Q K^T, O before P V).
+template <int R, int N>
+__device__ __forceinline__ void zero_acc(float (&acc)[R][N][4]) {
 #pragma unroll
-  for (int j = 0; j < N; ++j)
+  for (int r = 0; r < R; ++r)
 #pragma unroll
-    for (int c = 0; c < 4; ++c) acc[j][c] = 0.0f;
+    for (int j = 0; j < N; ++j)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) acc[r][j][c] = 0.0f;
 }
 
-// S += Q K^T for the 16 keys key0..key0+15 (two n8 tiles s0, s1) over the k16 chunk kc of the
-// head dim: qf is Q's A fragment of that chunk, sK the keys in shared memory rows of kStride.
-// B fragments of K (keys are the n dim, d the k dim, d contiguous: "col" layout, no transpose).
-// Matrices of one x4: keys +0..7 | d +0..7, keys +0..7 | d +8..15, keys +8..15 | d +0..7,
-// keys +8..15 | d +8..15.
-template <int kStride, class T>
-__device__ __forceinline__ void qk_16keys(float (&s0)[4], float (&s1)[4], const uint32_t (&qf)[4], const T* sK,
-                                          int key0, int kc, int lane) {
+// S += Q K^T for the 16 keys of key pair np (n8 tiles 2 np and 2 np + 1 of S) over the k16 chunk
+// kc of the head dim, for R tiles of 16 query rows: qf[r][kc] is Q's A fragment, sK the keys in
+// shared memory rows of kStride. One K fragment serves all R row tiles (R = 2 halves the
+// shared-memory reads per mma). B fragments of K (keys are the n dim, d the k dim, d contiguous:
+// "col" layout, no transpose). Matrices of one x4: keys +0..7 | d +0..7, keys +0..7 | d +8..15,
+// keys +8..15 | d +0..7, keys +8..15 | d +8..15.
+template <int R, int NT, int KC, int kStride, class T>
+__device__ __forceinline__ void qk_16keys(float (&s)[R][NT][4], const uint32_t (&qf)[R][KC][4], const T* sK, int np,
+                                          int kc, int lane) {
   uint32_t kf[4];
-  ldmatrix_x4(kf, sK + (key0 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
-  Mma<T>::run(s0, qf, kf[0], kf[1]);
-  Mma<T>::run(s1, qf, kf[2], kf[3]);
+  ldmatrix_x4(kf, sK + (np * 16 + (lane & 7) + (lane >> 4) * 8) * kStride + kc * 16 + ((lane >> 3) & 1) * 8);
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    Mma<T>::run(s[r][2 * np], qf[r][kc], kf[0], kf[1]);
+    Mma<T>::run(s[r][2 * np + 1], qf[r][kc], kf[2], kf[3]);
+  }
 }
 
-// O += P V for the 16 keys key0..key0+15, P being the (exponentiated) S accumulators of their
-// two n8 tiles: the m16n8 accumulator layout of two adjacent key tiles is the m16k16 A layout,
-// so P is packed in place. B fragments of V (keys are the k dim, d the n dim, d contiguous:
-// transposed ldmatrix). Matrices of one x4: keys +0..7 | d +0..7, keys +8..15 | d +0..7,
-// keys +0..7 | d +8..15, keys +8..15 | d +8..15. O covers D in n8 tiles.
-template <int D, int kStride, class T>
-__device__ __forceinline__ void pv_16keys(float (&o)[D / 8][4], const float (&s0)[4], const float (&s1)[4],
-                                          const T* sV, int key0, int lane) {
+// O += P V for the 16 keys of key pair kk, for R tiles of 16 query rows, P being the
+// (exponentiated) S accumulators of n8 tiles 2 kk and 2 kk + 1: the m16n8 accumulator layout of
+// two adjacent key tiles is the m16k16 A layout, so P is packed in place. One V fragment serves
+// all R row tiles. B fragments of V (keys are the k dim, d the n dim, d contiguous: transposed
+// ldmatrix). Matrices of one x4: keys +0..7 | d +0..7, keys +8..15 | d +0..7, keys +0..7 |
+// d +8..15, keys +8..15 | d +8..15. O covers D in n8 tiles.
+template <int R, int D, int NT, int kStride, class T>
+__device__ __forceinline__ void pv_16keys(float (&o)[R][D / 8][4], const float (&s)[R][NT][4], const T* sV, int kk,
+                                          int lane) {
   constexpr int DT = D / 8;
-  uint32_t pa[4];
-  pa[0] = Mma<T>::pack(s0[0], s0[1]);
-  pa[1] = Mma<T>::pack(s0[2], s0[3]);
-  pa[2] = Mma<T>::pack(s1[0], s1[1]);
-  pa[3] = Mma<T>::pack(s1[2], s1[3]);
-  const T* vrow = sV + (key0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
+  uint32_t pa[R][4];
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    pa[r][0] = Mma<T>::pack(s[r][2 * kk][0], s[r][2 * kk][1]);
+    pa[r][1] = Mma<T>::pack(s[r][2 * kk][2], s[r][2 * kk][3]);
+    pa[r][2] = Mma<T>::pack(s[r][2 * kk + 1][0], s[r][2 * kk + 1][1]);
+    pa[r][3] = Mma<T>::pack(s[r][2 * kk + 1][2], s[r][2 * kk + 1][3]);
+  }
+  const T* vrow = sV + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * kStride;
 #pragma unroll
   for (int dp = 0; dp < DT / 2; ++dp) {
     uint32_t vf[4];
     ldmatrix_x4_trans(vf, vrow + dp * 16 + (lane >> 4) * 8);
-    Mma<T>::run(o[2 * dp], pa, vf[0], vf[1]);
-    Mma<T>::run(o[2 * dp + 1], pa, vf[2], vf[3]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      Mma<T>::run(o[r][2 * dp], pa[r], vf[0], vf[1]);
+      Mma<T>::run(o[r][2 * dp + 1], pa[r], vf[2], vf[3]);
+    }
   }
   if constexpr (DT % 2 == 1) {  // D = 40: an odd count of n8 tiles
     uint32_t vf[2];
     ldmatrix_x2_trans(vf, vrow + (DT - 1) * 8);
-    Mma<T>::run(o[DT - 1], pa, vf[0], vf[1]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) Mma<T>::run(o[r][DT - 1], pa[r], vf[0], vf[1]);
   }
 }
 

@@ -35,9 +35,10 @@ bool attention_supports_head_dim(int64_t d);
 //   kSimt     float32 FMA on the CUDA cores, the checked reference path (the default for now)
 //   kMma      tensor cores, FlashAttention-2 style, K/V loads overlapped with cp.async
 //   kMmaSync  the same with synchronous loads
+//   kMmaWide  kMma with 32 query rows per warp instead of 16 (head dims up to 80; else kMma)
 //   kFast     tensor cores: the short-context kernel when Lk <= 80, else kMma
 // kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
-enum class AttentionKernel : int32_t { kDefault = 0, kSimt, kMma, kMmaSync, kFast };
+enum class AttentionKernel : int32_t { kDefault = 0, kSimt, kMma, kMmaSync, kFast, kMmaWide };
 // Launches on `stream`; returns 0 on success or a cudaError_t value.
 int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kDefault);
 }
