@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds the CPU emulation of the CUDA kernels with g++ (no GPU, no nvcc needed; the CUDA headers
-# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|attn|mma|short|race]
+# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|geglu|attn|mma|short|race]
 # EMU_TSAN=1 builds with ThreadSanitizer (emu.h): a race between the CUDA threads fails the run.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -12,7 +12,7 @@ OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu$SUFFIX}
 mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"
-for f in group_norm_silu group_norm_silu_rows ddim_step attention attention_mma attention_short; do
+for f in group_norm_silu group_norm_silu_rows ddim_step geglu attention attention_mma attention_short; do
   python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$f.emu.cpp"
   g++ -std=c++20 $FLAGS -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$f.emu.cpp" -o "$OUT/$f.o" &
   pids+=($!)

@@ -1,6 +1,6 @@
 // Runs the ldmfast CUDA kernels on the CPU through emu.h and compares them with float64
-// references: every path the host code picks (vector / scalar, fused / stream, NCHW /
-// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|attn|mma|short|race]
+// references (GEGLU too): every path the host code picks (vector / scalar, fused / stream, NCHW /
+// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|geglu|attn|mma|short|race]
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -13,6 +13,7 @@
 #include <vector>
 #include "ldmfast/attention.h"
 #include "ldmfast/ddim_step.h"
+#include "ldmfast/geglu.h"
 #include "ldmfast/group_norm_silu.h"
 #include "attention_mma.cuh"
 
@@ -138,6 +139,28 @@ static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool no
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
 
+// rows x n outputs from rows of h `stride` elements apart (>= 2n); off shifts both pointers.
+static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int off) {
+  Buf h(dt, rows * stride, off), out(dt, rows * n, off);
+  for (int64_t i = 0; i < rows * stride; ++i) h.set(i, 2 * nrand());
+  out.poison(rows * n);
+  GegluParams p;
+  p.h = h.ptr(); p.out = out.ptr(); p.rows = rows; p.n = n; p.h_row_stride = stride; p.dtype = dt;
+  const int rc = cuda::geglu(p, nullptr);
+  double maxerr = 0; bool nan = false;
+  for (int64_t r = 0; r < rows; ++r) for (int64_t j = 0; j < n; ++j) {
+    const double a = h.get(r * stride + j), g = h.get(r * stride + n + j);
+    const double want = a * 0.5 * g * (1 + std::erf(g / std::sqrt(2.0)));
+    const double got = out.get(r * n + j);
+    if (std::isnan(got)) nan = true;
+    maxerr = std::max(maxerr, std::fabs(got - want) / std::max(1.0, std::fabs(want)));
+  }
+  char what[160];
+  snprintf(what, sizeof what, "geglu dt=%d rows=%ld n=%ld stride=%ld off=%d rc=%d err=%.3g nan=%d", (int)dt, rows, n, stride, off, rc, maxerr, nan);
+  report(rc == 0 && !nan && maxerr <= tol(dt), what);
+  if (getenv("VERBOSE")) printf("%s\n", what);
+}
+
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
 // 4 attention_mma_wide.
@@ -213,6 +236,14 @@ int main(int argc, char** argv) {
       test_ddim(dt, 3, 37, off, mode != 1, mode == 1, mode);
       test_ddim(dt, 1, 1, off, false, false, mode);
     }
+  }
+  if (which == "all" || which == "geglu") {
+    for (DType dt : dts) for (int off : {0, 1}) {
+      test_geglu(dt, 5, 640, 1280, off);     // vector when off == 0, two column blocks
+      test_geglu(dt, 3, 37, 80, off);        // odd n, row stride past 2n: scalar
+      test_geglu(dt, 2, 1, 2, off);          // one output
+    }
+    test_geglu(DType::kFloat16, 2, 1024, 2056, 0);  // stride a multiple of 8 past 2n: vector, 4 blocks
   }
   if (which == "all" || which == "gn") {
     for (DType dt : dts) for (bool cl : {false, true}) for (int off : {0, 1}) {
@@ -302,6 +333,8 @@ int main(int argc, char** argv) {
     }
     test_gn(DType::kFloat16, true, true, true, true, 1, 128, 4099, 32, 0, 0, rows);
     test_gn(DType::kFloat32, true, true, false, true, 3, 64, 3000, 2, 0, 0, dflt);
+    test_geglu(DType::kFloat16, 5, 640, 1280, 0);                      // geglu, vector and scalar
+    test_geglu(DType::kFloat32, 3, 37, 80, 1);
     test_attn(DType::kFloat16, 1, 2, 33, 70, 64, true, 0, true);        // SIMT
     test_attn(DType::kFloat32, 1, 1, 9, 130, 40, false, 0, true, 0, true);
     for (int mode : {1, 2}) {                                           // mma, pipelined and not

@@ -1,5 +1,6 @@
 """Rewrites a kernel source for the CPU emulator: emu.h first, dynamic shared memory
-from emu::dyn_smem, `k<<<grid, block, smem, stream>>>(args)` as emu::launch(...). The inline-PTX
+from emu::dyn_smem, `k<<<grid, block, smem, stream>>>(args)` as emu::launch(...), a
+__launch_bounds__ check at the start of each kernel. The inline-PTX
 helpers of mma.cuh are swapped for emu_mma.h's by -DLDMFAST_EMU (run.sh)."""
 import os, re, sys, zlib
 src = open(sys.argv[1]).read()
@@ -25,4 +26,22 @@ def launch(m):
     while len(parts) < 4: parts.append('0' if len(parts) == 2 else 'nullptr')
     return f'emu::launch({k}, dim3({parts[0]}), dim3({parts[1]}), {parts[2]}, {parts[3]}, {args});'
 src = re.sub(r'(\b[\w:]+(?:<[^;<>]*>)?)<<<(.+?)>>>\((.*?)\);', launch, src)
+# __launch_bounds__(N): a launch of more threads fails on a GPU, so each kernel definition's body
+# starts with emu::check_launch_bounds(N) (declarations are left alone).
+def bounds(src):
+    out, pos = [], 0
+    for m in re.finditer(r'__launch_bounds__\((\w+)\)', src):
+        i = src.index('(', m.end())  # the parameter list
+        depth, j = 0, i
+        while True:
+            depth += {'(': 1, ')': -1}.get(src[j], 0)
+            if depth == 0: break
+            j += 1
+        k = j + 1
+        while src[k].isspace(): k += 1
+        if src[k] == '{':
+            out.append(src[pos:k + 1] + f' emu::check_launch_bounds({m.group(1)});')
+            pos = k + 1
+    return ''.join(out) + src[pos:]
+src = bounds(src)
 open(sys.argv[2], 'w').write(src)

@@ -11,11 +11,14 @@
 // data race, whatever order the scheduler ran them in. Clusters run one after another, so
 // races between them are not seen. Code the fibers run must not hold dynamically initialised
 // function-local statics: their guard is an ordering TSan would see. It checks
-// indexing, tails, reductions, layouts and barriers; not timing, or inline PTX other than the
-// ldmatrix / mma.sync / cp.async that emu_mma.h re-implements.
+// indexing, tails, reductions, layouts and barriers, and a launch's limits (threads, shared
+// memory, grid, cluster, __launch_bounds__: check_launch); not timing, registers, or inline PTX
+// other than the ldmatrix / mma.sync / cp.async that emu_mma.h re-implements.
 #pragma once
 #include <cuda_runtime.h>
+#include <sys/mman.h>
 #include <ucontext.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cmath>
@@ -58,9 +61,27 @@ struct PendingCopy { void* dst; unsigned char bytes[16]; };
 // fibers are ignored (it only hands over threadIdx and the like; the fields below that fibers
 // write are read only there). The barrier counters fibers share are atomic (relaxed: no order
 // between fibers).
+// A fiber's stack, with an inaccessible page below it: an overflow faults at once instead of
+// writing over whatever lies below.
+struct Stack {
+  char* base = nullptr;  // the guard page; the stack proper follows it
+  size_t guard = 0, bytes = 0;
+  explicit Stack(size_t n) : guard(static_cast<size_t>(sysconf(_SC_PAGESIZE))), bytes(n) {
+    void* m = mmap(nullptr, guard + bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (m == MAP_FAILED || mprotect(m, guard, PROT_NONE) != 0) {
+      perror("emu: fiber stack");
+      std::abort();
+    }
+    base = static_cast<char*>(m);
+  }
+  ~Stack() { munmap(base, guard + bytes); }
+  Stack(const Stack&) = delete;
+  Stack& operator=(const Stack&) = delete;
+  char* top_region() const { return base + guard; }
+};
 struct Fiber {
   ucontext_t ctx;
-  std::unique_ptr<char[]> stack;
+  std::unique_ptr<Stack> stack;
   Block* block = nullptr;
   uint3 tid{}, bid{};
   const Barrier* waits_on = nullptr;  // while waiting: the barrier, and the phase that must end
@@ -154,6 +175,42 @@ inline size_t shared_offset(int id, std::type_index type, size_t bytes) {
   g_shared.offsets[{id, type}] = off;
   return off;
 }
+// An H100's launch limits, which a real launch breaking them fails on (the emulator's memory
+// has none): threads per block, shared memory per block (static at most 48 KB; dynamic at most
+// what cudaFuncSetAttribute(MaxDynamicSharedMemorySize) allowed, by default 48 KB less the
+// static part; both together at most 227 KB), grid size, portable cluster size, and the
+// kernel's __launch_bounds__ (transform.py makes each kernel call check_launch_bounds).
+constexpr unsigned kMaxBlockThreads = 1024;
+constexpr size_t kDefaultSmem = 48 * 1024;
+constexpr size_t kMaxSmem = 227 * 1024;
+constexpr unsigned kMaxPortableCluster = 8;
+inline std::map<const void*, int> g_dyn_smem_attr;  // set by cudaFuncSetAttribute
+[[noreturn]] inline void launch_error(const char* what, size_t got, size_t limit) {
+  fprintf(stderr, "emu: invalid launch: %s %zu over the limit %zu\n", what, got, limit);
+  std::abort();
+}
+inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t dyn, unsigned csize) {
+  const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
+  if (threads == 0 || threads > kMaxBlockThreads) launch_error("threads per block", threads, kMaxBlockThreads);
+  if (grid.x == 0 || grid.x > 0x7fffffffu) launch_error("grid.x", grid.x, 0x7fffffffu);
+  if (grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535) launch_error("grid.y or grid.z", grid.y > grid.z ? grid.y : grid.z, 65535);
+  if (csize > kMaxPortableCluster) launch_error("cluster size", csize, kMaxPortableCluster);
+  const auto it = g_dyn_smem_attr.find(kernel);
+  const size_t allowed = it != g_dyn_smem_attr.end() ? static_cast<size_t>(it->second) : kDefaultSmem;
+  if (dyn > allowed) launch_error("dynamic shared memory (see cudaFuncSetAttribute)", dyn, allowed);
+}
+// After a launch: the static part is known once the kernel has run.
+inline void check_static_smem(const void* kernel, size_t dyn) {
+  const size_t stat = g_shared.next;
+  if (stat > kDefaultSmem) launch_error("static shared memory", stat, kDefaultSmem);
+  if (stat + dyn > kMaxSmem) launch_error("static + dynamic shared memory", stat + dyn, kMaxSmem);
+  if (g_dyn_smem_attr.find(kernel) == g_dyn_smem_attr.end() && stat + dyn > kDefaultSmem)
+    launch_error("static + dynamic shared memory without cudaFuncSetAttribute", stat + dyn, kDefaultSmem);
+}
+inline void check_launch_bounds(unsigned max_threads) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if (threads > max_threads) launch_error("threads per block, past the kernel's __launch_bounds__", threads, max_threads);
+}
 template <class T> T& shared_var(int id) {
   return *reinterpret_cast<T*>(t_block->arena.data() + shared_offset(id, std::type_index(typeid(T)), sizeof(T)));
 }
@@ -214,7 +271,7 @@ inline std::vector<std::unique_ptr<Fiber>> g_pool;
 inline Fiber& pooled_fiber(size_t i) {
   while (g_pool.size() <= i) {
     auto f = std::make_unique<Fiber>();
-    f->stack.reset(new char[kStackBytes]);
+    f->stack = std::make_unique<Stack>(kStackBytes);
 #ifdef EMU_TSAN
     f->tsan = __tsan_create_fiber(0);
 #endif
@@ -269,6 +326,7 @@ inline void run_fibers(const std::vector<Fiber*>& fibers) {
 // turns), so cluster.sync and map_shared_rank work.
 template <class K, class... Args>
 void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csize, Args... args) {
+  check_launch(reinterpret_cast<const void*>(kernel), grid, block, smem, csize);
   const unsigned nthreads = block.x * block.y * block.z;
   if (getenv("EMU_TRACE")) fprintf(stderr, "launch grid=%u block=%u cluster=%u smem=%zu\n", grid.x, nthreads, csize, smem);
   reset_shared_table();
@@ -294,7 +352,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
         f.pending.clear();
         f.committed = 0;
         getcontext(&f.ctx);
-        f.ctx.uc_stack.ss_sp = f.stack.get();
+        f.ctx.uc_stack.ss_sp = f.stack->top_region();
         f.ctx.uc_stack.ss_size = kStackBytes;
         f.ctx.uc_link = nullptr;
         makecontext(&f.ctx, fiber_main, 0);
@@ -302,6 +360,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
       }
     run_fibers(fibers);
   }
+  check_static_smem(reinterpret_cast<const void*>(kernel), smem);
   g_body = nullptr;
 }
 template <class K, class... Args>
@@ -323,7 +382,10 @@ template <class T> cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* a, T* f
   return cudaFuncGetAttributes(a, reinterpret_cast<const void*>(f));
 }
 template <class T> cudaError_t cudaFuncSetAttribute(T* f, cudaFuncAttribute a, int v) {
-  return cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
+  const cudaError_t err = cudaFuncSetAttribute(reinterpret_cast<const void*>(f), a, v);
+  if (err == cudaSuccess && a == cudaFuncAttributeMaxDynamicSharedMemorySize)
+    emu::g_dyn_smem_attr[reinterpret_cast<const void*>(f)] = v;
+  return err;
 }
 template <class T> cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, T* f, int threads, size_t smem) {
   return cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, reinterpret_cast<const void*>(f), threads, smem);
