@@ -2,7 +2,7 @@
 // float16 / bfloat16, after FlashAttention-2's forward pass.
 //
 // UNVERIFIED ON GPU: compile-checked and run on the CPU emulator only. attention.cu dispatches
-// here for AttentionKernel::kMma / kMmaSync (and kFast past 80 keys).
+// here for AttentionKernel::kMma / kMmaSync / kMmaWide (and kFast past 80 keys).
 //
 // One CTA of 4 warps per (b, h, block of 64 R queries); each warp owns R tiles of 16 query rows
 // (R = 1, or 2 for the "wide" variant). Q is staged
@@ -50,11 +50,14 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   constexpr int KC = DPAD / 16;      // k16 chunks of the QK^T reduction
   constexpr int NT = kBlockK / 8;    // n8 key tiles of S
   constexpr int DT = D / 8;          // n8 tiles of O
-  // K tile then V tile, one array so that Q (and at the end O) may span both.
-  // uint4 storage: 16-byte aligned for the 16-byte stores and ldmatrix rows.
-  __shared__ uint4 raw_kv[2 * kBlockK * kStride * sizeof(T) / 16];
-  T* sK = reinterpret_cast<T*>(raw_kv);
-  T* sV = sK + kBlockK * kStride;
+  // uint4 storage: 16-byte aligned for the 16-byte stores and ldmatrix rows. R = 2 stages Q (and
+  // at the end O) in 128 rows, so K and V are then the two halves of one array; R = 1 keeps two
+  // arrays (one array costs that kernel registers: D = 96 plain 147 -> 168 and a spill, sm_90a).
+  constexpr int kTile = kBlockK * kStride * static_cast<int>(sizeof(T)) / 16;
+  __shared__ uint4 raw_k[R == 1 ? kTile : 2 * kTile];
+  __shared__ uint4 raw_v[R == 1 ? kTile : 1];
+  T* sK = reinterpret_cast<T*>(raw_k);
+  T* sV = R == 1 ? reinterpret_cast<T*>(raw_v) : sK + kBlockK * kStride;
 
   const int64_t nqb = ceil_div(p.Lq, kBlockQ);
   const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;

@@ -34,8 +34,9 @@ bool attention_mma_supports(const AttentionParams& p);
 int attention_mma(const AttentionParams& p, cudaStream_t stream, bool pipelined = true);
 
 // The wide variant: 2 tiles of 16 query rows per warp, so each K and V fragment read from shared
-// memory feeds twice the mma (pipelined loads). Only up to this head dim: past it the doubled
-// accumulators would spill registers.
+// memory feeds twice the mma (pipelined loads). Only up to this head dim: D = 80 takes 254
+// registers on sm_90a and D = 96 the whole 255 (no spill yet, but nothing left for the
+// scheduler), so past it the one-tile kernel is the better bet.
 constexpr int64_t kWideMaxHeadDim = 80;
 bool attention_mma_wide_supports(const AttentionParams& p);
 int attention_mma_wide(const AttentionParams& p, cudaStream_t stream);

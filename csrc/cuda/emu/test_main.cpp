@@ -163,7 +163,7 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
-// 4 attention_mma_wide.
+// 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma).
 // overflow: lane 0 of every query is 1e20 and of the first 64 keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
@@ -196,7 +196,8 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma == 4 ? cuda::attention_mma_wide(p, nullptr) : mma == 3 ? cuda::attention_short(p, nullptr)
+  int rc = mma == 5 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide)
+           : mma == 4 ? cuda::attention_mma_wide(p, nullptr) : mma == 3 ? cuda::attention_short(p, nullptr)
            : mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
   auto rd = [&](const void* base, int64_t i) {
     if (dt == DType::kFloat32) return (double)static_cast<const float*>(base)[i];
@@ -222,7 +223,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -310,6 +311,9 @@ int main(int argc, char** argv) {
     }
     test_attn(DType::kFloat16, 2, 1, 128, 77, 40, false, 0, true, 4);    // one full block, context 77
     test_attn(DType::kBFloat16, 1, 2, 17, 130, 64, false, 0, true, 4, true);  // first tile all -inf
+    test_attn(DType::kFloat16, 1, 1, 129, 64, 80, true, 0, true, 4);     // one key tile, 1 row in block 2
+    test_attn(DType::kFloat16, 1, 2, 150, 100, 40, false, 0, true, 5);   // through attention(): wide
+    test_attn(DType::kBFloat16, 1, 2, 70, 100, 96, false, 0, true, 5);   // D = 96: attention() runs mma
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
