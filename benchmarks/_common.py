@@ -143,6 +143,12 @@ def append_results(rows: list[dict], device: torch.device, path: str | None = No
         assert not unknown, f"unknown result columns {unknown}"
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     new = not os.path.exists(path) or os.path.getsize(path) == 0
+    if not new:  # rows under another header would be misaligned silently
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f), [])
+        if header != COLUMNS:
+            raise ValueError(f"{path} is not a results file of these benchmarks: its header is "
+                             f"{','.join(header)!r}, expected {','.join(COLUMNS)!r}; give another --csv path")
     with open(path, "a", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=COLUMNS)
         if new:

@@ -101,7 +101,7 @@ def test_ddim_step(benchmark, guided, impl):
     x, eps, unc, noise = (torch.randn(shape, generator=g) for _ in range(4))
     unc, noise, sigma = (unc, noise, 0.1) if guided else (None, None, 0.0)
     step = ops.ddim_step if impl == "ldmfast" else ref.ddim_step
-    fn = lambda: step(x, eps, 0.4, 0.5, sigma, noise, unc, 7.5)  # noqa: E731
+    fn = lambda: step(x, eps, 0.4, 0.5, sigma, noise, unc, 7.5 if guided else 1.0)  # noqa: E731
     benchmark.group = f"ddim_step {'x'.join(map(str, shape))} {'cfg+noise' if guided else 'plain'}"
     median = _run(benchmark, fn, rounds=30)
     tensors = (4 if guided else 2) + 2  # inputs read + two outputs written

@@ -231,44 +231,73 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=None, help="end-to-end repeats per round (median)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="rounds over all providers, figures are medians over rounds (default 3 on CPU, 1 on GPU)")
-    ap.add_argument("--images", default=None, help="folder for each provider's end-to-end image (built-in model)")
+    ap.add_argument("--images", default=None, help="folder for each provider's end-to-end image (built-in model; "
+                    "<preset>-<provider>.png, renewed on each run)")
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
     args = ap.parse_args(argv)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: no CUDA device is available")
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        ap.error(f"--device {args.device}: no such CUDA device is available")
     preset_name = args.preset or default_preset(device)
     preset = dict(PRESETS[preset_name])
     dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]
-    height, width = args.height or preset["height"], args.width or preset["width"]
-    steps = args.steps or preset["steps"]
+    # `is None`, not `or`: an explicit 0 must reach the checks below, not become the preset's value
+    height = preset["height"] if args.height is None else args.height
+    width = preset["width"] if args.width is None else args.width
+    steps = preset["steps"] if args.steps is None else args.steps
     if height % 8 or width % 8 or height <= 0 or width <= 0:
         ap.error(f"--height/--width must be positive multiples of 8, got {height}x{width}")
-    if args.batch < 1 or steps < 1:
-        ap.error("--batch and --steps must be >= 1")
+    if args.batch < 1:
+        ap.error(f"--batch must be >= 1, got {args.batch}")
+    if steps < 1:
+        ap.error(f"--steps must be >= 1, got {steps}")
     if (args.rounds is not None and args.rounds < 1) or (args.repeats is not None and args.repeats < 1):
         ap.error("--rounds and --repeats must be >= 1")
-    providers = args.providers.split(",") if args.providers else [p for p in ALL_PROVIDERS if p != "diffusers-compile"]
+    providers = args.providers.split(",") if args.providers is not None else \
+        [p for p in ALL_PROVIDERS if p != "diffusers-compile"]
     if args.compile and "diffusers-compile" not in providers:
         providers.append("diffusers-compile")
     for p in providers:
         if p not in ALL_PROVIDERS:
             ap.error(f"--providers: unknown provider {p!r} (choose from {', '.join(ALL_PROVIDERS)})")
-    if device.type != "cuda":
-        providers = [p for p in providers if p not in CUDA_ONLY_PROVIDERS]
     try:
         import diffusers  # noqa: F401
         have_diffusers = True
     except ImportError:
         have_diffusers = False
-        skipped = [p for p in providers if p in DIFFUSERS_PROVIDERS]
-        providers = [p for p in providers if p not in DIFFUSERS_PROVIDERS]
-        print(f"diffusers is not installed: skipping {', '.join(skipped) or 'no provider'}; the ldmfast "
-              "providers run on an ldmfast model of the same architecture (pip install diffusers for the "
-              "peers and the ratios)")
-        if not providers:
-            sys.exit("no provider left to measure; nothing was measured")
+
+    def why_not(p):
+        """Why provider p cannot run here, or None."""
+        if device.type != "cuda" and p in CUDA_ONLY_PROVIDERS:
+            return "needs a CUDA device" + (" (on CPU it is ldmfast)" if p == "ldmfast-eager" else "")
+        if not have_diffusers and p in DIFFUSERS_PROVIDERS:
+            return "needs diffusers (pip install diffusers)"
+        return None
+
+    # Refused before anything is built: a run that measures nothing must not exit 0 with only
+    # the floor appended to the results.
+    if all(why_not(p) for p in providers):
+        ap.error(f"--providers: none of {', '.join(providers)} can run here ("
+                 + "; ".join(f"{p} {why_not(p)}" for p in providers)
+                 + f"); on this machine these can: {', '.join(p for p in ALL_PROVIDERS if not why_not(p))}")
+    for p in providers:
+        if why_not(p):
+            print(f"skipping provider {p}: {why_not(p)}")
+    providers = [p for p in providers if not why_not(p)]
+    if not have_diffusers:
+        print("diffusers is not installed: the ldmfast providers run on an ldmfast model of the same "
+              "architecture (pip install diffusers for the peers and the ratios)")
+    if args.csv is not None and os.path.isfile(args.csv):
+        try:  # appends no rows: only checks the existing file's header, before minutes of timing
+            C.append_results([], device, args.csv)
+        except ValueError as e:
+            ap.error(f"--csv: {e}")
 
     from tqdm import tqdm
 
@@ -438,7 +467,9 @@ def main(argv=None):
             colour, shape = shapes.judge(img[0])
             saved = ""
             if args.images:
-                saved = "  " + save_png(to_pil(img)[0], os.path.join(args.images, f"{preset_name}-{p}.png"))
+                # this script's own outputs, named per preset and provider: each run renews them
+                saved = "  " + save_png(to_pil(img)[0], os.path.join(args.images, f"{preset_name}-{p}.png"),
+                                        overwrite=True)
             print(f"  {p:<18} {colour} {shape}{saved}")
     path = C.append_results(rows, device, args.csv)
     print(f"\nresults appended to {path}")

@@ -48,10 +48,11 @@ def load(path=None, config=None, use_ema=False, tokenizer=None):
     return LatentDiffusion.load(path, config=config, use_ema=use_ema, tokenizer=tokenizer)
 
 
-def save(obj, path):
-    """Writes a model (or one of its modules) atomically; see ``ldmfast.checkpoint.save``."""
+def save(obj, path, overwrite: bool = False):
+    """Writes a model (or one of its modules) atomically; an existing file is replaced only with
+    ``overwrite=True``. See ``ldmfast.checkpoint.save``."""
     from .checkpoint import save as _save
-    return _save(obj, path)
+    return _save(obj, path, overwrite=overwrite)
 
 
 def from_diffusers(module_or_pipeline):

@@ -14,12 +14,11 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 
 import torch
 from torch import nn
 
-from . import configs
+from . import configs, fileio
 from .models import Components, build_cond_stage, build_first_stage, build_unet, convert
 
 log = logging.getLogger("ldmfast")
@@ -442,40 +441,26 @@ def _tensors_for_file(sd):
     return out
 
 
-def save(obj, path) -> str:
+def save(obj, path, overwrite: bool = False) -> str:
     """Writes ``obj`` (Components-like, or one ldmfast module carrying ``.config``) to ``path``:
     ``.safetensors`` with the config as JSON in the metadata (``load_components`` restores any
     architecture), or ``.ckpt`` with a CompVis-layout ``{"state_dict": ...}``. The file appears
-    atomically (temporary file in the same folder, fsync, rename); on failure nothing is left."""
+    atomically (``ldmfast.fileio.atomic_path``); on failure nothing is left. An existing file
+    (the checkpoint the model came from, say, with EMA weights this one may lack) is replaced
+    only with ``overwrite=True``."""
     path = os.fspath(path)
     if not path.endswith((".safetensors", ".ckpt")):
         raise ValueError(f"save: {path!r} must end in .safetensors or .ckpt")
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise ValueError(f"save: folder {folder!r} does not exist")
+    fileio.check_writable(path, overwrite)
     sd, config_json = _collect(obj)
     tensors = _tensors_for_file(sd)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
-    try:
-        os.close(fd)
+    with fileio.atomic_path(path) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
             save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: config_json})
         else:
             torch.save({"state_dict": tensors, _META_KEY: config_json}, tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
     return path

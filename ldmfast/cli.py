@@ -115,6 +115,8 @@ class Generate:
         p.add_argument("--batch", type=int, default=1, help="images per prompt (default 1)")
         p.add_argument("--out", "-o", default="out.png",
                        help="output PNG (a batch also writes <out>-<i>.png; default out.png)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace existing output PNGs (other files are never replaced)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         p.add_argument("--cuda-graph", action="store_true",
                        help="run the denoising loop and the decode as CUDA graphs (GPU; ddim or "
@@ -131,6 +133,8 @@ class Generate:
             get_sampler(args.sampler)
         except ValueError as e:
             raise UsageError(str(e)) from None
+        from . import images as im
+        im.check_outputs(args.out, args.batch, args.overwrite, arg="--out", flag="--overwrite")
         if args.cuda_graph:  # before loading what may be gigabytes
             import torch
 
@@ -152,10 +156,13 @@ class Generate:
             import torch
             seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
             log.info("seed %d", seed)
-        model.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps,
-                      guidance_scale=guidance, seed=seed, height=args.height,
-                      width=args.width, batch=args.batch, sampler=args.sampler, eta=args.eta,
-                      out=args.out, progress=not args.no_progress, cuda_graph=args.cuda_graph)
+        images = model.txt2img(args.prompt, negative_prompt=args.negative, steps=args.steps,
+                               guidance_scale=guidance, seed=seed, height=args.height,
+                               width=args.width, batch=args.batch, sampler=args.sampler,
+                               eta=args.eta, progress=not args.no_progress,
+                               cuda_graph=args.cuda_graph)
+        for path in im.save_images(images, args.out, overwrite=args.overwrite):
+            log.info("wrote %s", path)
         return 0
 
 
@@ -182,8 +189,9 @@ def main(argv=None) -> int:
     debug = os.environ.get("LDMFAST_DEBUG", "") not in ("", "0")
     try:
         return int(args._command.run(args) or 0)
-    except (UsageError, ValueError, FileNotFoundError) as e:
-        # bad options or inputs (a missing file, a size the model cannot take, ...)
+    except (UsageError, ValueError, FileNotFoundError, FileExistsError, IsADirectoryError) as e:
+        # bad options or inputs (a missing file, a size the model cannot take, an output that
+        # would replace a file, ...)
         if debug:
             raise
         sys.stderr.write(f"ldmfast {args._name}: error: {e}\n")

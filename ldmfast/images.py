@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from typing import Iterable, List, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
 
-__all__ = ["to_tensor", "mask_to_tensor", "to_pil", "make_grid", "save_png", "save_images"]
+from . import fileio
+
+__all__ = ["to_tensor", "mask_to_tensor", "to_pil", "make_grid", "save_png", "save_images", "check_outputs"]
 
 ImageLike = Union[Image.Image, torch.Tensor, np.ndarray, Sequence[Image.Image]]
 
@@ -111,30 +112,60 @@ def make_grid(images: Iterable[Image.Image], rows: int | None = None, pad: int =
     return grid
 
 
-def save_png(image: Image.Image, path) -> str:
-    """Writes a PNG atomically: to a temporary file in the target folder, then ``os.replace``,
-    so a reader never sees a half-written file and an interrupted run leaves no partial one."""
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def output_paths(out, n: int) -> List[str]:
+    """The files ``save_images`` writes for ``n`` images: ``out`` alone, or ``<stem>-<i>.png``
+    for each image and their grid at ``out``."""
+    out = os.fspath(out)
+    if n == 1:
+        return [out]
+    stem, ext = os.path.splitext(out)
+    return [f"{stem}-{i:03d}{ext}" for i in range(n)] + [out]
+
+
+def check_outputs(out, n: int = 1, overwrite: bool = False, arg: str = "out",
+                  flag: str = "overwrite=True") -> List[str]:
+    """Refuses, before any work, output names ``save_images`` could not honour: not ending in
+    .png, naming a folder, or an existing file (unless ``overwrite``; a file that is not a PNG
+    image, a model say, is never replaced). Returns the paths."""
+    if not os.fspath(out).lower().endswith(".png"):
+        raise ValueError(f"{arg}: {os.fspath(out)!r} must end in .png (images are written as PNG)")
+    paths = output_paths(out, n)
+    for path in paths:
+        if os.path.isfile(path) and not _is_png(path):
+            raise FileExistsError(f"{arg}: {path!r} exists and is not a PNG image; refusing to "
+                                  "replace it")
+        fileio.check_writable(path, overwrite, arg, flag)
+    return paths
+
+
+def _is_png(path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+
+
+def save_png(image: Image.Image, path, overwrite: bool = False) -> str:
+    """Writes a PNG atomically (``ldmfast.fileio.atomic_path``), so a reader never sees a
+    half-written file and an interrupted run leaves no partial one. An existing file is replaced
+    only with ``overwrite`` and only if it is a PNG."""
+    path = check_outputs(path, 1, overwrite, arg="path")[0]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with fileio.atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
     return path
 
 
-def save_images(images: Sequence[Image.Image], out) -> List[str]:
-    """One image to ``out``; several to ``<stem>-<i>.png`` each plus their grid at ``out``."""
-    out = os.fspath(out)
-    if len(images) == 1:
-        return [save_png(images[0], out)]
-    stem, ext = os.path.splitext(out)
-    paths = [save_png(im, f"{stem}-{i:03d}{ext or '.png'}") for i, im in enumerate(images)]
-    paths.append(save_png(make_grid(images), out))
+def save_images(images: Sequence[Image.Image], out, overwrite: bool = False) -> List[str]:
+    """One image to ``out``; several to ``<stem>-<i>.png`` each plus their grid at ``out``.
+    Every name is checked (``check_outputs``) before the first is written; a missing folder is
+    created."""
+    paths = check_outputs(out, len(images), overwrite)
+    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
+    if len(images) > 1:
+        images = list(images) + [make_grid(images)]
+    for im, path in zip(images, paths):
+        with fileio.atomic_path(path) as tmp:
+            im.save(tmp, format="PNG")
     return paths

@@ -23,8 +23,8 @@ import torch.nn.functional as F
 
 from . import images as im
 from .diffusion.guidance import EpsModel
-from .diffusion.samplers import get_sampler, sample_ddim, sample_dpmpp_2m
-from .diffusion.schedule import NoiseSchedule, StepSchedule, randn_like
+from .diffusion.samplers import check_sampler_args, get_sampler, sample_ddim, sample_dpmpp_2m
+from .diffusion.schedule import NoiseSchedule, StepSchedule, check_int, check_real, randn_like
 
 log = logging.getLogger("ldmfast")
 
@@ -65,6 +65,38 @@ def diffusers_scheduler_kwargs(config) -> dict:
             "beta_start": float(diffusion.get("linear_start", 8.5e-4)),
             "beta_end": float(diffusion.get("linear_end", 1.2e-2)),
             "prediction_type": predictions[diffusion.get("parameterization", "eps")]}
+
+
+OUTPUT_TYPES = ("pil", "tensor", "latent")
+
+# What a model's cond is (``LatentDiffusion.conditioning``), as its errors say it.
+_KINDS = {"text": "text-conditioned", "class": "class-conditional",
+          "context": "conditioned on a cross-attention context (with no encoder for prompts)",
+          None: "unconditional"}
+
+
+def _check_output_type(output_type):
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+
+
+def _prompt_list(name, prompt, batch=None) -> list:
+    """A prompt argument (a string or a non-empty list of strings) as a list of ``batch``
+    strings: a string or a one-item list is repeated, a list of another length is refused."""
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+        if not prompts:
+            raise ValueError(f"{name} is an empty list; give at least one prompt")
+    else:
+        raise TypeError(f"{name} must be a string or a list of strings, got "
+                        f"{type(prompt).__name__} {prompt!r}"[:200])
+    if batch is None or len(prompts) == batch:
+        return prompts
+    if len(prompts) == 1:
+        return prompts * batch
+    raise ValueError(f"{name} has {len(prompts)} prompts for a batch of {batch}")
 
 
 def check_graphable_loop(sampler="ddim", eta=0.0, callback=None, mask=None) -> None:
@@ -232,6 +264,104 @@ class LatentDiffusion(nn.Module):
         size = (self.config.get("unet") or {}).get("image_size")
         return int(size) if size else 64
 
+    def _unet_config(self) -> dict:
+        # The model's own record of the U-Net: it outlives a module swapped in for speed
+        # (a TensorRTModule has no blocks to inspect).
+        return self.config.get("unet") or getattr(self.unet, "config", None) or {}
+
+    @property
+    def unet_downsamplings(self) -> int:
+        """d: how many times the U-Net halves the latent (len(channel_mult) - 1)."""
+        mult = self._unet_config().get("channel_mult")
+        if mult is not None:
+            return len(mult) - 1
+        from .models.unet import count_downsamplings
+        return count_downsamplings(self.unet)
+
+    @property
+    def size_multiple(self) -> int:
+        """N = f * 2**d: image heights and widths must be multiples of N, the latent being
+        halved d times by the U-Net, whose skip connections need every halving exact (64 for
+        Stable Diffusion: f = 8, d = 3)."""
+        return self.downsampling_factor * 2 ** self.unet_downsamplings
+
+    def _size_reason(self, pixels: bool = True) -> str:
+        d = self.unet_downsamplings
+        unet = f"2**{d} for the U-Net's {d} downsampling{'s' if d != 1 else ''}"
+        if pixels:
+            return f"the first stage's factor {self.downsampling_factor} times {unet}"
+        return unet
+
+    def _check_sides(self, name, h, w, pixels: bool = True):
+        """Refuses an image (``pixels``) or latent-sized input whose sides the U-Net cannot
+        halve d times, or the first stage encode at its factor."""
+        n = self.size_multiple if pixels else 2 ** self.unet_downsamplings
+        if h % n or w % n:
+            raise ValueError(f"{name} must have a height and width that are multiples of {n} "
+                             f"({self._size_reason(pixels)}), got {h}x{w}")
+
+    @property
+    def context_dim(self) -> Optional[int]:
+        """The width of the context the U-Net cross-attends to; None if it takes none."""
+        cfg = self._unet_config()
+        if cfg:
+            dim = cfg.get("context_dim") if cfg.get("use_spatial_transformer") else None
+            return int(dim[0] if isinstance(dim, (list, tuple)) else dim) if dim else None
+        from .models.transformer import CrossAttention
+        return next((int(m.to_k.in_features) for m in self.unet.modules()
+                     if isinstance(m, CrossAttention) and not m.is_self_attention), None)
+
+    @property
+    def num_classes(self) -> Optional[int]:
+        """How many class labels a class-conditional model takes; None for other models."""
+        from .models.encoders import ClassEmbedder
+        if isinstance(self.cond_stage, ClassEmbedder):
+            return int(self.cond_stage.embedding.num_embeddings)
+        n = self._unet_config().get("num_classes", getattr(self.unet, "num_classes", None))
+        return int(n) if n is not None else None
+
+    @property
+    def conditioning(self) -> Optional[str]:
+        """What ``cond`` the U-Net needs (channel-wise concat aside): "text" (prompts, through
+        a text encoder), "class" (labels, through a class embedder or the U-Net's own ``y``),
+        "context" (a cross-attention context with no encoder here for prompts) or None."""
+        if self.num_classes is not None:
+            return "class"
+        if hasattr(self.cond_stage, "tokenize"):
+            return "text"
+        if self.conditioning_key in ("crossattn", "hybrid") and self.context_dim is not None:
+            return "context"
+        return None
+
+    def _require(self, task: str, *kinds):
+        """Refuses a task this model's conditioning cannot serve."""
+        if self.conditioning not in kinds:
+            need = " or ".join(_KINDS[k].split(" (")[0] for k in kinds)
+            raise ValueError(f"{task} needs a model that is {need}; this model is "
+                             f"{self._describe()}")
+
+    def _describe(self) -> str:
+        if self.conditioning is None and self.concat_channels:
+            return (f"conditioned only on {self.concat_channels} channels concatenated to the "
+                    "latent (a super-resolution or inpainting model)")
+        return _KINDS[self.conditioning]
+
+    def _task_prompts(self, task, prompt, negative_prompt, batch, needed: bool = True):
+        """A task's prompt checked against the model: required by a text model (unless nothing
+        is to be sampled, not ``needed``), refused by others; returns (prompts, negatives) as
+        lists of ``batch``, or (None, None)."""
+        if prompt is None and not needed:
+            return None, None
+        if self.conditioning != "text":
+            if prompt is not None:
+                raise ValueError(f"this model is {self._describe()}: {task} takes no prompt")
+            self._require(task, "text", None)
+            return None, None
+        if prompt is None:
+            raise ValueError("this model is text-conditioned: pass prompt")
+        return (_prompt_list("prompt", prompt, batch),
+                _prompt_list("negative_prompt", negative_prompt, batch))
+
     # --- first stage and conditioning ----------------------------------------------------------
     def _first_stage(self):
         if self.first_stage is None:
@@ -243,7 +373,7 @@ class LatentDiffusion(nn.Module):
         """Images (B, 3, H, W) in [-1, 1] (or PIL) -> latents scale_factor * E(x): the
         posterior's mode (or a sample) for a KL autoencoder, the pre-quantisation encoding for
         a VQ one (as LDM diffuses it)."""
-        x = im.to_tensor(x, self.device, self._fs_dtype())
+        x = self._image(x, "x")
         z = self._first_stage().encode_latent(x, sample=sample, generator=generator)
         return z * self.scale_factor
 
@@ -258,6 +388,11 @@ class LatentDiffusion(nn.Module):
         (``_decode_fp32``); the check costs one host sync per call. Logged once per model.
         """
         fs = self._first_stage()
+        if not isinstance(z, torch.Tensor):
+            raise TypeError(f"z must be a tensor of latents, got {type(z).__name__}")
+        if z.dim() != 4 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"z must be latents (B, {self.latent_channels}, h, w), "
+                             f"got {tuple(z.shape)}")
         dtype = self._fs_dtype()
         if cuda_graph:
             self._check_graphable("decode")
@@ -310,14 +445,28 @@ class LatentDiffusion(nn.Module):
     def _fs_dtype(self):
         return next(self._first_stage().parameters()).dtype
 
+    def _image(self, image, name: str, multiple: bool = False) -> torch.Tensor:
+        """An image argument as (B, C, H, W) in the first stage's dtype, refused unless it has
+        the encoder's channels (and, with ``multiple``, sides the model can sample at)."""
+        if image is None:
+            raise TypeError(f"{name} must be an image (PIL, array or tensor), got None")
+        x = im.to_tensor(image, self.device, self._fs_dtype())
+        want = int(((self.config.get("first_stage") or {}).get("ddconfig") or {})
+                   .get("in_channels", 3))
+        if x.shape[1] != want:
+            raise ValueError(f"{name} must have {want} channels (B, {want}, H, W), "
+                             f"got {tuple(x.shape)}")
+        if multiple:
+            self._check_sides(name, *x.shape[-2:])
+        return x
+
     @torch.no_grad()
     def encode_text(self, prompts) -> torch.Tensor:
         """Prompts (a string or a list) -> the cond stage's context (B, T, D)."""
-        if self.cond_stage is None:
-            raise ValueError("this model has no conditioning encoder (cond_stage) for text")
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        return self.cond_stage.encode(list(prompts))
+        if self.conditioning != "text":
+            raise ValueError(f"this model is {self._describe()}: it has no text encoder for "
+                             "prompts")
+        return self.cond_stage.encode(_prompt_list("prompts", prompts))
 
     @torch.no_grad()
     def get_learned_conditioning(self, c):
@@ -328,27 +477,53 @@ class LatentDiffusion(nn.Module):
             c = [c]
         return self.cond_stage.encode(c)
 
-    def _encode_cond(self, c, batch: int):
-        """Prepares a conditioning for the U-Net: strings are encoded; class labels (long) go
-        through a class-embedding cond stage unless the U-Net takes them as ``y``."""
+    def _encode_cond(self, c, batch: int, name: str = "cond"):
+        """Prepares a conditioning for the U-Net, checked against what the model takes (before
+        the U-Net meets it as a shape error): strings are encoded; integers are class labels
+        (through a class embedder, or as the U-Net's ``y``) or a text model's token ids; a
+        cross-attention context must be (B, T, context_dim)."""
         if c is None or isinstance(c, dict):
             return c
-        if isinstance(c, str) or (isinstance(c, (list, tuple)) and c and isinstance(c[0], str)):
+        kind = self.conditioning
+        if kind is None:
+            raise ValueError(f"this model is {self._describe()}: it takes no {name}")
+        if isinstance(c, str) or (isinstance(c, (list, tuple)) and c
+                                  and all(isinstance(p, str) for p in c)):
             c = self.encode_text(c)
         elif not isinstance(c, torch.Tensor):
-            c = torch.as_tensor(c)
+            try:
+                c = torch.as_tensor(c)
+            except (TypeError, ValueError, RuntimeError):
+                raise TypeError(f"{name} must be a prompt, a tensor or a list of class labels, "
+                                f"got {type(c).__name__}") from None
+        if not c.is_floating_point() and kind == "class":
+            c = c.reshape(-1)
+            n = self.num_classes
+            bad = c[(c < 0) | (c >= n)]
+            if bad.numel():
+                raise ValueError(f"{name} has class labels outside [0, {n}): {bad.tolist()}")
         if not c.is_floating_point() and self.conditioning_key != "adm":
             if self.cond_stage is None:
-                raise ValueError("integer conditioning (class labels) needs a class-embedding "
-                                 "cond stage or a U-Net with conditioning_key 'adm'")
+                raise ValueError(f"integer {name} (class labels or token ids) needs a class "
+                                 "embedder or text encoder; this model has no cond stage")
             c = self.cond_stage.encode(c.to(self.device))
         c = c.to(self.device)
         if c.is_floating_point():
             c = c.to(self.dtype)
+        if self.conditioning_key == "adm" and (c.is_floating_point() or c.dim() != 1):
+            raise ValueError(f"{name} must be class labels, integers (B,), got {c.dtype} "
+                             f"{tuple(c.shape)}")
+        dim = self.context_dim
+        if self.conditioning_key in ("crossattn", "hybrid") and dim is not None:
+            if c.dim() != 3:
+                raise ValueError(f"{name} must be a context (B, T, {dim}), got {tuple(c.shape)}")
+            if c.shape[-1] != dim:
+                raise ValueError(f"{name} must have width {dim} (the U-Net's context_dim), "
+                                 f"got {c.shape[-1]}")
         if c.shape[0] == 1 and batch > 1:
             c = c.expand(batch, *c.shape[1:])
         if c.shape[0] != batch:
-            raise ValueError(f"the conditioning has batch {c.shape[0]}, the sample has {batch}")
+            raise ValueError(f"{name} has batch {c.shape[0]}, the sample has {batch}")
         return c
 
     def _check_concat(self, concat, shape):
@@ -360,6 +535,8 @@ class LatentDiffusion(nn.Module):
                                  f"{self.latent_channels} latent + {want} concat; pass concat "
                                  f"(B, {want}, {shape[2]}, {shape[3]})")
             return None
+        if not isinstance(concat, torch.Tensor):
+            raise TypeError(f"concat must be a tensor, got {type(concat).__name__}")
         if not want:
             raise ValueError(f"this model's U-Net takes {total} input channels, all latent; "
                              f"it takes no concat (got concat with {concat.shape[1]} channels)")
@@ -371,6 +548,8 @@ class LatentDiffusion(nn.Module):
         if tuple(concat.shape[2:]) != tuple(shape[2:]):
             raise ValueError(f"concat is {tuple(concat.shape[2:])} spatially, the latent "
                              f"{tuple(shape[2:])}")
+        if concat.shape[0] not in (1, shape[0]):
+            raise ValueError(f"concat has batch {concat.shape[0]}, the sample has {shape[0]}")
         concat = concat.to(self.device, self.dtype)
         if concat.shape[0] == 1 and shape[0] > 1:
             concat = concat.expand(shape[0], *concat.shape[1:])
@@ -379,7 +558,7 @@ class LatentDiffusion(nn.Module):
     # --- sampling ------------------------------------------------------------------------------
     def steps(self, steps: int, sampler: str = "ddim") -> StepSchedule:
         """The discretisation ``sample`` uses for a sampler and step count."""
-        _, disc = get_sampler(sampler)
+        _, disc, steps, _ = check_sampler_args(sampler, steps, 0.0, self.schedule.num_timesteps)
         return self.schedule.steps(steps, device=self.device, **disc)
 
     @torch.no_grad()
@@ -389,8 +568,11 @@ class LatentDiffusion(nn.Module):
                start_step: int = 0, cuda_graph: bool = False) -> torch.Tensor:
         """Samples latents (B, C, h, w).
 
+        steps: 1 to the training timesteps (1000), 999 for DDIM, whose timesteps are offset by
+        1. eta: DDIM's (0 deterministic, 1 the DDPM posterior's variance), in [0, 1].
         cond / uncond: encoded conditionings (text contexts (B, T, D), class labels (B,) long,
-        or a dict of U-Net keyword arguments); strings are encoded. With ``guidance_scale``
+        or a dict of U-Net keyword arguments); strings are encoded. A model that is text- or
+        class-conditioned needs cond (``conditioning`` says which). With ``guidance_scale``
         != 1, classifier-free guidance evaluates cond and uncond in one batch; a text model's
         missing uncond is the empty prompt's encoding.
         x_T: the initial noise; otherwise drawn from ``generator`` with ``shape`` (B, C, h, w),
@@ -406,10 +588,28 @@ class LatentDiffusion(nn.Module):
         noise cannot be replayed). The guidance scale is a device input: changing it does not
         capture again.
         """
+        # Every argument is checked before the first network runs (text encoding included).
+        sampler_fn, disc, steps, eta = check_sampler_args(sampler, steps, eta,
+                                                          self.schedule.num_timesteps)
         if cuda_graph:
             self._check_graphable("sample", sampler=sampler, eta=eta, callback=callback,
                                   mask=mask)
-        sampler_fn, disc = get_sampler(sampler)
+        start_step = check_int("start_step", start_step, 0, steps - 1)
+        if not isinstance(guidance_scale, torch.Tensor):
+            guidance_scale = check_real("guidance_scale", guidance_scale)
+        for name, value, kind in (("x_T", x_T, torch.Tensor), ("generator", generator,
+                                  torch.Generator), ("mask", mask, torch.Tensor),
+                                  ("x0", x0, torch.Tensor)):
+            if value is not None and not isinstance(value, kind):
+                raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        if callback is not None and not callable(callback):
+            raise TypeError(f"callback must be callable, got {type(callback).__name__}")
+        if mask is not None and x0 is None:
+            raise ValueError("mask needs x0, the latent whose masked region is kept")
+        if cond is None and self.conditioning is not None:
+            how = {"text": "a prompt or its encoding", "class": "class labels",
+                   "context": f"a context (B, T, {self.context_dim})"}[self.conditioning]
+            raise ValueError(f"this model is {self._describe()}: pass cond ({how})")
         dev = self.device
         if x_T is not None:
             shape = tuple(x_T.shape)
@@ -422,42 +622,39 @@ class LatentDiffusion(nn.Module):
                 if isinstance(c, (list, tuple)):
                     b = len(c)
                     break
-            hw = tuple(concat.shape[2:]) if concat is not None else (
+            hw = tuple(concat.shape[2:]) if isinstance(concat, torch.Tensor) else (
                 tuple(x0.shape[2:]) if x0 is not None else (self.latent_size,) * 2)
             shape = (b, self.latent_channels) + hw
         shape = tuple(shape)
-        if len(shape) != 4 or shape[1] != self.latent_channels:
-            raise ValueError(f"latent shape must be (B, {self.latent_channels}, h, w), got {shape}")
+        if (len(shape) != 4 or shape[1] != self.latent_channels
+                or not all(isinstance(n, int) and n > 0 for n in shape)):
+            raise ValueError(f"latent shape must be (B, {self.latent_channels}, h, w) of "
+                             f"positive sizes, got {shape}")
+        self._check_sides("the latent", shape[2], shape[3], pixels=False)
+        concat = self._check_concat(concat, shape)
         b = shape[0]
         guide = isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
         cond = self._encode_cond(cond, b)
         if guide and uncond is None:
-            if self.cond_stage is not None and hasattr(self.cond_stage, "tokenize"):
+            if self.conditioning == "text":
                 uncond = [""] * b
             elif cond is not None:
                 raise ValueError("classifier-free guidance needs uncond for this model "
                                  "(e.g. the null class label of a class-conditional model)")
-        uncond = self._encode_cond(uncond, b) if guide else None
+        uncond = self._encode_cond(uncond, b, "uncond") if guide else None
         if isinstance(guidance_scale, torch.Tensor):
             guidance_scale = guidance_scale.to(dev, torch.float32)
-        concat = self._check_concat(concat, shape)
         if x_T is None:
             x_T = randn_like(torch.empty(shape, device=dev, dtype=self.dtype), generator)
         x = x_T.to(dev, self.dtype)
         if mask is not None:
-            if x0 is None:
-                raise ValueError("mask needs x0, the latent whose masked region is kept")
             mask = mask.to(dev, self.dtype)
             x0 = x0.to(dev, self.dtype)
         schedule = self.schedule.steps(steps, device=dev, **disc)
         if start_step:
-            if not 0 <= start_step < steps:
-                raise ValueError(f"start_step must be in [0, {steps}), got {start_step}")
             schedule = StepSchedule(schedule.timesteps[start_step:], schedule.alphas[start_step:],
                                     schedule.alphas_prev[start_step:])
         opts = {"eta": eta} if sampler_fn is sample_ddim else {}
-        if eta and not opts:
-            raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
         if cuda_graph:
             return self._sample_graphed(sampler_fn, schedule, opts, x, cond, uncond,
                                         guidance_scale if guide else None, concat, steps,
@@ -527,106 +724,176 @@ class LatentDiffusion(nn.Module):
         return self.graph_cache().run(key, body, inputs, watch=tuple(self.unet.parameters()))
 
     # --- tasks ---------------------------------------------------------------------------------
+    # Each task checks all its arguments first (``_check_task``), so that a bad one is refused
+    # before any network runs, and names the argument the caller passed.
+    def _check_task(self, steps, sampler, eta, guidance_scale, seed, generator, output_type):
+        """The sampling arguments every task shares; returns (steps, generator)."""
+        _, _, steps, _ = check_sampler_args(sampler, steps, eta, self.schedule.num_timesteps)
+        check_real("guidance_scale", guidance_scale)
+        _check_output_type(output_type)
+        return steps, self._generator(seed, generator)
+
     def _generator(self, seed, generator):
         if generator is not None:
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator must be a torch.Generator, got "
+                                f"{type(generator).__name__}")
             return generator
         if seed is None:
             return None
-        return torch.Generator(device="cpu").manual_seed(int(seed))
+        seed = check_int("seed", seed)
+        if not -2 ** 63 <= seed < 2 ** 64:  # torch.Generator.manual_seed's range
+            raise ValueError(f"seed must be between -2**63 and 2**64 - 1, got {seed}")
+        return torch.Generator(device="cpu").manual_seed(seed)
 
     def _latent_hw(self, height, width):
-        f = self.downsampling_factor
-        h = height if height is not None else self.latent_size * f
-        w = width if width is not None else self.latent_size * f
-        if h % f or w % f:
-            raise ValueError(f"height and width must be multiples of {f} (the first stage's "
-                             f"downsampling factor), got {h}x{w}")
-        return h // f, w // f
+        f, n = self.downsampling_factor, self.size_multiple
+        sides = []
+        for name, side in (("height", height), ("width", width)):
+            side = self.latent_size * f if side is None else check_int(name, side)
+            if side < 1 or side % n:
+                raise ValueError(f"{name} must be a positive multiple of {n} "
+                                 f"({self._size_reason()}), got {side}")
+            sides.append(side // f)
+        return tuple(sides)
 
-    def _finish(self, latents, out, output_type, cuda_graph: bool = False):
+    def _check_out(self, out, n, output_type, overwrite):
+        """``out`` checked before any work: it needs PIL output, and no file it would replace
+        (``images.check_outputs``: an existing PNG only with ``overwrite``, nothing else ever)."""
+        if out is None:
+            return
+        if output_type != "pil":
+            raise ValueError(f"out is written from PIL images: it needs output_type='pil', got "
+                             f"{output_type!r}")
+        im.check_outputs(out, n, overwrite)
+
+    def _finish(self, latents, out, output_type, cuda_graph: bool = False, overwrite=False):
         if output_type == "latent":
             return latents
         pixels = self.decode(latents, cuda_graph=cuda_graph)
-        if output_type == "tensor":
-            return pixels
-        if output_type != "pil":
-            raise ValueError("output_type must be 'pil', 'tensor' or 'latent', "
-                             f"got {output_type!r}")
-        images = im.to_pil(pixels)
-        if out is not None:
-            for path in im.save_images(images, out):
-                log.info("wrote %s", path)
-        return images
+        return self._finish_pixels(pixels, out, output_type, overwrite)
 
     def txt2img(self, prompt, negative_prompt="", steps: int = 50, guidance_scale: float = 7.5,
-                seed=None, height=None, width=None, batch: int = 1, sampler: str = "ddim",
-                eta: float = 0.0, out=None, progress: bool = True, callback=None,
-                generator=None, output_type: str = "pil", cuda_graph: bool = False):
-        """Text to image: ``batch`` images of ``prompt`` (a string, or a list of ``batch``).
+                seed=None, height=None, width=None, batch: Optional[int] = None,
+                sampler: str = "ddim", eta: float = 0.0, out=None, progress: bool = True,
+                callback=None, generator=None, output_type: str = "pil",
+                cuda_graph: bool = False, overwrite: bool = False):
+        """Text to image: ``batch`` images of ``prompt``, a string (``batch`` defaults to 1) or
+        a list of prompts (one image each; ``batch``, if given, must be their number).
+        ``negative_prompt``: a string, or a list of one per image. ``height`` and ``width``
+        must be multiples of ``size_multiple``. ``eta`` (DDIM only) is in [0, 1].
         ``cuda_graph``: the denoising loop and the decode replayed from CUDA graphs (see
-        ``sample`` and ``decode``; no progress bar, the loop being one graph)."""
-        prompts = [prompt] * batch if isinstance(prompt, str) else list(prompt)
-        batch = len(prompts)
-        negatives = ([negative_prompt] * batch if isinstance(negative_prompt, str)
-                     else list(negative_prompt))
+        ``sample`` and ``decode``; no progress bar, the loop being one graph). ``out``: a .png
+        path to write (a batch also writes ``<stem>-<i>.png``; every task takes it), checked
+        before any work: an existing PNG is replaced only with ``overwrite=True``, any other
+        file never."""
+        self._require("txt2img", "text")
+        batch = None if batch is None else check_int("batch", batch, 1)
+        if isinstance(prompt, str):
+            prompts = [prompt] * (batch or 1)
+        else:
+            prompts = _prompt_list("prompt", prompt)
+            if batch is not None and batch != len(prompts):
+                raise ValueError(f"batch={batch} conflicts with prompt, a list of {len(prompts)} "
+                                 "prompts (one image each): leave batch out or make them agree")
+        negatives = _prompt_list("negative_prompt", negative_prompt, len(prompts))
+        steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
+                                      output_type)
+        h, w = self._latent_hw(height, width)
+        self._check_out(out, len(prompts), output_type, overwrite)
         cond = self.encode_text(prompts)
         uncond = self.encode_text(negatives) if guidance_scale != 1.0 else None
-        h, w = self._latent_hw(height, width)
-        z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta,
-                        generator=self._generator(seed, generator),
-                        shape=(batch, self.latent_channels, h, w), progress=progress,
+        z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, generator=gen,
+                        shape=(len(prompts), self.latent_channels, h, w), progress=progress,
                         callback=callback, cuda_graph=cuda_graph)
-        return self._finish(z, out, output_type, cuda_graph)
+        return self._finish(z, out, output_type, cuda_graph, overwrite)
 
     def sample_class(self, labels, steps: int = 50, guidance_scale: float = 1.0,
                      uncond_label=None, seed=None, sampler: str = "ddim", eta: float = 0.0,
                      height=None, width=None, out=None, progress: bool = True, callback=None,
-                     generator=None, output_type: str = "pil"):
-        """Class-conditional samples, one per label. With ``guidance_scale`` != 1,
-        ``uncond_label`` is the model's null class (1000 for LDM's cin256-v2)."""
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+                     generator=None, output_type: str = "pil", overwrite: bool = False):
+        """Class-conditional samples, one per label (integers in [0, ``num_classes``)). With
+        ``guidance_scale`` != 1, ``uncond_label`` is the model's null class (1000 for LDM's
+        cin256-v2). ``eta`` (DDIM only) is in [0, 1]."""
+        self._require("sample_class", "class")
+        try:
+            t = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+            raise TypeError(f"labels must be integers (a list or a tensor), got {labels!r}"[:200])
+        labels = t.to(torch.long).reshape(-1)
+        n = self.num_classes
+        if not labels.numel():
+            raise ValueError("labels is empty; give at least one class label")
+        bad = labels[(labels < 0) | (labels >= n)]
+        if bad.numel():
+            raise ValueError(f"labels must be in [0, {n}), got {bad.tolist()}")
+        steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
+                                      output_type)
         uncond = None
         if guidance_scale != 1.0:
             if uncond_label is None:
                 raise ValueError("classifier-free guidance needs uncond_label, the null class")
-            uncond = torch.full_like(labels, int(uncond_label))
+            uncond = torch.full_like(labels, check_int("uncond_label", uncond_label, 0, n - 1))
         h, w = self._latent_hw(height, width)
-        z = self.sample(labels, uncond, steps, guidance_scale, sampler, eta,
-                        generator=self._generator(seed, generator), progress=progress,
-                        shape=(labels.shape[0], self.latent_channels, h, w), callback=callback)
-        return self._finish(z, out, output_type)
+        self._check_out(out, labels.shape[0], output_type, overwrite)
+        z = self.sample(labels, uncond, steps, guidance_scale, sampler, eta, generator=gen,
+                        progress=progress, shape=(labels.shape[0], self.latent_channels, h, w),
+                        callback=callback)
+        return self._finish(z, out, output_type, overwrite=overwrite)
 
     def sample_unconditional(self, batch: int = 1, steps: int = 50, seed=None,
                              sampler: str = "ddim", eta: float = 0.0, height=None, width=None,
                              out=None, progress: bool = True, callback=None, generator=None,
-                             output_type: str = "pil"):
-        """Unconditional samples."""
+                             output_type: str = "pil", overwrite: bool = False):
+        """Unconditional samples. ``eta`` (DDIM only) is in [0, 1]."""
+        if self.conditioning is not None or self.concat_channels:
+            raise ValueError(f"sample_unconditional needs an unconditional model; this model is "
+                             f"{self._describe()}")
+        batch = check_int("batch", batch, 1)
+        steps, gen = self._check_task(steps, sampler, eta, 1.0, seed, generator, output_type)
         h, w = self._latent_hw(height, width)
-        z = self.sample(None, None, steps, 1.0, sampler, eta,
-                        generator=self._generator(seed, generator),
+        self._check_out(out, batch, output_type, overwrite)
+        z = self.sample(None, None, steps, 1.0, sampler, eta, generator=gen,
                         shape=(batch, self.latent_channels, h, w), progress=progress,
                         callback=callback)
-        return self._finish(z, out, output_type)
+        return self._finish(z, out, output_type, overwrite=overwrite)
 
     def super_resolve(self, low_res_image, steps: int = 100, seed=None, sampler: str = "ddim",
                       eta: float = 1.0, out=None, progress: bool = True, callback=None,
-                      generator=None, output_type: str = "pil"):
+                      generator=None, output_type: str = "pil", overwrite: bool = False):
         """LDM-SR (the paper's section 4.4, ``bsr_sr``): the low-resolution image, in [-1, 1],
         goes through the cond stage (identity) and is concatenated to the latent, which has its
-        spatial size; the f = 4 first stage decodes to 4x. LDM's script uses eta = 1."""
+        spatial size; the f = 4 first stage decodes to 4x. LDM's script uses eta = 1; eta is in
+        [0, 1] (DDIM only)."""
+        if self.conditioning is not None or not self.concat_channels:
+            raise ValueError("super_resolve needs a super-resolution model (a U-Net that takes "
+                             f"the low-resolution image concatenated); this model is "
+                             f"{self._describe()}, its U-Net taking "
+                             f"{self.concat_channels} concat channels")
+        steps, gen = self._check_task(steps, sampler, eta, 1.0, seed, generator, output_type)
+        if low_res_image is None:
+            raise TypeError("low_res_image must be an image (PIL, array or tensor), got None")
         lr = im.to_tensor(low_res_image, self.device, self.dtype)
         c = self.get_learned_conditioning(lr)
-        z = self.sample(None, None, steps, 1.0, sampler, eta, concat=c,
-                        generator=self._generator(seed, generator),
+        if c.dim() != 4 or c.shape[1] != self.concat_channels:
+            raise ValueError(f"low_res_image gives {c.shape[1]} channels to concatenate, this "
+                             f"model's U-Net takes {self.concat_channels}")
+        self._check_sides("low_res_image", *c.shape[-2:], pixels=False)
+        self._check_out(out, c.shape[0], output_type, overwrite)
+        z = self.sample(None, None, steps, 1.0, sampler, eta, concat=c, generator=gen,
                         shape=(c.shape[0], self.latent_channels) + tuple(c.shape[2:]),
                         progress=progress, callback=callback)
-        return self._finish(z, out, output_type)
+        return self._finish(z, out, output_type, overwrite=overwrite)
 
     def inpaint(self, image, mask, prompt=None, negative_prompt="", steps: int = 50,
                 guidance_scale: float = 1.0, seed=None, sampler: str = "ddim", eta: float = 0.0,
                 out=None, progress: bool = True, callback=None, generator=None,
-                output_type: str = "pil"):
-        """Fills the region where ``mask`` is 1 (white).
+                output_type: str = "pil", overwrite: bool = False):
+        """Fills the region where ``mask`` is 1 (white). ``mask``: one for the batch or one per
+        image; ``prompt``: required by a text-conditioned model, refused by others; ``eta``
+        (DDIM only) is in [0, 1]; the image's sides must be multiples of ``size_multiple``.
 
         An inpainting U-Net (in_channels = latent + latent + 1: LDM's inpainting model, SD's
         with "hybrid" conditioning) gets the masked image's latent and the mask downsampled to
@@ -634,19 +901,31 @@ class LatentDiffusion(nn.Module):
         masked latent). Any other model inpaints by replacing the known region at every step
         (``sample``'s mask/x0). The result is composited with the input outside the mask.
         """
-        x = im.to_tensor(image, self.device, self._fs_dtype())
+        n_lat = self.latent_channels
+        if self.concat_channels not in (0, n_lat + 1):
+            raise ValueError(f"this model's U-Net takes {int(self.unet.in_channels)} input "
+                             f"channels: {n_lat} latent + {self.concat_channels} concat; "
+                             f"inpainting needs {n_lat} + {n_lat + 1} (masked-image latent and "
+                             f"mask) or a model without concat")
+        x = self._image(image, "image", multiple=True)
         m = im.mask_to_tensor(mask, self.device, self._fs_dtype())
+        b = x.shape[0]
         if m.shape[-2:] != x.shape[-2:]:
             raise ValueError(f"mask is {tuple(m.shape[-2:])}, the image {tuple(x.shape[-2:])}")
-        b = x.shape[0]
+        if m.shape[0] not in (1, b):
+            raise ValueError(f"mask has batch {m.shape[0]}, the image {b}: give one mask for "
+                             "the batch or one per image")
+        m = m.expand(b, -1, -1, -1)
+        prompts, negatives = self._task_prompts("inpaint", prompt, negative_prompt, b)
+        steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
+                                      output_type)
+        self._check_out(out, b, output_type, overwrite)
         cond = uncond = None
-        if prompt is not None:
-            cond = self.encode_text([prompt] * b if isinstance(prompt, str) else prompt)
+        if prompts is not None:
+            cond = self.encode_text(prompts)
             if guidance_scale != 1.0:
-                uncond = self.encode_text([negative_prompt] * b)
-        gen = self._generator(seed, generator)
-        n_lat = self.latent_channels
-        if self.concat_channels == n_lat + 1:
+                uncond = self.encode_text(negatives)
+        if self.concat_channels:
             z_masked = self.encode((1 - m) * x)
             m_lat = F.interpolate(m, size=z_masked.shape[-2:])
             parts = [m_lat, z_masked] if self.conditioning_key == "hybrid" else [z_masked, m_lat]
@@ -654,43 +933,46 @@ class LatentDiffusion(nn.Module):
             z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, concat=concat,
                             generator=gen, shape=(b, n_lat) + tuple(z_masked.shape[2:]),
                             progress=progress, callback=callback)
-        elif self.concat_channels == 0:
+        else:
             z0 = self.encode(x)
             keep = 1 - F.interpolate(m, size=z0.shape[-2:])
             z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, mask=keep, x0=z0,
                             generator=gen, shape=tuple(z0.shape), progress=progress,
                             callback=callback)
-        else:
-            raise ValueError(f"this model's U-Net takes {int(self.unet.in_channels)} input "
-                             f"channels: {n_lat} latent + {self.concat_channels} concat; "
-                             f"inpainting needs {n_lat} + {n_lat + 1} (masked-image latent and "
-                             f"mask) or a model without concat")
         if output_type == "latent":
             return z
         pixels = self.decode(z).to(x.dtype)
         pixels = (1 - m) * x + m * pixels
-        return self._finish_pixels(pixels, out, output_type)
+        return self._finish_pixels(pixels, out, output_type, overwrite)
 
     def img2img(self, image, strength: float = 0.75, prompt=None, negative_prompt="",
                 steps: int = 50, guidance_scale: float = 7.5, seed=None, sampler: str = "ddim",
                 eta: float = 0.0, out=None, progress: bool = True, callback=None,
-                generator=None, output_type: str = "pil"):
+                generator=None, output_type: str = "pil", overwrite: bool = False):
         """SDEdit (Meng et al. 2022) as SD's img2img: the image's latent is noised to the
         timestep of step (1 - strength) * steps of the discretisation and denoised from there;
-        strength 1 ignores the image, 0 returns it."""
-        if not 0.0 <= strength <= 1.0:
-            raise ValueError(f"strength must be in [0, 1], got {strength}")
-        gen = self._generator(seed, generator)
-        z0 = self.encode(image)
-        b = z0.shape[0]
-        n = min(int(steps * strength), steps)
+        strength 1 ignores the image, 0 returns it. ``prompt``: required by a text-conditioned
+        model, refused by others; ``eta`` (DDIM only) is in [0, 1]; the image's sides must be
+        multiples of ``size_multiple``."""
+        strength = check_real("strength", strength, 0.0, 1.0)
+        if self.concat_channels:
+            raise ValueError(f"img2img needs a model without concat conditioning; this model is "
+                             f"{self._describe()}")
+        x = self._image(image, "image", multiple=True)
+        steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
+                                      output_type)
+        n = min(int(steps * strength), steps)  # steps to run; none returns the image
+        prompts, negatives = self._task_prompts("img2img", prompt, negative_prompt, x.shape[0],
+                                                needed=n > 0)
+        self._check_out(out, x.shape[0], output_type, overwrite)
+        z0 = self.encode(x)
         if n == 0:
-            return self._finish(z0, out, output_type)
+            return self._finish(z0, out, output_type, overwrite=overwrite)
         cond = uncond = None
-        if prompt is not None:
-            cond = self.encode_text([prompt] * b if isinstance(prompt, str) else prompt)
+        if prompts is not None:
+            cond = self.encode_text(prompts)
             if guidance_scale != 1.0:
-                uncond = self.encode_text([negative_prompt] * b)
+                uncond = self.encode_text(negatives)
         else:
             guidance_scale = 1.0
         start = steps - n
@@ -699,14 +981,14 @@ class LatentDiffusion(nn.Module):
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * randn_like(z0, gen)  # q(x_t | x_0), DDPM eq. 4
         z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, x_T=x_t,
                         generator=gen, progress=progress, callback=callback, start_step=start)
-        return self._finish(z, out, output_type)
+        return self._finish(z, out, output_type, overwrite=overwrite)
 
-    def _finish_pixels(self, pixels, out, output_type):
+    def _finish_pixels(self, pixels, out, output_type, overwrite=False):
+        _check_output_type(output_type)
         if output_type == "tensor":
             return pixels
         images = im.to_pil(pixels)
         if out is not None:
-            for path in im.save_images(images, out):
+            for path in im.save_images(images, out, overwrite):
                 log.info("wrote %s", path)
         return images
-

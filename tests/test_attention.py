@@ -354,3 +354,14 @@ def test_gradients_match_reference(device, Lq, Lk, D):
     want64 = grads(ref.attention, torch.float64)
     for name, a, r, r64 in zip("qkv", got, want, want64):
         assert_parity(a, r, r64, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("bad", [None, [[1.0]]], ids=["None", "list"])
+def test_rejects_missing_or_non_tensor_inputs_by_name(which, bad):
+    # None reached the C++ checks as an undefined tensor ("k must be (B, L, H, D), got a 1-d
+    # tensor of shape [0]"); a missing input is named as such up front.
+    q, k, v = _qkv(1, 5, 5, 2, 8, torch.float32, "cpu")
+    args = {"q": q, "k": k, "v": v, which: bad}
+    with pytest.raises(TypeError, match=f"attention: {which} must be a tensor, got {type(bad).__name__}"):
+        ops.attention(args["q"], args["k"], args["v"])

@@ -80,7 +80,8 @@ def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
     assert "unknown sampler" in capsys.readouterr().err
     assert cli.main(base + ["--steps", "1", "--height", "15", "--width", "16"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "multiples of 4" in err[0]
+    # f = 4 and one U-Net downsampling: the latent must halve evenly
+    assert len(err) == 1 and "height must be a positive multiple of 8" in err[0]
     assert cli.main(base + ["--steps", "1", "--cuda-graph"]) == 2  # base has --device cpu
     err = capsys.readouterr().err
     assert "--cuda-graph needs a CUDA GPU" in err
@@ -92,6 +93,41 @@ def test_usage_errors_exit_2_in_process(tiny_checkpoint, tmp_path, capsys):
         cli.main(["generate", "--steps", "2"])
     assert e.value.code == 2
     assert not os.path.exists(tmp_path / "x.png")
+
+
+def test_generate_never_replaces_a_file_it_was_not_told_to(tiny_checkpoint, tmp_path, capsys):
+    path, _ = tiny_checkpoint
+    base = ["generate", "a cat", "--checkpoint", path, "--steps", "1", "--height", "16",
+            "--width", "16", "--no-progress", "--device", "cpu"]
+    model_bytes = open(path, "rb").read()
+    # the model itself, even with --overwrite: refused before anything is loaded or sampled
+    for extra in ([], ["--overwrite"]):
+        assert cli.main(base + ["--out", path] + extra) == 2
+        assert "--out" in capsys.readouterr().err
+    other = tmp_path / "notes.png"  # named .png but not a PNG image
+    other.write_text("my notes")
+    assert cli.main(base + ["--out", str(other), "--overwrite"]) == 2
+    assert "is not a PNG image" in capsys.readouterr().err
+    assert open(path, "rb").read() == model_bytes and other.read_text() == "my notes"
+    # an earlier image: kept unless --overwrite, and then replaced keeping its permissions
+    out = tmp_path / "cat.png"
+    assert cli.main(base + ["--out", str(out)]) == 0
+    first = out.read_bytes()
+    os.chmod(out, 0o640)
+    assert cli.main(base + ["--out", str(out), "--seed", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "already exists" in err[0] and "--overwrite" in err[0]
+    assert out.read_bytes() == first
+    assert cli.main(base + ["--out", str(out), "--seed", "1", "--overwrite"]) == 0
+    assert out.read_bytes() != first and os.stat(out).st_mode & 0o777 == 0o640
+    # a batch: every name checked before the first is written
+    (tmp_path / "b-001.png").write_bytes(first)
+    assert cli.main(base + ["--out", str(tmp_path / "b.png"), "--batch", "2"]) == 2
+    assert "b-001.png" in capsys.readouterr().err
+    assert not (tmp_path / "b-000.png").exists() and not (tmp_path / "b.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == \
+        ["b-001.png", "cat.png", "notes.png"]  # and no temporary files left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
 def test_without_checkpoint_a_missing_builtin_model_is_a_usage_error(tmp_path, monkeypatch,

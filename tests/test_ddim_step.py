@@ -95,7 +95,7 @@ def test_scalar_kinds(device, dtype):
     ]
     for i, (at, ap, sig, g) in enumerate(variants):
         _check(x, eps, at, ap, sig, noise, unc, g, what=f"variant {i}")
-        _check(x, eps, at, ap, sig, noise, None, g, what=f"variant {i} unguided")
+        _check(x, eps, at, ap, sig, noise, None, 1.0, what=f"variant {i} unguided")
 
 
 def test_per_sample_scalars_are_per_sample(device):
@@ -224,7 +224,7 @@ def _random_cases(n=10, seed=999):
 @pytest.mark.parametrize("shape,dtype,at,ap,sigma,guided,g", _random_cases())
 def test_random_shapes(device, shape, dtype, at, ap, sigma, guided, g):
     x, eps, unc, noise = _tensors(shape, dtype, device, uncond=guided, noise=sigma > 0, seed=len(shape))
-    _check(x, eps, at, ap, sigma, noise, unc, g)
+    _check(x, eps, at, ap, sigma, noise, unc, g if guided else 1.0)
 
 
 # ---- bad input ----------------------------------------------------------------------------------
@@ -285,11 +285,11 @@ def test_rejects_per_sample_scalar_of_wrong_length(name):
     args[name] = torch.full((3,), 0.5)
     with pytest.raises(ValueError, match=f"{name} must be a scalar, a 0-d tensor or a per-sample"):
         ops.ddim_step(x, eps, args["alpha_t"], args["alpha_prev"], args["sigma_t"], torch.zeros_like(x),
-                      guidance_scale=args["guidance_scale"])
+                      eps_uncond=eps, guidance_scale=args["guidance_scale"])
     args[name] = torch.full((2, 1), 0.5)  # right count, wrong rank
     with pytest.raises(ValueError, match=name):
         ops.ddim_step(x, eps, args["alpha_t"], args["alpha_prev"], args["sigma_t"], torch.zeros_like(x),
-                      guidance_scale=args["guidance_scale"])
+                      eps_uncond=eps, guidance_scale=args["guidance_scale"])
 
 
 def test_rejects_integer_scalar_tensor():
@@ -352,7 +352,7 @@ def test_gradients_match_reference(device, guided, with_noise, tensor_scalars):
     # The ops take no float64, so gradcheck is not available: compare the op's float32
     # gradients with the reference's autograd gradients by the same parity rule.
     x, eps, unc, noise = _tensors((2, 4, 6, 6), torch.float32, device, uncond=guided, noise=with_noise)
-    scal = [0.4, 0.6, 0.2 if with_noise else 0.0, 5.0]
+    scal = [0.4, 0.6, 0.2 if with_noise else 0.0, 5.0 if guided else 1.0]
     if tensor_scalars:
         scal = [torch.tensor([s, s * 0.9], device=device) for s in scal]
     g1, g2 = (torch.randn(x.shape, generator=torch.Generator().manual_seed(s)).to(device) for s in (1, 2))
@@ -382,3 +382,59 @@ def test_samplers_follow_the_reference_switch():
     with use_reference_ops(True):
         assert samplers._ddim_step_for(x) is ref.ddim_step
     assert samplers._ddim_step_for(x) is ops.ddim_step
+
+
+# ---- input checks in the Python wrapper (a tensor scalar is never read on the host) -------------
+
+def test_rejects_tensor_sigma_without_noise():
+    # A tensor sigma_t's value cannot be checked without a device sync, so it always needs noise;
+    # before, the noise term was dropped silently (and the direction term still shrunk).
+    x, eps = _good()
+    with pytest.raises(ValueError, match="tensor sigma_t needs noise.*zeros_like"):
+        ops.ddim_step(x, eps, 0.5, 0.6, torch.tensor(0.1))
+    # the documented way round, for a deterministic step with a tensor sigma_t
+    got, _ = ops.ddim_step(x, eps, 0.5, 0.6, torch.tensor(0.0), torch.zeros_like(x))
+    torch.testing.assert_close(got, ops.ddim_step(x, eps, 0.5, 0.6)[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("g", [7.5, 0.0, torch.tensor(7.5), torch.tensor(1.0)], ids=["7.5", "0", "t7.5", "t1"])
+def test_rejects_guidance_without_uncond(g):
+    # guidance_scale != 1 without eps_uncond used to be ignored; a tensor scale is refused whatever
+    # its value (reading it would sync).
+    x, eps = _good()
+    with pytest.raises(ValueError, match="guidance_scale.* needs eps_uncond"):
+        ops.ddim_step(x, eps, 0.5, 0.6, guidance_scale=g)
+    ops.ddim_step(x, eps, 0.5, 0.6, guidance_scale=1.0)  # no guidance: fine
+    ops.ddim_step(x, eps, 0.5, 0.6, eps_uncond=eps, guidance_scale=g)
+
+
+def test_rejects_float_sigma_above_the_direction_bound():
+    # sigma_t^2 > 1 - alpha_prev was clamped silently; for floats it is refused (a few float32
+    # ulps of slack are allowed, test_direction_term_clamped), for tensors the clamp stays.
+    x, eps = _good()
+    noise = torch.zeros_like(x)
+    with pytest.raises(ValueError, match=r"sigma_t=0.9 exceeds sqrt\(1 - alpha_prev\)"):
+        ops.ddim_step(x, eps, 0.5, 0.6, 0.9, noise)
+    ops.ddim_step(x, eps, 0.5, 0.6, math.sqrt(0.4), noise)  # on the bound
+    xp, _ = ops.ddim_step(x, eps, 0.5, 0.6, torch.tensor(0.9), noise)
+    assert torch.isfinite(xp).all()
+
+
+@pytest.mark.parametrize("name", ["alpha_t", "alpha_prev", "sigma_t", "guidance_scale"])
+@pytest.mark.parametrize("bad", ["a", [0.5, 0.5], None, True], ids=["str", "list", "None", "bool"])
+def test_rejects_non_number_scalars_by_name(name, bad):
+    x, eps = _good()
+    args = {"alpha_t": 0.5, "alpha_prev": 0.6, "sigma_t": 0.0, "guidance_scale": 1.0, name: bad}
+    with pytest.raises(TypeError, match=f"ddim_step: {name} must be a float or a float tensor, got "
+                                        f"{type(bad).__name__}"):
+        ops.ddim_step(x, eps, args["alpha_t"], args["alpha_prev"], args["sigma_t"], torch.zeros_like(x),
+                      eps, args["guidance_scale"])
+
+
+@pytest.mark.parametrize("name", ["x", "eps", "noise", "eps_uncond"])
+def test_rejects_non_tensor_inputs_by_name(name):
+    x, eps = _good()
+    args = {"x": x, "eps": eps, "noise": torch.zeros_like(x), "eps_uncond": eps,
+            name: None if name in ("x", "eps") else x.numpy()}
+    with pytest.raises(TypeError, match=f"ddim_step: {name} must be a tensor"):
+        ops.ddim_step(args["x"], args["eps"], 0.5, 0.6, 0.1, args["noise"], args["eps_uncond"], 2.0)

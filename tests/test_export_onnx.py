@@ -9,6 +9,7 @@ max|ort16 - torch32| <= 2 max|torch16 - torch32| + ATOL[fp16].
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -301,8 +302,13 @@ def test_clip_text_encoder(tmp_path):
 # --- atomic writing -------------------------------------------------------------------------------
 
 def _fake_part(name, wrapper, args, input_names, output_names, dest, **kw):
-    (dest / f"{name}.onnx").write_bytes(b"graph")
-    return {"file": f"{name}.onnx", "inputs": [], "outputs": [], "weights": {}}
+    (dest / f"{name}.onnx").write_bytes(f"graph {name} {args[0].shape[-1]}".encode())
+    info = {"file": f"{name}.onnx", "external_data": None, "inputs": [], "outputs": [],
+            "weights": {}}
+    if kw.get("external_data"):
+        info["external_data"] = f"{name}.onnx.data"
+        (dest / info["external_data"]).write_bytes(b"weights")
+    return info
 
 
 def test_refuses_existing_directory(tiny, tmp_path, monkeypatch):
@@ -318,18 +324,55 @@ def test_refuses_existing_directory(tiny, tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_overwrite_replaces_whole_export(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2", "rename-aside"])
+def test_overwrite_keeps_what_it_does_not_write(tiny, tmp_path, monkeypatch, exchange):
+    """--overwrite replaces the exported components' graphs and the manifest, nothing else: an
+    engine built beside the graphs, the user's notes and the other components survive."""
     monkeypatch.setattr(ldm_onnx, "_export_part", _fake_part)
+    if not exchange:
+        monkeypatch.setattr(ldm_onnx._files, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     out.mkdir()  # an empty directory counts as absent
-    export_onnx(tiny, out, height=32, width=32)
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "unet.onnx", "vae_decoder.onnx",
-                                               "text_encoder.onnx"}
+    export_onnx(tiny, out, height=32, width=32, external_data=True)
+    (out / "NOTES.txt").write_text("mine")
+    (out / "text_encoder.plan").write_bytes(b"engine")
+    (out / "engines").mkdir()
+    (out / "engines" / "unet.plan").write_bytes(b"engine 2")
+    before = load_manifest(out)
     with pytest.raises(FileExistsError):
         export_onnx(tiny, out, height=32, width=32, components=["unet"])
+    # other settings would leave the manifest describing the kept graphs wrongly
+    with pytest.raises(FileExistsError, match=r"other settings: height 32 \(now 64\)"):
+        export_onnx(tiny, out, height=64, width=32, components=["unet"], overwrite=True)
+    paths = export_onnx(tiny, out, height=32, width=32, components=["unet"], overwrite=True)
+    assert paths == {"unet": out / "unet.onnx"}
+    assert {p.name for p in out.iterdir()} == {
+        "manifest.json", "unet.onnx", "vae_decoder.onnx", "vae_decoder.onnx.data",
+        "text_encoder.onnx", "text_encoder.onnx.data", "NOTES.txt", "text_encoder.plan",
+        "engines"}  # unet.onnx.data belonged to the replaced unet graph
+    assert (out / "NOTES.txt").read_text() == "mine"
+    assert (out / "engines" / "unet.plan").read_bytes() == b"engine 2"
+    assert (out / "vae_decoder.onnx.data").read_bytes() == b"weights"
+    after = load_manifest(out)
+    assert after["components"]["unet"]["external_data"] is None
+    for name in ("vae_decoder", "text_encoder"):
+        assert after["components"][name] == before["components"][name]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or old folder left
+
+
+def test_export_modes_follow_the_umask(tiny, tmp_path, monkeypatch):
+    monkeypatch.setattr(ldm_onnx, "_export_part", _fake_part)
+    out = tmp_path / "out"
+    old = os.umask(0o027)
+    try:
+        export_onnx(tiny, out, height=32, width=32, components=["unet"])
+    finally:
+        os.umask(old)
+    assert out.stat().st_mode & 0o777 == 0o750  # not mkdtemp's 0700
+    assert (out / "manifest.json").stat().st_mode & 0o777 == 0o640
+    os.chmod(out, 0o705)  # a replaced export keeps its folder's mode
     export_onnx(tiny, out, height=32, width=32, components=["unet"], overwrite=True)
-    assert {p.name for p in out.iterdir()} == {"manifest.json", "unet.onnx"}
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    assert out.stat().st_mode & 0o777 == 0o705
 
 
 def test_failure_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
@@ -348,7 +391,7 @@ def test_failure_leaves_nothing_behind(tiny, tmp_path, monkeypatch):
 
 
 def test_bad_arguments(tiny, tmp_path):
-    with pytest.raises(ValueError, match="multiples"):
+    with pytest.raises(ValueError, match="multiple"):
         export_onnx(tiny, tmp_path / "a", height=30, width=32)
     with pytest.raises(ValueError, match="unknown components"):
         export_onnx(tiny, tmp_path / "a", height=32, width=32, components=["vae_encoder"])
@@ -361,25 +404,103 @@ def test_bad_arguments(tiny, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"batch": -1}, r"^batch must be an integer >= 1, got -1"),
+    ({"batch": 0}, r"^batch must"),
+    ({"batch": 2.0}, r"^batch must"),
+    ({"batch": 2000, "dynamic": True}, r"^batch must be an integer from 1 to 1024"),
+    ({"height": -64}, r"^height must be an integer >= 1"),
+    ({"height": 0}, r"^height must"),
+    ({"width": True}, r"^width must"),
+    # tiny: f = 4 and a U-Net that halves once, so 8 pixels per U-Net step
+    ({"height": 36}, r"^height must be a multiple of 8 \(the first stage's downsampling "
+                     r"factor 4 times the U-Net's 2\), got 36"),
+    ({"width": 36, "components": ["vae_decoder"]}, None),  # the decoder alone needs only f
+    ({"text_length": 0}, r"^text_length must"),
+    ({"text_length": 17}, r"^text_length 17 exceeds the text encoder's 16 positions"),
+    ({"opset": 10}, r"^opset must be an integer from 18 to 23, got 10"),
+    ({"opset": 99}, r"^opset must"),
+    ({"opset": 18.0}, r"^opset must"),
+])
+def test_bad_numbers_name_the_argument(tiny, tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.setattr(ldm_onnx, "_export_part", _fake_part)
+    kwargs = {"height": 32, "width": 32, **kwargs}
+    if message is None:
+        export_onnx(tiny, tmp_path / "a", **kwargs)
+        return
+    with pytest.raises(ValueError, match=message):
+        export_onnx(tiny, tmp_path / "a", **kwargs)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_bar(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(ldm_onnx, "_export_part", _fake_part)
+    export_onnx(tiny, tmp_path / "a", height=32, width=32)
+    err = capsys.readouterr().err
+    assert "export onnx: 100%" in err and "3/3" in err
+    export_onnx(tiny, tmp_path / "b", height=32, width=32, progress=False)
+    assert "export onnx" not in capsys.readouterr().err
+
+
 # --- command line ---------------------------------------------------------------------------------
 
-def test_cli_plumbing(tmp_path, monkeypatch):
+def _cli(argv):
     from ldmfast.cli import build_parser
+
+    args = build_parser({"export": "ldmfast.export.command"}).parse_args(argv)
+    return args._command.run(args)
+
+
+def test_cli_plumbing(tiny, tmp_path, monkeypatch):
     from ldmfast.pipeline import LatentDiffusion
 
     seen = {}
-    monkeypatch.setattr(LatentDiffusion, "load", classmethod(lambda cls, p, **kw: "model"))
+    monkeypatch.setattr(LatentDiffusion, "load", classmethod(lambda cls, p, **kw: tiny))
     monkeypatch.setattr(ldm_onnx, "export_onnx",
                         lambda model, out, **kw: seen.update(model=model, out=out, **kw) or {})
     ckpt = tmp_path / "m.safetensors"
     ckpt.write_bytes(b"")
-    parser = build_parser({"export": "ldmfast.export.command"})
-    args = parser.parse_args(["export", "onnx", "--checkpoint", str(ckpt), "--out",
-                              str(tmp_path / "o"), "--height", "512", "--width", "512",
-                              "--batch", "2", "--dtype", "fp16", "--components", "unet"])
-    assert args._command.run(args) == 0
-    assert seen["model"] == "model" and seen["batch"] == 2 and seen["dtype"] == "fp16"
+    assert _cli(["export", "onnx", "--checkpoint", str(ckpt), "--out", str(tmp_path / "o"),
+                 "--height", "512", "--width", "512", "--batch", "2", "--dtype", "fp16",
+                 "--components", "unet", "--no-progress"]) == 0
+    assert seen["model"] is tiny and seen["batch"] == 2 and seen["dtype"] == "fp16"
     assert seen["components"] == ["unet"] and seen["height"] == 512 and not seen["dynamic"]
+    assert seen["progress"] is False
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch", "-1", "argument --batch: must be at least 1, got -1"),
+    ("--height", "-64", "argument --height: must be at least 1, got -64"),
+    ("--height", "0", "argument --height: must be at least 1, got 0"),
+    ("--width", "x", "argument --width: invalid int value: 'x'"),
+    ("--text-length", "0", "argument --text-length: must be at least 1, got 0"),
+    ("--opset", "10", "argument --opset: invalid choice: 10"),
+    ("--opset", "99", "argument --opset: invalid choice: 99"),
+])
+def test_cli_refuses_bad_numbers(tmp_path, capsys, option, value, message):
+    """Refused at parse time, argparse-style: one line naming the option, exit status 2."""
+    with pytest.raises(SystemExit) as exit_:
+        _cli(["export", "onnx", "-c", str(tmp_path / "m.ckpt"), "-o", str(tmp_path / "o"),
+              option, value])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_checks_sizes_against_the_model(tiny, tmp_path, monkeypatch):
+    from ldmfast.pipeline import LatentDiffusion
+
+    monkeypatch.setattr(LatentDiffusion, "load", classmethod(lambda cls, p, **kw: tiny))
+    monkeypatch.setattr(ldm_onnx, "_export_part", _fake_part)
+    ckpt = tmp_path / "m.safetensors"
+    ckpt.write_bytes(b"")
+    base = ["export", "onnx", "-c", str(ckpt), "-o", str(tmp_path / "o"), "--no-progress"]
+    with pytest.raises(ValueError, match=r"^--height must be a multiple of 8 "):
+        _cli(base + ["--height", "36", "--width", "32"])
+    with pytest.raises(ValueError, match=r"^--text-length 40 exceeds"):
+        _cli(base + ["--text-length", "40", "--components", "text_encoder"])
+    with pytest.raises(ValueError, match=r"^--components: unknown \['foo'\]"):
+        _cli(base + ["--components", "unet,foo"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"]
 
 
 # --- an SD-1.5-shaped U-Net: 859M parameters, 3.4 GB in fp32 -> external data ------------------

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import copy
 import importlib
+import json
+import os
 import subprocess
 import sys
+from unittest import mock
 
 import pytest
 import torch
@@ -58,12 +61,134 @@ def test_engine_file_written_atomically(tmp_path):
     from ldmfast.export._files import write_file_atomic
 
     path = tmp_path / "unet.plan"
-    write_file_atomic(path, b"engine-1", overwrite=False)
+    old = os.umask(0o027)
+    try:
+        write_file_atomic(path, b"engine-1", overwrite=False)
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o640  # the umask's mode, not mkstemp's 0600
     with pytest.raises(FileExistsError, match="overwrite"):
         write_file_atomic(path, b"engine-2", overwrite=False)
     write_file_atomic(path, bytearray(b"engine-2"), overwrite=True)
     assert path.read_bytes() == b"engine-2"
     assert [p.name for p in tmp_path.iterdir()] == ["unet.plan"]
+
+
+# --- ldmfast's file handling around a stand-in `tensorrt` (no GPU needed) -----------------------
+
+@pytest.fixture
+def fake_trt(monkeypatch):
+    """A stand-in `tensorrt` module: parsing and building succeed (the engine is b"ENGINE"), and
+    a timing cache loads from b"" or bytes starting b"CACHE" and serialises as b"CACHE-new"."""
+    from ldmfast.export import tensorrt as ldm_trt
+
+    trt = mock.MagicMock(__version__="10.0.0")
+
+    class ILogger:
+        INTERNAL_ERROR, ERROR, WARNING, INFO = range(4)
+
+        def __init__(self):
+            pass
+
+    trt.ILogger = ILogger
+    builder = trt.Builder.return_value
+    builder.build_serialized_network.return_value = b"ENGINE"
+    trt.OnnxParser.return_value.parse_from_file.return_value = True
+    config = builder.create_builder_config.return_value
+    config.create_timing_cache.side_effect = \
+        lambda blob: mock.MagicMock() if blob == b"" or blob.startswith(b"CACHE") else None
+    config.set_timing_cache.return_value = True
+    config.get_timing_cache.return_value.serialize.return_value = b"CACHE-new"
+    monkeypatch.setitem(sys.modules, "tensorrt", trt)
+    monkeypatch.setattr(ldm_trt._Logger, "instance", None)  # not one bound to the stand-in
+    return trt
+
+
+def _export_dir(tmp_path):
+    """A one-graph export: unet.onnx with its weights in unet.onnx.data, and a manifest."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    out = tmp_path / "export"
+    out.mkdir()
+    w = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["sample", "w"], ["eps"])], "g",
+                              [helper.make_tensor_value_info("sample", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("eps", TensorProto.FLOAT, [1, 4])],
+                              [w])
+    onnx.save_model(helper.make_model(graph), str(out / "unet.onnx"), save_as_external_data=True,
+                    location="unet.onnx.data", size_threshold=0)
+    (out / "manifest.json").write_text('{"components": {}}')
+    return out
+
+
+def _contents(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_engine_never_written_over_an_input(fake_trt, tmp_path):
+    from ldmfast.export.tensorrt import build_engine
+
+    out = _export_dir(tmp_path)
+    graph, before = out / "unet.onnx", _contents(out)
+    # the graph, its external data, the manifest (also as the engine's .json sidecar)
+    for target in ("unet.onnx", "unet.onnx.data", "manifest.json", "manifest"):
+        with pytest.raises(ValueError, match=r"engine_path.*refusing to write over it \(even "):
+            build_engine(graph, out / target, overwrite=True)
+    for target in ("unet.onnx", "unet.onnx.data", "manifest.json"):
+        with pytest.raises(ValueError, match=r"^timing_cache: .* refusing to write over it"):
+            build_engine(graph, out / "unet.plan", timing_cache=out / target, overwrite=True)
+    with pytest.raises(ValueError, match="timing_cache: .* is the engine;"):
+        build_engine(graph, out / "unet.plan", timing_cache=out / "unet.plan")
+    assert _contents(out) == before
+    assert build_engine(graph, out / "unet.plan") == out / "unet.plan"
+    assert (out / "unet.plan").read_bytes() == b"ENGINE"
+    assert json.loads((out / "unet.plan.json").read_text())["onnx"] == str(graph.resolve())
+
+
+def test_cli_refuses_an_engine_over_the_graph(fake_trt, tmp_path):
+    from ldmfast.cli import build_parser
+
+    out = _export_dir(tmp_path)
+    graph, before = out / "unet.onnx", _contents(out)
+    parser = build_parser({"export": "ldmfast.export.command"})
+    for extra in (["--out", str(graph)], ["--timing-cache", str(out / "unet.onnx.data")]):
+        args = parser.parse_args(["export", "tensorrt", "--onnx", str(graph), "--overwrite",
+                                  "--no-progress"] + extra)
+        with pytest.raises(ValueError, match=f"^{extra[0]}: .* refusing to write over it"):
+            args._command.run(args)
+    assert _contents(out) == before
+
+
+def test_timing_cache_updated_only_when_it_is_one(fake_trt, tmp_path):
+    from ldmfast.export.tensorrt import build_engine
+
+    graph = _export_dir(tmp_path) / "unet.onnx"
+    cache = tmp_path / "trt.cache"
+    build_engine(graph, tmp_path / "a.plan", timing_cache=cache)  # a new cache is written
+    assert cache.read_bytes() == b"CACHE-new"
+    cache.write_bytes(b"CACHE-old")  # a cache TensorRT loads is updated without overwrite
+    build_engine(graph, tmp_path / "b.plan", timing_cache=cache)
+    assert cache.read_bytes() == b"CACHE-new"
+    cache.write_bytes(b"my notes")  # anything else is not ours to replace
+    with pytest.raises(FileExistsError, match=r"^timing_cache: .* cannot load it as a timing "):
+        build_engine(graph, tmp_path / "c.plan", timing_cache=cache)
+    assert cache.read_bytes() == b"my notes" and not (tmp_path / "c.plan").exists()
+    build_engine(graph, tmp_path / "c.plan", timing_cache=cache, overwrite=True)
+    assert cache.read_bytes() == b"CACHE-new"
+
+
+def test_cli_tensorrt_progress_bar(fake_trt, tmp_path, capsys):
+    from ldmfast.cli import build_parser
+
+    out = _export_dir(tmp_path)
+    parser = build_parser({"export": "ldmfast.export.command"})
+    args = parser.parse_args(["export", "tensorrt", "--onnx", str(out)])
+    assert args._command.run(args) == 0
+    assert (out / "unet.plan").read_bytes() == b"ENGINE"
+    err = capsys.readouterr().err
+    assert "export tensorrt: 100%" in err and "1/1" in err
 
 
 # --- with TensorRT and a GPU ----------------------------------------------------------------------

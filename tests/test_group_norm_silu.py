@@ -382,3 +382,16 @@ def test_cuda_gn_cluster_split_is_deterministic(monkeypatch, dtype, channels_las
     first, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)
     again, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("name", ["x", "weight", "bias", "emb"])
+def test_rejects_missing_or_non_tensor_inputs_by_name(name):
+    # None reached the C++ checks as an undefined tensor ("weight must have shape (C,) = (8,),
+    # got [0]"); it and other non-tensors are named as such up front.
+    x, w, b, e = _inputs((2, 8, 4, 4), torch.float32, "cpu", emb=True)
+    args = {"x": x, "weight": w, "bias": b, "emb": e}
+    for bad in ([None] if name != "emb" else []) + [args[name].numpy()]:
+        args[name] = bad
+        with pytest.raises(TypeError, match=f"group_norm_silu: {name} must be a tensor, got {type(bad).__name__}"):
+            ops.group_norm_silu(args["x"], args["weight"], args["bias"], 4, emb=args["emb"])
+    ops.group_norm_silu(x, w, b, 4, emb=None)  # emb is optional

@@ -101,6 +101,7 @@ def test_ddim_with_guidance_matches_diffusers(sd_pipe):
     model = LatentDiffusion.from_diffusers(sd_pipe)
     assert model.scale_factor == sd_pipe.vae.config.scaling_factor
     assert model.parameterization == "eps" and model.conditioning_key == "crossattn"
+    assert model.conditioning == "text" and model.context_dim == 32 and model.size_multiple == 4
     cond, uncond, x_T = _embeds()
     ref_latents, ref_images = _run_diffusers(sd_pipe, cond, uncond, x_T, 8, 7.5, "pt")
     ours = model.sample(cond=cond, uncond=uncond, steps=8, guidance_scale=7.5, x_T=x_T,
@@ -246,7 +247,7 @@ def test_txt2img_shapes_seeds_and_files(txt_model, tmp_path):
     assert a[0].tobytes() == b[0].tobytes() and a[0].tobytes() != c[0].tobytes()
     z = txt_model.txt2img("a red cat", seed=1, steps=2, progress=False, output_type="latent")
     assert z.shape == (1, 4, txt_model.latent_size, txt_model.latent_size)
-    with pytest.raises(ValueError, match="multiples of 4"):
+    with pytest.raises(ValueError, match="height must be a positive multiple of 8"):
         txt_model.txt2img("a cat", steps=1, height=30, width=32, progress=False)
 
 
@@ -298,6 +299,15 @@ def test_class_conditional_through_the_class_embedder():
     assert len(out) == 3 and out[0].size == (16, 16)
     with pytest.raises(ValueError, match="uncond_label"):
         model.sample_class([1], steps=1, guidance_scale=3.0, progress=False)
+    # labels outside the embedding's table, or not integers, are refused by name
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\), got \[11\]"):
+        model.sample_class([1, 11], steps=1, progress=False)
+    with pytest.raises(TypeError, match="labels must be integers"):
+        model.sample_class([1.5], steps=1, progress=False)
+    with pytest.raises(ValueError, match="uncond_label must be between 0 and 10, got 11"):
+        model.sample_class([1], steps=1, guidance_scale=3.0, uncond_label=11, progress=False)
+    with pytest.raises(ValueError, match=r"cond has class labels outside \[0, 11\): \[12\]"):
+        model.sample(torch.tensor([12]), steps=1, progress=False)
 
 
 def test_class_conditional_through_y():
@@ -369,6 +379,10 @@ def test_inpainting_model_concatenates_masked_latent_and_mask():
     assert pil[0].size == (32, 32)
     with pytest.raises(ValueError, match="mask is"):
         model.inpaint(x, torch.ones(1, 1, 16, 16), steps=1, progress=False)
+    # one mask serves a batch of images (it is concatenated per image)
+    two = model.inpaint(rand_image(b=2), mask, steps=1, seed=0, progress=False,
+                        output_type="tensor")
+    assert two.shape == (2, 3, 32, 32)
 
 
 def test_inpainting_with_a_text_model_blends_the_known_region(txt_model):
@@ -467,3 +481,169 @@ def test_context_projected_once_per_sampling_run(txt_model, monkeypatch, guidanc
                                progress=False)
     assert len(calls) == 4 * layers
     assert torch.equal(z, z_steps)
+
+
+# ---------------------------------------------------------------- arguments refused up front
+
+X, MASK = rand_image(), torch.ones(1, 1, 32, 32)
+Q = dict(steps=1, progress=False)
+NAN = float("nan")
+# id: (call on (text model, super-resolution model), error type, message pattern)
+BAD_CALLS = {
+    # sizes: multiples of f = 4 are not enough, the U-Net halves the latent once
+    "height-odd-latent": (lambda t, sr: t.txt2img("a cat", height=36, width=32, **Q), ValueError,
+                          r"height must be a positive multiple of 8 \(the first stage's factor 4 "
+                          r"times 2\*\*1 for the U-Net's 1 downsampling\), got 36"),
+    "height-0": (lambda t, sr: t.txt2img("a cat", height=0, **Q), ValueError,
+                 "height must be a positive multiple of 8 .*got 0"),
+    "width-negative": (lambda t, sr: t.txt2img("a cat", width=-32, **Q), ValueError,
+                       "width must be a positive multiple of 8 .*got -32"),
+    "height-float": (lambda t, sr: t.txt2img("a cat", height=32.0, **Q), TypeError,
+                     "height must be an integer, got float"),
+    "img2img-size": (lambda t, sr: t.img2img(rand_image(36, 32), prompt="a cat", **Q), ValueError,
+                     "image must have a height and width that are multiples of 8 .*got 36x32"),
+    "inpaint-size": (lambda t, sr: t.inpaint(rand_image(36, 32), torch.ones(36, 32), prompt="a",
+                                             **Q), ValueError,
+                     "image must have a height and width that are multiples of 8 .*got 36x32"),
+    "sr-size": (lambda t, sr: sr.super_resolve(rand_image(9, 8), **Q), ValueError,
+                "low_res_image must have a height and width that are multiples of 2 .*got 9x8"),
+    # steps: DDIM's offset leaves 999 of the 1000 timesteps; integers only
+    "ddim-1000-steps": (lambda t, sr: t.txt2img("a cat", steps=1000, progress=False), ValueError,
+                        r"steps must be between 1 and 999 for the 'ddim' sampler \(its "
+                        r"timesteps are offset by 1: step 1000 would land past timestep 999\)"),
+    "steps-float": (lambda t, sr: t.txt2img("a cat", steps=2.5), TypeError,
+                    "steps must be an integer, got float 2.5"),
+    "steps-str": (lambda t, sr: t.txt2img("a cat", steps="3"), TypeError,
+                  "steps must be an integer, got str '3'"),
+    "img2img-steps-0": (lambda t, sr: t.img2img(X, prompt="a cat", steps=0), ValueError,
+                        "steps must be between 1 and 999"),
+    # eta: finite, in [0, 1]
+    "eta-nan": (lambda t, sr: t.txt2img("a cat", eta=NAN, **Q), ValueError,
+                r"eta must be a finite number between 0.0 and 1.0, got nan"),
+    "eta-negative": (lambda t, sr: t.txt2img("a cat", eta=-1.0, **Q), ValueError,
+                     "eta must be a finite number between 0.0 and 1.0, got -1.0"),
+    "eta-above-1": (lambda t, sr: t.sample("a cat", eta=5.0, **Q), ValueError,
+                    "eta must be a finite number between 0.0 and 1.0, got 5.0"),
+    "eta-str": (lambda t, sr: t.txt2img("a cat", eta="0", **Q), TypeError,
+                "eta must be a number, got str"),
+    "sr-eta": (lambda t, sr: sr.super_resolve(rand_image(8, 8), eta=-2.0, **Q), ValueError,
+               "eta must be a finite number between 0.0 and 1.0, got -2.0"),
+    # the conditioning a model needs, or does not take
+    "img2img-no-prompt": (lambda t, sr: t.img2img(X, steps=4, progress=False), ValueError,
+                          "this model is text-conditioned: pass prompt"),
+    "inpaint-no-prompt": (lambda t, sr: t.inpaint(X, MASK, **Q), ValueError,
+                          "this model is text-conditioned: pass prompt"),
+    "sample-no-cond": (lambda t, sr: t.sample(None, **Q), ValueError,
+                       r"this model is text-conditioned: pass cond \(a prompt or its encoding\)"),
+    "class-on-text-model": (lambda t, sr: t.sample_class([1], **Q), ValueError,
+                            "sample_class needs a model that is class-conditional; this model "
+                            "is text-conditioned"),
+    "sr-on-text-model": (lambda t, sr: t.super_resolve(rand_image(8, 8), **Q), ValueError,
+                         "super_resolve needs a super-resolution model .*this model is "
+                         "text-conditioned"),
+    "unconditional-on-text-model": (lambda t, sr: t.sample_unconditional(**Q), ValueError,
+                                    "sample_unconditional needs an unconditional model; this "
+                                    "model is text-conditioned"),
+    "txt2img-on-sr-model": (lambda t, sr: sr.txt2img("a cat", **Q), ValueError,
+                            "txt2img needs a model that is text-conditioned; this model is "
+                            "conditioned only on 3 channels concatenated to the latent"),
+    "cond-on-sr-model": (lambda t, sr: sr.sample("a cat", concat=torch.randn(1, 3, 8, 8), **Q),
+                         ValueError, "it takes no cond"),
+    "cond-width": (lambda t, sr: t.sample(torch.randn(1, 16, 31), **Q), ValueError,
+                   r"cond must have width 32 \(the U-Net's context_dim\), got 31"),
+    "uncond-width": (lambda t, sr: t.sample(torch.randn(1, 16, 32), torch.randn(1, 16, 31),
+                                            guidance_scale=2.0, **Q), ValueError,
+                     "uncond must have width 32"),
+    # inpaint's mask: one for the batch or one per image
+    "mask-batch": (lambda t, sr: t.inpaint(X, torch.ones(3, 32, 32), prompt="a cat", **Q),
+                   ValueError, "mask has batch 3, the image 1"),
+    # txt2img's other arguments
+    "batch-0": (lambda t, sr: t.txt2img("a cat", batch=0, **Q), ValueError,
+                "batch must be at least 1, got 0"),
+    "prompt-empty": (lambda t, sr: t.txt2img([], **Q), ValueError, "prompt is an empty list"),
+    "prompt-none": (lambda t, sr: t.txt2img(None, **Q), TypeError,
+                    "prompt must be a string or a list of strings, got NoneType"),
+    "batch-vs-prompt-list": (lambda t, sr: t.txt2img(["a cat", "a dog"], batch=3, **Q),
+                             ValueError, "batch=3 conflicts with prompt, a list of 2 prompts"),
+    "negative-prompt-count": (lambda t, sr: t.txt2img(["a", "b"], ["x", "y", "z"], **Q),
+                              ValueError, "negative_prompt has 3 prompts for a batch of 2"),
+    "seed-str": (lambda t, sr: t.txt2img("a cat", seed="abc", **Q), TypeError,
+                 "seed must be an integer, got str"),
+    "seed-too-large": (lambda t, sr: t.txt2img("a cat", seed=2 ** 70, **Q), ValueError,
+                       r"seed must be between -2\*\*63 and 2\*\*64 - 1"),
+    "guidance-nan": (lambda t, sr: t.txt2img("a cat", guidance_scale=NAN, **Q), ValueError,
+                     "guidance_scale must be a finite number, got nan"),
+    "output-type": (lambda t, sr: t.txt2img("a cat", output_type="np", **Q), ValueError,
+                    "output_type must be one of"),
+    "sampler-none": (lambda t, sr: t.sample("a cat", sampler=None, **Q), TypeError,
+                     "sampler must be a name"),
+    # the other entry points
+    "strength-str": (lambda t, sr: t.img2img(X, strength="0.5", prompt="a cat", **Q), TypeError,
+                     "strength must be a number, got str"),
+    "decode-channels": (lambda t, sr: t.decode(torch.randn(1, 7, 8, 8)), ValueError,
+                        r"z must be latents \(B, 4, h, w\), got \(1, 7, 8, 8\)"),
+    "encode-channels": (lambda t, sr: t.encode(torch.zeros(1, 1, 32, 32)), ValueError,
+                        r"x must have 3 channels \(B, 3, H, W\), got \(1, 1, 32, 32\)"),
+}
+
+
+@pytest.mark.parametrize("call,error,match", list(BAD_CALLS.values()), ids=list(BAD_CALLS))
+def test_bad_arguments_are_refused_up_front(txt_model, sr_model, monkeypatch, call, error, match):
+    """Each bad argument gets an error naming it, before any network runs."""
+    def ran(*args, **kwargs):
+        raise AssertionError("a network ran before the arguments were checked")
+
+    for model in (txt_model, sr_model):
+        monkeypatch.setattr(model.unet, "forward", ran)
+        monkeypatch.setattr(model.first_stage, "encode_latent", ran)
+        monkeypatch.setattr(model.first_stage, "decode_latent", ran)
+    monkeypatch.setattr(txt_model.cond_stage, "encode", ran)
+    with pytest.raises(error, match=match):
+        call(txt_model, sr_model)
+
+
+def test_size_multiple_follows_the_unet_depth(txt_model):
+    assert txt_model.size_multiple == 8
+    deep = tiny(unet__channel_mult=[1, 2, 2])
+    assert deep.unet_downsamplings == 2 and deep.size_multiple == 16
+    with pytest.raises(ValueError, match=r"height must be a positive multiple of 16 \(the first "
+                       r"stage's factor 4 times 2\*\*2 for the U-Net's 2 downsamplings\)"):
+        deep.txt2img("a cat", steps=1, height=40, width=32, progress=False)
+    z = deep.txt2img("a cat", steps=1, height=16, width=48, progress=False, output_type="latent")
+    assert z.shape == (1, 4, 4, 12)
+
+
+def test_step_limits_and_prompt_batches(txt_model):
+    assert len(txt_model.steps(999)) == 999 and len(txt_model.steps(1000, "ddpm")) == 1000
+    z = txt_model.txt2img(["a cat", "a dog"], batch=2, steps=1, height=16, width=16,
+                          progress=False, output_type="latent")
+    assert z.shape == (2, 4, 4, 4)
+
+
+def test_out_is_checked_before_any_work(txt_model, monkeypatch, tmp_path):
+    from PIL import Image
+    old = tmp_path / "old.png"
+    Image.new("RGB", (4, 4)).save(old)
+    notes = tmp_path / "notes.png"  # a .png name on something else
+    notes.write_text("mine")
+    kw = dict(steps=1, height=16, width=16, progress=False)
+    # nothing replaced without overwrite; a batch's numbered names count too
+    first = txt_model.txt2img("a cat", out=tmp_path / "b.png", batch=2, **kw)
+    assert len(first) == 2
+
+    def ran(*args, **kwargs):
+        raise AssertionError("a network ran before out was checked")
+    monkeypatch.setattr(txt_model.unet, "forward", ran)
+    monkeypatch.setattr(txt_model.cond_stage, "encode", ran)
+    for out, extra, error, match in [
+            (old, {}, FileExistsError, "overwrite=True"),
+            (tmp_path / "b.png", {"batch": 2}, FileExistsError, "b-000.png"),
+            (notes, {"overwrite": True}, FileExistsError, "is not a PNG image"),
+            (tmp_path / "x.jpg", {}, ValueError, "must end in .png"),
+            (tmp_path / "y.png", {"output_type": "tensor"}, ValueError, "output_type='pil'")]:
+        with pytest.raises(error, match=match):
+            txt_model.txt2img("a cat", out=out, **extra, **kw)
+    monkeypatch.undo()
+    before = old.read_bytes()
+    txt_model.txt2img("a cat", out=old, overwrite=True, **kw)
+    assert old.read_bytes() != before and notes.read_text() == "mine"

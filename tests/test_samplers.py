@@ -9,6 +9,7 @@ import torch
 
 from ldmfast.diffusion import (EpsModel, GuidedEps, NoiseSchedule, get_sampler, make_beta_schedule,
                                sample_ddim, sample_ddpm, sample_dpmpp_2m)
+from ldmfast.diffusion.samplers import check_sampler_args
 from ldmfast.diffusion.schedule import x0_from_eps
 
 diffusers = pytest.importorskip("diffusers")
@@ -292,9 +293,52 @@ def test_get_sampler_names():
     assert get_sampler("ddim")[1]["offset"] == 1
     with pytest.raises(ValueError, match="unknown sampler"):
         get_sampler("euler")
+    with pytest.raises(TypeError, match="sampler must be a name"):
+        get_sampler(None)
+
+
+@pytest.mark.parametrize("name,top", [("ddim", 999), ("ddpm", 1000), ("dpmpp_2m", 1000)])
+def test_steps_range_is_each_samplers_true_limit(schedule, name, top):
+    """The limit check_sampler_args states is the one the discretisation has: DDIM's offset of
+    1 leaves 999 of the 1000 timesteps (diffusers' DDIMScheduler indexes past its table at
+    1000)."""
+    fn, disc, steps, eta = check_sampler_args(name, top)
+    assert fn is get_sampler(name)[0] and steps == top and eta == 0.0
+    st = schedule.steps(top, **disc)
+    assert len(st) == top and int(st.timesteps.max()) <= 999
+    with pytest.raises(ValueError, match=f"steps must be between 1 and {top}"):
+        check_sampler_args(name, top + 1)
+    with pytest.raises(ValueError, match=f"steps must be between 1 and {top}"):
+        check_sampler_args(name, 0)
+    with pytest.raises(TypeError, match="steps must be an integer, got float"):
+        check_sampler_args(name, 10.0)
+
+
+@pytest.mark.parametrize("eta", [float("nan"), float("inf"), -1.0, 1.5])
+def test_eta_is_finite_and_in_0_1(schedule, eta):
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    msg = f"eta must be a finite number between 0.0 and 1.0, got {eta}"
+    with pytest.raises(ValueError, match=msg):
+        sample_ddim(toy_eps, x_T, schedule.steps(3), disable=True, eta=eta)
+    with pytest.raises(ValueError, match=msg):
+        check_sampler_args("ddim", 3, eta)
+    with pytest.raises(TypeError, match="eta must be a number"):
+        check_sampler_args("ddim", 3, str(eta))
+    assert check_sampler_args("ddim", 3, 1)[3] == 1.0  # the DDPM posterior's variance
 
 
 def test_x0_from_eps_used_by_samplers_is_exact():
     x0, eps = torch.randn(2, *SHAPE, dtype=torch.float64)
     a = torch.tensor(0.3, dtype=torch.float64)
     torch.testing.assert_close(x0_from_eps(a.sqrt() * x0 + (1 - a).sqrt() * eps, eps, a), x0)
+
+
+def test_guided_eps_without_uncond_is_plain_eps(schedule):
+    # A model may return GuidedEps(cond, None, w): the fused step must agree with combine()
+    # (no guidance) instead of refusing w != 1 for want of eps_uncond.
+    from ldmfast.diffusion import GuidedEps
+    st = schedule.steps(4)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
+    a = sample_ddim(lambda x, t: GuidedEps(toy_eps(x, t), None, 7.5), x_T, st, disable=True)
+    b = sample_ddim(toy_eps, x_T, st, disable=True)
+    assert torch.equal(a, b)

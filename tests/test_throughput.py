@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILTIN = os.path.join(ROOT, "ldmfast", "weights", "shapes.safetensors")
@@ -56,3 +57,94 @@ def test_zero_rounds_is_a_usage_error(tmp_path):
     r = run_bench("--rounds", "0", "--csv", str(tmp_path / "r.csv"))
     assert r.returncode == 2 and "--rounds and --repeats must be >= 1" in r.stderr
     assert not (tmp_path / "r.csv").exists()
+
+
+# ---- argument checks, in process: the model builders are stubbed, so a run that passes the checks
+# stops where the model would be built (nothing is timed) ----------------------------------------
+
+class _Built(Exception):
+    pass
+
+
+def run_main(monkeypatch, capsys, *args):
+    """(exit code, or "built" when the checks passed; stdout; stderr) of throughput.main."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import throughput
+
+    def stop(*a, **k):
+        raise _Built
+    for name in ("build", "load_builtin", "build_ldmfast_only"):
+        monkeypatch.setattr(throughput, name, stop)
+    try:
+        throughput.main(["--device", "cpu", *args])
+        code = 0
+    except _Built:
+        code = "built"
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_zero_sizes_and_steps_are_usage_errors(monkeypatch, capsys):
+    # 0 used to be replaced by the preset's value (64x64, 50 steps) instead of being refused
+    code, _, err = run_main(monkeypatch, capsys, "--height", "0", "--width", "0")
+    assert code == 2 and "--height/--width must be positive multiples of 8, got 0x0" in err
+    code, _, err = run_main(monkeypatch, capsys, "--steps", "0")
+    assert code == 2 and "--steps must be >= 1, got 0" in err
+    code, _, err = run_main(monkeypatch, capsys, "--batch", "0")
+    assert code == 2 and "--batch must be >= 1, got 0" in err
+    code, out, _ = run_main(monkeypatch, capsys, "--preset", "cpu", "--height", "32", "--width", "40", "--steps", "1")
+    assert code == "built" and "32x40" in out and "1 DDIM steps" in out
+
+
+@pytest.mark.parametrize("device", ["foo", "meta", "cuda:99"])
+def test_bad_device_is_a_usage_error(monkeypatch, capsys, device):
+    # --device foo was a raw torch traceback
+    code, _, err = run_main(monkeypatch, capsys, "--device", device)
+    assert code == 2 and "--device" in err and device in err and "Traceback" not in err
+
+
+def test_providers_that_cannot_run_here(monkeypatch, capsys):
+    # On CPU, --providers ldmfast-eager measured nothing, exited 0 and appended only the floor.
+    code, out, err = run_main(monkeypatch, capsys, "--providers", "ldmfast-eager")
+    assert code == 2
+    assert "none of ldmfast-eager can run here (ldmfast-eager needs a CUDA device" in err
+    assert "these can: ldmfast, ldmfast-ref" in err
+    # some can: the others are skipped, each with a line that says why
+    code, out, _ = run_main(monkeypatch, capsys, "--providers", "ldmfast,diffusers-graph,ldmfast-eager")
+    assert code == "built"
+    assert "skipping provider diffusers-graph: needs a CUDA device" in out
+    assert "skipping provider ldmfast-eager: needs a CUDA device" in out
+    assert "skipping provider ldmfast:" not in out
+
+
+def test_csv_with_another_header_is_refused(monkeypatch, capsys, tmp_path):
+    # Rows were appended under a foreign header, misaligned, without a word.
+    other = tmp_path / "mydata.csv"
+    other.write_text("name,score\nalice,10\n")
+    code, _, err = run_main(monkeypatch, capsys, "--csv", str(other))
+    assert code == 2 and "--csv" in err and "name,score" in err
+    assert other.read_text() == "name,score\nalice,10\n"
+    # a results file of these benchmarks, or a new file, is fine
+    import _common
+    ours = tmp_path / "ours.csv"
+    _common.append_results([{"bench": "b", "provider": "p"}], torch.device("cpu"), str(ours))
+    assert run_main(monkeypatch, capsys, "--csv", str(ours))[0] == "built"
+    assert run_main(monkeypatch, capsys, "--csv", str(tmp_path / "new.csv"))[0] == "built"
+    assert not (tmp_path / "new.csv").exists()
+
+
+def test_append_results_refuses_another_header(monkeypatch, tmp_path):
+    # The shared appender itself (bench_ops_cuda.py uses it too) checks the header.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import _common
+    path = tmp_path / "r.csv"
+    _common.append_results([{"bench": "b", "provider": "p"}], torch.device("cpu"), str(path))
+    _common.append_results([{"bench": "b", "provider": "q"}], torch.device("cpu"), str(path))
+    assert [r["provider"] for r in csv.DictReader(open(path))] == ["p", "q"]
+    path.write_text("date,provider\n")
+    with pytest.raises(ValueError, match="its header is 'date,provider'.*--csv"):
+        _common.append_results([{"bench": "b", "provider": "p"}], torch.device("cpu"), str(path))
+    assert path.read_text() == "date,provider\n"
+

@@ -485,3 +485,13 @@ def test_shipped_sr_beats_bicubic():
     held = shapes.ShapesBatches("val", 1).batch(range(16))["image"]
     res = recipes.evaluate_sr(model, held, steps=25)
     assert res["psnr_sr"] > res["psnr_bicubic"], res
+
+
+def test_recipe_refuses_an_existing_export_before_training(tmp_path):
+    mine = tmp_path / "mine.safetensors"
+    mine.write_bytes(b"a model of mine")
+    with pytest.raises(FileExistsError, match="export: .*mine.safetensors"):
+        recipes.run(recipes.get("shapes"), str(tmp_path / "run"), export=str(mine))
+    assert mine.read_bytes() == b"a model of mine" and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="threads must be at least 1"):
+        recipes.run(recipes.get("shapes"), str(tmp_path / "run"), threads=-1)

@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import trange
 
 from .guidance import GuidedEps, resolve
-from .schedule import StepSchedule, _bcast, randn_like, x0_from_eps
+from .schedule import StepSchedule, _bcast, check_int, check_real, randn_like, x0_from_eps
 
 log = logging.getLogger("ldmfast")
 
@@ -53,7 +53,7 @@ def _ddim_step_for(x):
     return _ops.ddim_step
 
 __all__ = ["sample_ddim", "sample_ddpm", "sample_dpmpp_2m", "SAMPLERS", "DISCRETISATIONS",
-           "get_sampler"]
+           "get_sampler", "check_sampler_args"]
 
 
 def _known_region(mask, x0, schedule: StepSchedule, generator):
@@ -76,7 +76,8 @@ def _noised(x0, a, noise):
 
 def _split(out):
     if isinstance(out, GuidedEps):
-        return out.cond, out.uncond, out.scale
+        # no unconditional prediction: nothing to guide away from (as GuidedEps.combine)
+        return out.cond, out.uncond, 1.0 if out.uncond is None else out.scale
     return out, None, 1.0
 
 
@@ -91,8 +92,11 @@ def sample_ddim(model, x, schedule: StepSchedule, extra_args=None, callback=None
     """DDIM (Song et al. 2021, eq. 12) through the fused ``ddim_step`` op, guidance folded in.
 
     sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
-    (eq. 16); eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior's variance.
+    (eq. 16); eta = 0 is the deterministic DDIM, eta = 1 the DDPM posterior's variance. eta
+    must be in [0, 1]: above 1, sigma^2 can exceed 1 - abar_prev and the step's direction term
+    would be silently clamped at 0; below 0, sigma would act as |eta|'s.
     """
+    eta = check_real("eta", eta, 0.0, 1.0)
     extra_args = extra_args or {}
     a, a_prev = schedule.alphas, schedule.alphas_prev
     stochastic = eta != 0
@@ -209,6 +213,9 @@ DISCRETISATIONS = {
 
 def get_sampler(name: str):
     """The sampler function and its default discretisation, by name."""
+    if not isinstance(name, str):
+        raise TypeError(f"sampler must be a name, one of {sorted(SAMPLERS)}; "
+                        f"got {type(name).__name__} {name!r}")
     key = name.lower().replace("-", "_").replace("++", "pp")
     aliases = {"dpm": "dpmpp_2m", "dpmpp": "dpmpp_2m", "dpm_solver": "dpmpp_2m",
                "dpmsolver": "dpmpp_2m", "dpm_solverpp_2m": "dpmpp_2m"}
@@ -216,3 +223,27 @@ def get_sampler(name: str):
     if key not in SAMPLERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {sorted(SAMPLERS)}")
     return SAMPLERS[key], DISCRETISATIONS[key]
+
+
+def check_sampler_args(sampler, steps, eta=0.0, num_train: int = 1000):
+    """Checks a sampling call's sampler, step count and eta before any work is done; returns
+    (sampler function, discretisation, steps, eta).
+
+    steps runs from 1 to the training timesteps, less the offset of a leading discretisation:
+    DDIM's timesteps are offset by 1 (LDM's and Stable Diffusion's choice), so its 1000th step
+    would land on timestep 1000, past the last one (diffusers' DDIMScheduler and LDM's DDIM
+    fail there too). eta is DDIM's, in [0, 1].
+    """
+    fn, disc = get_sampler(sampler)
+    steps = check_int("steps", steps)
+    top = num_train - disc["offset"] if disc["spacing"] == "leading" else num_train
+    if not 1 <= steps <= top:
+        why = f" for the {sampler!r} sampler" if top < num_train else ""
+        if steps > top and why:
+            why += (f" (its timesteps are offset by {disc['offset']}: step {num_train} would "
+                    f"land past timestep {num_train - 1})")
+        raise ValueError(f"steps must be between 1 and {top}{why}, got {steps}")
+    eta = check_real("eta", eta, 0.0, 1.0)
+    if eta and fn is not sample_ddim:
+        raise ValueError(f"eta applies to the DDIM sampler only, not {sampler!r}")
+    return fn, disc, steps, eta

@@ -19,6 +19,7 @@ near t = 999 (about 5e-3) would lose most of its digits.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -28,8 +29,41 @@ import torch.nn.functional as F
 __all__ = [
     "BETA_SCHEDULES", "PARAMETERIZATIONS", "SPACINGS", "make_beta_schedule", "NoiseSchedule",
     "StepSchedule", "make_timesteps", "eps_from_x0", "x0_from_eps", "eps_from_v", "x0_from_v",
-    "v_from_eps_x0", "to_eps", "to_x0", "training_target",
+    "v_from_eps_x0", "to_eps", "to_x0", "training_target", "check_int", "check_real",
 ]
+
+
+# --- argument checks shared by the samplers and the pipeline ------------------------------------
+
+def _bounds(lo, hi) -> str:
+    if lo is not None and hi is not None:
+        return f"between {lo} and {hi}"
+    return f"at least {lo}" if lo is not None else f"at most {hi}"
+
+
+def check_int(name: str, value, lo=None, hi=None) -> int:
+    """``value`` as an int in [lo, hi], else a TypeError (not an integer: 2.5 or "3" would be
+    truncated or fail deep inside a loop; bool is refused too) or a ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+    value = int(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be {_bounds(lo, hi)}, got {value}")
+    return value
+
+
+def check_real(name: str, value, lo=None, hi=None) -> float:
+    """``value`` as a finite float in [lo, hi], else a TypeError or a ValueError naming ``name``
+    (a NaN would otherwise pass every comparison and poison the whole sample)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    outside = (lo is not None and value < lo) or (hi is not None and value > hi)
+    if not math.isfinite(value) or outside:
+        bounds = "" if lo is None and hi is None else " " + _bounds(lo, hi)
+        raise ValueError(f"{name} must be a finite number{bounds}, got {value}")
+    return value
+
 
 BETA_SCHEDULES = ("linear", "cosine", "sqrt_linear", "sqrt")
 PARAMETERIZATIONS = ("eps", "x0", "v")
@@ -152,13 +186,15 @@ def make_timesteps(num_train: int, steps: int, spacing: str = "leading", offset:
     - ``"trailing"``: round(arange(T, 0, -T / steps)) - 1, which starts at T - 1 (Lin et al. 2024,
       table 2); ``offset`` is ignored.
     """
-    if not 1 <= steps <= num_train:
-        raise ValueError(f"steps must be between 1 and {num_train}, got {steps}")
+    steps = check_int("steps", steps, 1, num_train)
     if spacing == "leading":
         c = num_train // steps
         ts = [i * c + offset for i in range(steps)]
         if ts[-1] >= num_train:
-            raise ValueError(f"offset {offset} puts the last timestep past {num_train - 1}")
+            # e.g. 1000 steps with offset 1 (diffusers' DDIMScheduler and LDM's
+            # make_ddim_timesteps index past their tables there)
+            raise ValueError(f"steps={steps} with leading spacing and offset {offset} puts the "
+                             f"last timestep at {ts[-1]}, past {num_train - 1}")
     elif spacing == "linspace":
         ts = torch.linspace(0, num_train - 1, steps + 1, dtype=torch.float64).round().long()
         ts = ts.tolist()[1:]

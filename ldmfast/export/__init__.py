@@ -8,7 +8,13 @@ when used, so this package (and ``import ldmfast``) works without it. See docs/e
 """
 from __future__ import annotations
 
-__all__ = ["export_onnx", "load_manifest", "translation_table", "build_engine", "TensorRTModule"]
+__all__ = ["export_onnx", "load_manifest", "translation_table", "build_engine", "TensorRTModule",
+           "OPSETS"]
+
+# The ONNX opsets export_onnx writes: the dynamo exporter's first (18) to the newest whose op
+# forms translations.py knows (23). Here, not in onnx.py, so the command line's --opset check
+# needs no torch import.
+OPSETS = range(18, 24)
 
 
 def __getattr__(name):

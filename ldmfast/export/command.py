@@ -5,9 +5,12 @@ this module imports neither torch nor TensorRT; ``run`` does.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import sys
+
+from . import OPSETS
 
 log = logging.getLogger("ldmfast")
 
@@ -28,26 +31,30 @@ def add_arguments(parser):
     p.add_argument("--ema", action="store_true", help="use the EMA weights where present")
     p.add_argument("--out", "-o", required=True, help="output directory (must not exist or be "
                    "empty, unless --overwrite and it holds an earlier export)")
-    p.add_argument("--height", type=int, default=512, help="image height in pixels")
-    p.add_argument("--width", type=int, default=512, help="image width in pixels")
-    p.add_argument("--batch", type=int, default=1,
+    p.add_argument("--height", type=_at_least(1), default=512, help="image height in pixels (a "
+                   "multiple of the first stage's and the U-Net's downsampling, e.g. 64 for SD)")
+    p.add_argument("--width", type=_at_least(1), default=512, help="image width in pixels")
+    p.add_argument("--batch", type=_at_least(1), default=1,
                    help="batch of every graph (2 = one prompt with classifier-free guidance)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
                    help="weights and activations; statistics and softmax stay fp32")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset (18..23)")
+    p.add_argument("--opset", type=int, default=18, choices=OPSETS, metavar="{18..23}",
+                   help="ONNX opset (default 18)")
     p.add_argument("--dynamic", action="store_true",
                    help="symbolic batch and latent size instead of fixed shapes")
     p.add_argument("--components", default=None,
                    help="comma-separated subset of unet,vae_decoder,text_encoder")
-    p.add_argument("--text-length", type=int, default=None, help="token count (default: the "
-                   "text encoder's, 77 for CLIP)")
+    p.add_argument("--text-length", type=_at_least(1), default=None,
+                   help="token count (default: the text encoder's, 77 for CLIP)")
     p.add_argument("--group-norm", default="auto", choices=["auto", "instance", "group"],
                    help="GroupNorm as InstanceNormalization (any opset) or GroupNormalization "
                         "(opset >= 21)")
     p.add_argument("--attention", default="auto", choices=["auto", "matmul", "onnx"],
                    help="attention as MatMul-Softmax-MatMul or the opset-23 Attention op")
     p.add_argument("--slim", action="store_true", help="also run onnxslim (graphs < 2 GiB)")
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier export")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export (files "
+                   "it does not write, such as engines and other components' graphs, are kept)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
     t = sub.add_parser("tensorrt", help="build TensorRT engines from exported ONNX graphs",
                        description="Builds one TensorRT 10 engine per graph (needs the "
@@ -66,27 +73,47 @@ def add_arguments(parser):
     t.add_argument("--timing-cache", default=None, help="timing cache file (read and updated)")
     t.add_argument("--no-refit", dest="refit", action="store_false",
                    help="build without BuilderFlag.REFIT (no weight swapping)")
-    t.add_argument("--overwrite", action="store_true", help="replace existing engine files")
+    t.add_argument("--overwrite", action="store_true", help="replace existing engine files (never "
+                   "the input graphs)")
+    t.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
 def argparse_bool():
-    import argparse
     return argparse.BooleanOptionalAction
+
+
+def _at_least(low):
+    """An argparse type: an integer >= ``low``, so a bad value is refused at parse time with
+    argparse's one-line message naming the option (exit status 2)."""
+    def parse(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return parse
 
 
 def _run_onnx(args):
     from ..pipeline import LatentDiffusion
-    from .onnx import export_onnx
+    from .onnx import COMPONENTS, check_options, export_onnx
 
     if not os.path.exists(args.checkpoint):
         raise FileNotFoundError(f"checkpoint {args.checkpoint!r} does not exist")
-    model = LatentDiffusion.load(args.checkpoint, config=args.config, use_ema=args.ema)
     components = args.components.split(",") if args.components else None
+    unknown = sorted(set(components or ()) - set(COMPONENTS))
+    if unknown:  # before loading what may be gigabytes
+        raise ValueError(f"--components: unknown {unknown}; choose from {','.join(COMPONENTS)}")
+    model = LatentDiffusion.load(args.checkpoint, config=args.config, use_ema=args.ema)
+    check_options(model, args.height, args.width, components, args.text_length, cli=True)
     paths = export_onnx(model, args.out, height=args.height, width=args.width, batch=args.batch,
                         dtype=args.dtype, opset=args.opset, dynamic=args.dynamic,
                         components=components, text_length=args.text_length,
                         group_norm=args.group_norm, attention=args.attention,
-                        slim=True if args.slim else False, overwrite=args.overwrite)
+                        slim=True if args.slim else False, overwrite=args.overwrite,
+                        progress=not args.no_progress)
     for name, path in paths.items():
         log.info("%s: %s", name, path)
     return 0
@@ -95,7 +122,9 @@ def _run_onnx(args):
 def _run_tensorrt(args):
     from pathlib import Path
 
-    from .tensorrt import build_engine, require_tensorrt
+    from tqdm.auto import tqdm
+
+    from .tensorrt import build_engine, check_paths, require_tensorrt
 
     require_tensorrt()
     src = Path(args.onnx)
@@ -109,7 +138,11 @@ def _run_tensorrt(args):
         jobs = [(src, Path(args.out) if args.out else src.with_suffix(".plan"))]
     else:
         raise FileNotFoundError(f"{src} does not exist")
-    for onnx_path, engine_path in jobs:
+    for onnx_path, engine_path in jobs:  # every job, before the first (long) build
+        check_paths(onnx_path, engine_path, args.timing_cache, args.overwrite,
+                    names=("--onnx", "--out", "--timing-cache"), flag="--overwrite")
+    for onnx_path, engine_path in tqdm(jobs, desc="export tensorrt", unit="engine",
+                                       disable=args.no_progress):
         build_engine(onnx_path, engine_path, fp16=args.fp16, bf16=args.bf16,
                      workspace_gb=args.workspace_gb, timing_cache=args.timing_cache,
                      strongly_typed=args.strongly_typed, refit=args.refit,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import operator
 import shutil
 import warnings
 from pathlib import Path
@@ -18,18 +19,19 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import _files
+from . import OPSETS, _files
 from .translations import resolve_forms, translation_table
 
 log = logging.getLogger("ldmfast")
 
-__all__ = ["export_onnx", "COMPONENTS", "DTYPES"]
+__all__ = ["export_onnx", "check_options", "COMPONENTS", "DTYPES", "OPSETS"]
 
 COMPONENTS = ("unet", "vae_decoder", "text_encoder")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
 # protobuf caps a serialised message at 2 GiB; leave room for the graph itself.
 EXTERNAL_DATA_THRESHOLD = 2 ** 31 - 2 ** 26
+_MAX_DYNAMIC_BATCH = 1024  # the symbolic batch's upper bound in the traced graph
 _WEIGHT_OPS = ("Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast")
 
 
@@ -121,6 +123,65 @@ def _downsampling(model, factor):
     return 8
 
 
+def _select(model, components):
+    parts = _parts(model)
+    if components is not None:
+        unknown = set(components) - set(COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
+        parts = {k: v for k, v in parts.items() if k in components}
+    if not parts:
+        raise ValueError("nothing to export")
+    return parts
+
+
+def _name(arg, cli):
+    return "--" + arg.replace("_", "-") if cli else arg
+
+
+def _check_int(arg, value, low, high=None, cli=False):
+    try:  # operator.index: Python and NumPy integers, not floats (bools are refused below)
+        v = operator.index(value)
+        ok = not isinstance(value, bool) and v >= low and (high is None or v <= high)
+    except TypeError:
+        ok = False
+    if not ok:
+        bound = f">= {low}" if high is None else f"from {low} to {high}"
+        raise ValueError(f"{_name(arg, cli)} must be an integer {bound}, got {value!r}")
+
+
+def check_options(model, height, width, components=None, text_length=None,
+                  downsampling_factor=None, cli=False) -> int:
+    """Refuses, before any export work, sizes the graphs cannot have: height and width must be
+    positive multiples of the first stage's downsampling factor f, times 2^levels of the U-Net
+    when it is exported (its skip connections need every halving to come back to the same
+    size); ``text_length`` must fit the text encoder's positions. Errors name the argument
+    (``--height`` with ``cli``). Returns f."""
+    parts = _select(model, components)
+    for arg, value in (("height", height), ("width", width)):
+        _check_int(arg, value, 1, cli=cli)
+    for arg, value in (("text_length", text_length), ("downsampling_factor", downsampling_factor)):
+        if value is not None:
+            _check_int(arg, value, 1, cli=cli)
+    f = _downsampling(model, downsampling_factor)
+    need, why = f, f"the first stage's downsampling factor {f}"
+    if "unet" in parts:
+        from ..models.unet import count_downsamplings
+        need = f * 2 ** count_downsamplings(parts["unet"])
+        why += f" times the U-Net's {need // f}"
+    for arg, value in (("height", height), ("width", width)):
+        if value % need:
+            raise ValueError(f"{_name(arg, cli)} must be a multiple of {need} ({why}), got "
+                             f"{value}")
+    enc = parts.get("text_encoder")
+    limit = next((int(getattr(enc, a)) for a in ("max_seq_len", "max_length")
+                  if getattr(enc, a, None)), None)
+    if text_length is not None and limit is not None and text_length > limit:
+        raise ValueError(f"{_name('text_length', cli)} {text_length} exceeds the text encoder's "
+                         f"{limit} positions")
+    return f
+
+
 def _unet_spec(unet, batch, h, w, dtype, text_len):
     cfg = getattr(unet, "config", {}) or {}
     context_dim = cfg.get("context_dim", getattr(unet, "context_dim", None))
@@ -153,7 +214,7 @@ def _text_spec(cond_stage, batch, text_len):
 
 
 def _dynamic_shapes(names, args, spatial):
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    batch = torch.export.Dim("batch", min=1, max=_MAX_DYNAMIC_BATCH)
     shapes, names = [], iter(names)
     for a in args:
         if a is None:
@@ -297,47 +358,72 @@ def _export_part(name, wrapper, args, input_names, output_names, dest, *, opset,
     return info
 
 
+def _kept_components(out_dir, overwrite, manifest, exported):
+    """The earlier export's components that this one keeps (those it does not export again),
+    as {name: manifest entry}. They share the manifest's settings, so an export with other
+    settings (size, dtype, opset, ...) is refused rather than left describing them wrongly."""
+    if not overwrite or not (out_dir / _files.MANIFEST).is_file():
+        return {}
+    try:
+        old = load_manifest(out_dir)
+        kept = {name: info for name, info in old["components"].items()
+                if name not in exported and (out_dir / info["file"]).is_file()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise FileExistsError(f"{out_dir / _files.MANIFEST} cannot be read ({e}); refusing to "
+                              "replace that export") from None
+    diff = [f"{k} {old.get(k)!r} (now {v!r})" for k, v in manifest.items()
+            if k != "components" and old.get(k) != v]
+    if kept and diff:
+        raise FileExistsError(
+            f"{out_dir} holds {sorted(kept)} exported with other settings: {', '.join(diff)}; "
+            f"export them again too (components={sorted(set(kept) | set(exported))}) or choose "
+            "another directory")
+    return kept
+
+
 @torch.no_grad()
 def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int = 1,
                 dtype="fp32", opset: int = 18, dynamic: bool = False, *, components=None,
                 text_length: int | None = None, downsampling_factor: int | None = None,
                 group_norm: str = "auto", attention: str = "auto", slim: bool | None = False,
-                external_data: bool | None = None, overwrite: bool = False) -> dict:
+                external_data: bool | None = None, overwrite: bool = False,
+                progress: bool = True) -> dict:
     """Exports ``model`` (a LatentDiffusion, or a bare U-Net / autoencoder / text encoder) to
     ``out_dir``: ``unet.onnx``, ``vae_decoder.onnx``, ``text_encoder.onnx`` (those it has)
-    and ``manifest.json``. Returns {component name: Path of its .onnx}.
+    and ``manifest.json``. Returns {component name: Path of its .onnx} for the graphs written.
 
     height, width: image size in pixels; latents are (height/f, width/f), f the first stage's
     downsampling factor (``downsampling_factor`` overrides it, e.g. for a bare U-Net; default
-    8). batch: the batch of every graph (2 for classifier-free guidance in one U-Net call).
+    8). Both must be multiples of f times the U-Net's own downsampling (see ``check_options``).
+    batch: the batch of every graph (2 for classifier-free guidance in one U-Net call).
     dtype: "fp32", "fp16" or "bf16" weights and activations; statistics stay float32.
-    dynamic: batch (and latent height/width) become symbolic.
+    opset: 18 to 23. dynamic: batch (and latent height/width) become symbolic.
     components: a subset of ("unet", "vae_decoder", "text_encoder").
     group_norm / attention: the ONNX forms of the fused ops (see ``translations.py``).
     slim: run onnxslim after cleaning (None: only for graphs without external data).
     external_data: None = only when weights exceed 2 GiB (the protobuf limit).
-    overwrite: replace an earlier export in ``out_dir``; otherwise a non-empty ``out_dir``
-    is refused. Either way files are written to a temporary sibling directory and moved into
-    place only when every graph has passed ``onnx.checker``.
+    progress: a progress bar over the graphs.
+
+    overwrite: replace an earlier export in ``out_dir`` (a folder with our manifest; any other
+    non-empty folder is refused). Only what this export writes is replaced: the graphs of the
+    exported components and the manifest. Everything else in the folder is kept: engines built
+    from the graphs, the user's own files, and the graphs of components not exported this time,
+    whose manifest entries are carried into the new manifest (so they must have been exported
+    with the same settings; otherwise the export is refused before any work). Either way the
+    files are written to a temporary sibling directory that replaces ``out_dir`` in one step
+    only when every graph has passed ``onnx.checker``.
     """
     torch_dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     if torch_dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, not {dtype!r}")
+    _check_int("opset", opset, OPSETS[0], OPSETS[-1])
+    _check_int("batch", batch, 1, _MAX_DYNAMIC_BATCH if dynamic else None)
     if torch_dtype == torch.bfloat16 and opset < 22:
         raise ValueError("dtype bf16 needs opset >= 22: Conv and most other ops accept "
                          f"bfloat16 only from opset 22 (opset {opset} was requested)")
     gn_form, attn_form = resolve_forms(opset, group_norm, attention)
-    parts = _parts(model)
-    if components is not None:
-        unknown = set(components) - set(COMPONENTS)
-        if unknown:
-            raise ValueError(f"unknown components {sorted(unknown)}; choose from {COMPONENTS}")
-        parts = {k: v for k, v in parts.items() if k in components}
-    if not parts:
-        raise ValueError("nothing to export")
-    f = _downsampling(model, downsampling_factor)
-    if height % f or width % f:
-        raise ValueError(f"height and width must be multiples of the downsampling factor {f}")
+    f = check_options(model, height, width, components, text_length, downsampling_factor)
+    parts = _select(model, components)
     h, w = height // f, width // f
     text_len = _text_length(model, getattr(model, "cond_stage", None) or parts.get("text_encoder"),
                             text_length)
@@ -356,12 +442,15 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
                 "attention": attn_form, "scale_factor": getattr(model, "scale_factor", None),
                 "parameterization": getattr(model, "parameterization", None),
                 "components": {}}
+    kept = _kept_components(out_dir, overwrite, manifest, parts)
     # torch.export specialises a dimension whose example size is 1, so a dynamic export
     # traces with batch 2 (the graph accepts any batch either way).
     trace_batch = max(batch, 2) if dynamic else batch
+    from tqdm.auto import tqdm
     tmp = _files.staging_dir(out_dir)
     try:
-        for name, module in parts.items():
+        for name, module in tqdm(parts.items(), desc="export onnx", unit="graph",
+                                 disable=not progress):
             # Exports never change the caller's module: dtype casts happen on a copy.
             part = module if torch_dtype == torch.float32 else copy.deepcopy(module).to(torch_dtype)
             was_training = part.training
@@ -380,13 +469,18 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
             finally:
                 part.train(was_training)
             del part
+        written = {name: out_dir / info["file"] for name, info in manifest["components"].items()}
+        manifest["components"].update(kept)
         with open(tmp / _files.MANIFEST, "w") as fh:
             json.dump(manifest, fh, indent=1)
-        _files.commit_dir(tmp, out_dir, overwrite)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return {name: out_dir / info["file"] for name, info in manifest["components"].items()}
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    # The names this export owns in out_dir: an earlier export's files under them are replaced
+    # (a .data file the new graph no longer has included); the rest of out_dir is carried over.
+    owned = {n for name in parts for n in (f"{name}.onnx", f"{name}.onnx.data")}
+    _files.commit_dir(tmp, out_dir, overwrite, owned)
+    return written
 
 
 def load_manifest(out_dir) -> dict:

@@ -15,16 +15,18 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .. import fileio
 from . import _files
 
 log = logging.getLogger("ldmfast")
 
-__all__ = ["build_engine", "TensorRTModule", "require_tensorrt"]
+__all__ = ["build_engine", "check_paths", "TensorRTModule", "require_tensorrt"]
 
 # Names a caller may use for an engine input, in the PyTorch modules' own vocabulary.
 _ALIASES = {"x": "sample", "timesteps": "timestep", "t": "timestep", "z": "latent",
@@ -73,11 +75,20 @@ def _parser_errors(parser) -> str:
     return "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
 
 
-def _onnx_input_shapes(onnx_path: Path):
-    """{input name: shape} of the graph (dims as ints, or None where symbolic)."""
+def _load_graph(onnx_path: Path, arg: str = "onnx_path"):
+    """The graph without its weights (external data stays on disk)."""
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    if not onnx_path.is_file():
+        raise FileNotFoundError(f"{arg}: {onnx_path} does not exist or is not a file")
+    try:
+        return onnx.load(str(onnx_path), load_external_data=False).graph
+    except Exception as e:  # protobuf's DecodeError and friends: not an ONNX file
+        raise ValueError(f"{arg}: {onnx_path} is not an ONNX graph ({e})") from None
+
+
+def _onnx_input_shapes(graph):
+    """{input name: shape} of the graph (dims as ints, or None where symbolic)."""
     shapes = {}
     for value in graph.input:
         dims = value.type.tensor_type.shape.dim
@@ -85,19 +96,18 @@ def _onnx_input_shapes(onnx_path: Path):
     return shapes
 
 
-def _graph_is_low_precision(onnx_path: Path) -> bool:
+def _graph_is_low_precision(graph) -> bool:
     import onnx
 
-    graph = onnx.load(str(onnx_path), load_external_data=False).graph
     low = {onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}
     return any(v.type.tensor_type.elem_type in low for v in graph.input)
 
 
-def _profile_shapes(onnx_path, shapes):
+def _profile_shapes(onnx_path, graph, shapes):
     """(min, opt, max) per input: the export's own static shapes, or ``shapes`` where given
     (required for symbolic dims, e.g. ``{"sample": [(1,4,64,64), (2,4,64,64), (4,4,96,96)]}``)."""
     out = {}
-    for name, dims in _onnx_input_shapes(onnx_path).items():
+    for name, dims in _onnx_input_shapes(graph).items():
         if shapes and name in shapes:
             spec = shapes[name]
             out[name] = tuple(tuple(s) for s in spec) if isinstance(spec[0], (list, tuple)) \
@@ -108,6 +118,62 @@ def _profile_shapes(onnx_path, shapes):
         else:
             out[name] = (tuple(dims),) * 3
     return out
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """The same file by path (symbolic links resolved) or, both existing, by inode (hard links)."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _sidecar(engine_path: Path) -> Path:
+    return engine_path.with_name(engine_path.name + ".json")
+
+
+def check_paths(onnx_path, engine_path, timing_cache=None, overwrite: bool = False,
+                names=("onnx_path", "engine_path", "timing_cache"),
+                flag: str = "overwrite=True"):
+    """Refuses, before any work, a build that would lose a file: the engine, its ``.json``
+    sidecar or the timing cache written onto a file the build reads (the graph, its external
+    data, the export's manifest beside it) or onto each other, whatever ``overwrite`` says;
+    an existing engine without ``overwrite``; a folder given for a file. ``names`` are the
+    arguments the messages name (the command line passes its options). Returns the graph
+    (its weights left on disk)."""
+    onnx_path, engine_path = Path(onnx_path), Path(engine_path)
+    graph = _load_graph(onnx_path, names[0])
+    reads = [(onnx_path, "the ONNX graph being built"),
+             (onnx_path.parent / _files.MANIFEST, "the export's manifest")]
+    reads += [(onnx_path.parent / e.value, "the graph's external data")
+              for t in graph.initializer for e in t.external_data if e.key == "location"]
+    sidecar = _sidecar(engine_path)
+    checks = [(names[1], engine_path, reads), (f"{names[1]} (its .json sidecar)", sidecar, reads)]
+    if timing_cache is not None:
+        checks.append((names[2], Path(timing_cache),
+                       reads + [(engine_path, "the engine"), (sidecar, "the engine's sidecar")]))
+    for arg, out, avoid in checks:
+        for src, what in avoid:
+            if _same_file(out, src):
+                raise ValueError(f"{arg}: {out} is {what}; refusing to write over it (even with "
+                                 "overwrite): choose another file")
+    fileio.check_writable(engine_path, overwrite, names[1], flag)
+    if timing_cache is not None and Path(timing_cache).is_dir():
+        raise IsADirectoryError(f"{names[2]}: {timing_cache!r} is a folder; give a file name")
+    return graph
+
+
+def _load_timing_cache(config, blob: bytes):
+    """A timing cache made from ``blob`` and set on ``config``; None when TensorRT cannot use
+    it (not a timing cache, or one from another GPU or TensorRT version)."""
+    try:
+        cache = config.create_timing_cache(blob)
+        ok = cache is not None and config.set_timing_cache(cache, ignore_mismatch=False)
+        return cache if ok else None
+    except Exception:  # TensorRT raises on some malformed blobs, returns None on others
+        return None
 
 
 def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
@@ -124,16 +190,17 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
     One optimisation profile is made, fixed at the export's shapes unless ``shapes`` gives
     (min, opt, max) per input. refit: build with BuilderFlag.REFIT so ``TensorRTModule.refit``
     can swap weights (LoRA) without a rebuild. timing_cache: a file read if present and
-    written back after the build (speeds up rebuilds of the same graph on the same GPU).
-    overwrite: replace an existing engine file; otherwise an existing one is refused.
+    written back after the build (speeds up rebuilds of the same graph on the same GPU); an
+    existing file TensorRT cannot load as a timing cache (or one for another GPU) is replaced
+    only with ``overwrite``. overwrite: replace an existing engine file; otherwise an existing
+    one is refused. No output is ever written over an input (see ``check_paths``).
     tf32: TensorRT may run fp32 layers in TF32 (its default); False keeps full fp32 matmuls.
     """
     trt = require_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if engine_path.exists() and not overwrite:
-        raise FileExistsError(f"{engine_path} already exists; pass overwrite=True to replace it")
+    graph = check_paths(onnx_path, engine_path, timing_cache, overwrite)
     if strongly_typed is None:
-        strongly_typed = _graph_is_low_precision(onnx_path)
+        strongly_typed = _graph_is_low_precision(graph)
     logger = _Logger.get(trt)
     builder = trt.Builder(logger)
     flags = 0
@@ -160,15 +227,26 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
         config.builder_optimization_level = int(builder_optimization_level)
 
     profile = builder.create_optimization_profile()
-    for name, (lo, opt, hi) in _profile_shapes(onnx_path, shapes).items():
+    for name, (lo, opt, hi) in _profile_shapes(onnx_path, graph, shapes).items():
         profile.set_shape(name, lo, opt, hi)
     config.add_optimization_profile(profile)
 
-    cache = None
-    if timing_cache is not None:
-        blob = Path(timing_cache).read_bytes() if Path(timing_cache).is_file() else b""
-        cache = config.create_timing_cache(blob)
-        config.set_timing_cache(cache, ignore_mismatch=False)
+    del graph  # the builder holds its own copy of the network
+    cache_path = None if timing_cache is None else Path(timing_cache)
+    if cache_path is not None:
+        existed = cache_path.exists()
+        blob = cache_path.read_bytes() if existed else b""
+        # A cache TensorRT loads is there to be updated; any other existing file is not ours.
+        if _load_timing_cache(config, blob) is None:
+            if blob and not overwrite:
+                raise FileExistsError(
+                    f"timing_cache: {cache_path} exists and TensorRT cannot load it as a timing "
+                    "cache (another file, or a cache from another GPU or TensorRT version); pass "
+                    "overwrite=True (--overwrite) to replace it, or choose another file")
+            log.warning("%s is not a timing cache TensorRT can use; starting a new one",
+                        cache_path)
+            if _load_timing_cache(config, b"") is None:
+                raise RuntimeError("TensorRT could not create an empty timing cache")
 
     log.info("building TensorRT engine from %s (strongly typed: %s, fp16: %s, bf16: %s)",
              onnx_path, strongly_typed, fp16, bf16)
@@ -176,14 +254,15 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
     if plan is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}; run with "
                            "logging at DEBUG for the builder's messages")
-    if cache is not None:
-        _files.write_file_atomic(Path(timing_cache), config.get_timing_cache().serialize(),
-                                 overwrite=True)
-    _files.write_file_atomic(engine_path, plan, overwrite=overwrite)
+    _files.write_file_atomic(engine_path, plan, overwrite=overwrite, arg="engine_path")
     sidecar = {"onnx": str(onnx_path.resolve()), "strongly_typed": bool(strongly_typed),
                "fp16": bool(fp16), "bf16": bool(bf16), "refit": bool(refit)}
-    _files.write_file_atomic(engine_path.with_name(engine_path.name + ".json"),
-                             json.dumps(sidecar, indent=1).encode(), overwrite=True)
+    # the sidecar belongs to the engine: it is replaced with it
+    _files.write_file_atomic(_sidecar(engine_path), json.dumps(sidecar, indent=1).encode(),
+                             overwrite=True, arg="engine_path")
+    if cache_path is not None:  # absent when the build began: never replace a newcomer
+        _files.write_file_atomic(cache_path, config.get_timing_cache().serialize(),
+                                 overwrite=existed, arg="timing_cache")
     return engine_path
 
 

@@ -174,6 +174,13 @@ class TimestepEmbedSequential(nn.Sequential):
         return x
 
 
+def count_downsamplings(unet) -> int:
+    """How many times a U-Net halves its input: input blocks holding a Downsample (BigGAN-style
+    down ResBlocks hold one too). Image sides must be multiples of 2 to that power."""
+    return sum(any(isinstance(m, Downsample) for m in block.modules())
+               for block in getattr(unet, "input_blocks", ()))
+
+
 def _as_tuple(v):
     return tuple(v) if isinstance(v, (list, tuple)) else (v,)
 

@@ -6,6 +6,8 @@ module loads it and adds what Python provides: fake (meta) implementations for
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from . import _library
@@ -21,6 +23,14 @@ def cuda_available() -> bool:
     return _library.cuda_loaded()
 
 
+def _tensors(op, optional=(), **named):
+    # The dispatcher turns None into an undefined tensor, which the C++ checks report as a
+    # shape-[0] tensor; a missing input is named here instead.
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            raise TypeError(f"ldmfast.{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
 def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: bool = True,
                     emb=None):
     """silu(GroupNorm(x + emb)) with float32 statistics; the output keeps x's memory format.
@@ -29,6 +39,7 @@ def group_norm_silu(x, weight, bias, num_groups: int, eps: float = 1e-5, silu: b
     weight, bias: (C,), x's dtype or float32. emb: optional (N, C), added per channel before
     normalisation (the ResBlock time embedding). ``silu=False`` gives plain GroupNorm.
     """
+    _tensors("group_norm_silu", ("emb",), x=x, weight=weight, bias=bias, emb=emb)
     return torch.ops.ldmfast.group_norm_silu(x, weight, bias, num_groups, eps, silu, emb)
 
 
@@ -38,6 +49,7 @@ def attention(q, k, v, scale=None):
     Strided views are accepted as long as the last dim is contiguous (e.g. slices of one fused
     QKV projection). Softmax in float32; ``scale`` defaults to D**-0.5.
     """
+    _tensors("attention", q=q, k=k, v=v)
     return torch.ops.ldmfast.attention(q, k, v, scale)
 
 
@@ -47,6 +59,7 @@ def geglu(h):
     The LDM FeedForward's gate in one pass over h. float32/float16/bfloat16, math in float32;
     the last dim must be even with unit stride (other layouts are copied first).
     """
+    _tensors("geglu", h=h)
     return torch.ops.ldmfast.geglu(h)
 
 
@@ -57,13 +70,39 @@ def ddim_step(x, eps, alpha_t, alpha_prev, sigma_t=0.0, noise=None, eps_uncond=N
     With ``eps_uncond``, classifier-free guidance is folded in:
     eps = eps_uncond + guidance_scale (eps - eps_uncond). Each scalar may be a Python float or a
     float tensor on x's device, 0-d or per-sample (N,), so a sampling loop needs no host sync.
+
+    A tensor's value is never read on the host (that would sync with the device, in a CUDA-graph
+    loop too), so the checks that need values hold for floats only, and tensors are judged by
+    kind: a tensor ``sigma_t`` needs ``noise`` (pass ``noise=torch.zeros_like(x)`` for a
+    deterministic step, or ``sigma_t=0.0``), and a tensor ``guidance_scale`` needs
+    ``eps_uncond``. A float ``sigma_t`` must satisfy sigma_t**2 <= 1 - alpha_prev (eq. 12's
+    direction term); with tensors, 1 - alpha_prev - sigma_t**2 is clamped at 0.
     """
+    _tensors("ddim_step", ("noise", "eps_uncond"), x=x, eps=eps, noise=noise, eps_uncond=eps_uncond)
+    names = ("alpha_t", "alpha_prev", "sigma_t", "guidance_scale")
     values, tensors = [], []
-    for s in (alpha_t, alpha_prev, sigma_t, guidance_scale):
+    for name, s in zip(names, (alpha_t, alpha_prev, sigma_t, guidance_scale)):
         if isinstance(s, torch.Tensor):
             values.append(0.0)
             tensors.append(s)
-        else:
+        elif isinstance(s, numbers.Real) and not isinstance(s, bool):
             values.append(float(s))
             tensors.append(None)
+        else:
+            raise TypeError(f"ldmfast.ddim_step: {name} must be a float or a float tensor, "
+                            f"got {type(s).__name__}")
+    a_prev, sig, g = values[1:]
+    if noise is None and tensors[2] is not None:
+        raise ValueError("ldmfast.ddim_step: a tensor sigma_t needs noise (its value is not read on the "
+                         "host): pass noise=torch.zeros_like(x) for a deterministic step, or sigma_t=0.0")
+    if eps_uncond is None and (tensors[3] is not None or g != 1.0):
+        what = "a tensor guidance_scale" if tensors[3] is not None else f"guidance_scale={g}"
+        raise ValueError(f"ldmfast.ddim_step: {what} needs eps_uncond, the unconditional prediction "
+                         "it guides away from; without it pass guidance_scale=1.0")
+    # A little slack: a sigma computed in float32 from the same alphas at eta = 1 must pass.
+    if tensors[1] is None and tensors[2] is None and sig > 0 and a_prev <= 1 \
+            and sig * sig > (1 - a_prev) * (1 + 1e-5):
+        raise ValueError(f"ldmfast.ddim_step: sigma_t={sig} exceeds sqrt(1 - alpha_prev) = "
+                         f"{(1 - a_prev) ** 0.5:.6g} (alpha_prev={a_prev}); the DDIM direction term "
+                         "would be negative")
     return torch.ops.ldmfast.ddim_step(x, eps, eps_uncond, noise, *values, *tensors)

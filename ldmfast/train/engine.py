@@ -12,7 +12,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 import types
 
@@ -20,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
+
+from .. import fileio
 
 log = logging.getLogger("ldmfast")
 
@@ -141,19 +142,9 @@ def save_checkpoint(state: dict, path) -> str:
     flushed to disk, then ``os.replace``d over ``path``, so an interrupted run never leaves a
     truncated checkpoint behind."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with fileio.atomic_path(path) as tmp:
+        torch.save(state, tmp)
     return path
 
 

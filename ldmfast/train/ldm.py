@@ -279,14 +279,15 @@ class LDMTrainer:
         return model.eval()
 
 
-def export_model(model, path) -> str:
+def export_model(model, path, overwrite: bool = False) -> str:
     """Writes a trained ``LatentDiffusion`` with ``ldmfast.checkpoint.save`` (safetensors with
-    its config), so that ``ldmfast.load(path)`` restores it."""
+    its config), so that ``ldmfast.load(path)`` restores it; an existing file is replaced only
+    with ``overwrite``."""
     try:
         from .. import checkpoint
     except ImportError as e:
         raise RuntimeError("ldmfast.checkpoint is not available to write the model "
                            f"({e}); the training checkpoint holds the weights meanwhile") from e
     model.config.setdefault("diffusion", {})["scale_factor"] = float(model.scale_factor)
-    checkpoint.save(model, path)
+    checkpoint.save(model, path, overwrite=overwrite)
     return os.fspath(path)

@@ -22,6 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from .. import fileio
 from ..data import shapes
 from . import engine
 from .autoencoder import AETrainConfig, AutoencoderTrainer, evaluate_psnr, psnr
@@ -221,6 +222,10 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
 
     if ops not in ("auto", "fused", "reference"):
         raise ValueError(f"ops must be auto, fused or reference, not {ops!r}")
+    if threads is not None and int(threads) < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}")
+    if export is not None:  # a file the user names is never replaced (found out before training)
+        fileio.check_writable(export, overwrite=False, arg="export", flag="another export path")
     if threads:
         # On a shared machine a multi-threaded OpenMP region waits at every op for its
         # descheduled threads: measured 8.9 s vs 0.25 s for one small step with 2 vs 1 thread
@@ -298,7 +303,8 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
                                     "steps": recipe.eval_steps}
         path = export or os.path.join(out, f"{recipe.name}.safetensors")
         try:
-            summary["weights"] = export_model(final, path)
+            # the default path is this run's own output, rewritten when the run is resumed
+            summary["weights"] = export_model(final, path, overwrite=export is None)
             log.info("wrote %s", path)
         except RuntimeError as e:
             log.warning("%s", e)
@@ -309,6 +315,7 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
             else:
                 summary["eval"] = evaluate_txt2img(final, steps=recipe.eval_steps,
                                                    guidance_scale=recipe.guidance_scale)
-        with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
+        with fileio.atomic_path(os.path.join(out, "summary.json")) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
             json.dump(summary, f, indent=1)
     return summary
