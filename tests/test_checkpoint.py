@@ -327,7 +327,7 @@ def test_save_failures_write_nothing(tmp_path, monkeypatch):
 
     monkeypatch.setattr(safetensors.torch, "save_file", failing)
     with pytest.raises(OSError, match="disk full"):
-        save(comps, target)
+        save(comps, target, overwrite=True)
     assert os.listdir(tmp_path) == ["model.safetensors"]  # no temporary file left
     assert open(target, "rb").read() == before  # the old file is untouched
     with pytest.raises(ValueError, match="carries no .config"):
