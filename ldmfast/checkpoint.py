@@ -457,7 +457,7 @@ def save(obj, path, overwrite: bool = False) -> str:
     fileio.check_writable(path, overwrite)
     sd, config_json = _collect(obj)
     tensors = _tensors_for_file(sd)
-    with fileio.atomic_path(path) as tmp:
+    with fileio.atomic_path(path, replace=overwrite) as tmp:
         if path.endswith(".safetensors"):
             from safetensors.torch import save_file
             save_file(tensors, tmp, metadata={"format": "pt", _META_KEY: config_json})

@@ -12,12 +12,25 @@ import tempfile
 __all__ = ["atomic_path", "check_writable", "created_mode", "fsync_dir"]
 
 
+def _umask() -> int:
+    # Linux reports it; setting and restoring it (the portable way) would briefly give files
+    # that other threads create mode 0666.
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o077)  # the safe side while it is off
+    os.umask(mask)
+    return mask
+
+
 def created_mode(directory: bool = False) -> int:
     """The mode ``open()`` (0666) or ``mkdir()`` (0777) would give a new file or folder under the
     process's umask."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return (0o777 if directory else 0o666) & ~_umask()
 
 
 def fsync_dir(path) -> None:
@@ -47,11 +60,31 @@ def check_writable(path, overwrite: bool, arg: str = "path", flag: str = "overwr
     return path
 
 
+def _publish(tmp: str, path: str, replace: bool) -> None:
+    if replace:
+        os.replace(tmp, path)
+        return
+    # No replacement: a hard link fails if path appeared since it was checked.
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise FileExistsError(f"{path!r} appeared while it was being written; it was left as "
+                              "it is") from None
+    except OSError:  # a filesystem without hard links: the last check is as close as it gets
+        if os.path.lexists(path):
+            raise FileExistsError(f"{path!r} appeared while it was being written; it was left "
+                                  "as it is") from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 @contextlib.contextmanager
-def atomic_path(path, suffix: str = ""):
+def atomic_path(path, suffix: str = "", replace: bool = True):
     """Yields a temporary path next to ``path`` to write; on a clean exit it is flushed, given
-    ``path``'s mode (or the umask's for a new file) and renamed over ``path``; on an error it is
-    removed and ``path`` is untouched. The folder must exist."""
+    ``path``'s mode (or the umask's for a new file) and moved to ``path``; on an error it is
+    removed and ``path`` is untouched. ``replace=False``: a file that appeared at ``path`` in the
+    meantime is kept (FileExistsError). The folder must exist."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp", dir=folder)
@@ -65,7 +98,7 @@ def atomic_path(path, suffix: str = ""):
         except FileNotFoundError:
             mode = created_mode()
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        _publish(tmp, path, replace)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -152,7 +152,7 @@ def save_png(image: Image.Image, path, overwrite: bool = False) -> str:
     only with ``overwrite`` and only if it is a PNG."""
     path = check_outputs(path, 1, overwrite, arg="path")[0]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with fileio.atomic_path(path) as tmp:
+    with fileio.atomic_path(path, replace=overwrite) as tmp:
         image.save(tmp, format="PNG")
     return path
 
@@ -166,6 +166,6 @@ def save_images(images: Sequence[Image.Image], out, overwrite: bool = False) -> 
     if len(images) > 1:
         images = list(images) + [make_grid(images)]
     for im, path in zip(images, paths):
-        with fileio.atomic_path(path) as tmp:
+        with fileio.atomic_path(path, replace=overwrite) as tmp:
             im.save(tmp, format="PNG")
     return paths

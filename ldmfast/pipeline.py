@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import operator
 import os
 from typing import Optional
 
@@ -73,6 +74,11 @@ OUTPUT_TYPES = ("pil", "tensor", "latent")
 _KINDS = {"text": "text-conditioned", "class": "class-conditional",
           "context": "conditioned on a cross-attention context (with no encoder for prompts)",
           None: "unconditional"}
+
+
+def _guided(guidance_scale) -> bool:
+    # A tensor scale (0-d or per sample, maybe on the GPU) is not read: it always means guidance.
+    return isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
 
 
 def _check_output_type(output_type):
@@ -625,7 +631,10 @@ class LatentDiffusion(nn.Module):
             hw = tuple(concat.shape[2:]) if isinstance(concat, torch.Tensor) else (
                 tuple(x0.shape[2:]) if x0 is not None else (self.latent_size,) * 2)
             shape = (b, self.latent_channels) + hw
-        shape = tuple(shape)
+        try:
+            shape = tuple(operator.index(n) for n in shape)  # NumPy / torch integers too
+        except TypeError:
+            shape = tuple(shape)
         if (len(shape) != 4 or shape[1] != self.latent_channels
                 or not all(isinstance(n, int) and n > 0 for n in shape)):
             raise ValueError(f"latent shape must be (B, {self.latent_channels}, h, w) of "
@@ -633,7 +642,7 @@ class LatentDiffusion(nn.Module):
         self._check_sides("the latent", shape[2], shape[3], pixels=False)
         concat = self._check_concat(concat, shape)
         b = shape[0]
-        guide = isinstance(guidance_scale, torch.Tensor) or guidance_scale != 1.0
+        guide = _guided(guidance_scale)
         cond = self._encode_cond(cond, b)
         if guide and uncond is None:
             if self.conditioning == "text":
@@ -729,7 +738,8 @@ class LatentDiffusion(nn.Module):
     def _check_task(self, steps, sampler, eta, guidance_scale, seed, generator, output_type):
         """The sampling arguments every task shares; returns (steps, generator)."""
         _, _, steps, _ = check_sampler_args(sampler, steps, eta, self.schedule.num_timesteps)
-        check_real("guidance_scale", guidance_scale)
+        if not isinstance(guidance_scale, torch.Tensor):  # tensors (0-d or per sample): as sample()
+            check_real("guidance_scale", guidance_scale)
         _check_output_type(output_type)
         return steps, self._generator(seed, generator)
 
@@ -802,7 +812,7 @@ class LatentDiffusion(nn.Module):
         h, w = self._latent_hw(height, width)
         self._check_out(out, len(prompts), output_type, overwrite)
         cond = self.encode_text(prompts)
-        uncond = self.encode_text(negatives) if guidance_scale != 1.0 else None
+        uncond = self.encode_text(negatives) if _guided(guidance_scale) else None
         z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, generator=gen,
                         shape=(len(prompts), self.latent_channels, h, w), progress=progress,
                         callback=callback, cuda_graph=cuda_graph)
@@ -832,7 +842,7 @@ class LatentDiffusion(nn.Module):
         steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
                                       output_type)
         uncond = None
-        if guidance_scale != 1.0:
+        if _guided(guidance_scale):
             if uncond_label is None:
                 raise ValueError("classifier-free guidance needs uncond_label, the null class")
             uncond = torch.full_like(labels, check_int("uncond_label", uncond_label, 0, n - 1))
@@ -923,7 +933,7 @@ class LatentDiffusion(nn.Module):
         cond = uncond = None
         if prompts is not None:
             cond = self.encode_text(prompts)
-            if guidance_scale != 1.0:
+            if _guided(guidance_scale):
                 uncond = self.encode_text(negatives)
         if self.concat_channels:
             z_masked = self.encode((1 - m) * x)
@@ -971,7 +981,7 @@ class LatentDiffusion(nn.Module):
         cond = uncond = None
         if prompts is not None:
             cond = self.encode_text(prompts)
-            if guidance_scale != 1.0:
+            if _guided(guidance_scale):
                 uncond = self.encode_text(negatives)
         else:
             guidance_scale = 1.0

@@ -534,3 +534,38 @@ def test_sd15_unet_external_data(tmp_path):
     shutil.rmtree(tmp_path / "sd15")
     print(f"SD-1.5 U-Net export + check + run: {time.time() - t0:.0f} s, rel err {err:.2g}",
           json.dumps({"params": n_params}))
+
+
+def _old_export(folder, files):
+    folder.mkdir()
+    for name, data in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(data)
+
+
+def test_replacing_an_export_with_links_in_it(tmp_path):
+    from ldmfast.export import _files
+    out = tmp_path / "exp"
+    _old_export(out, {"manifest.json": b"{}", "unet.onnx": b"old", "engines/unet.plan": b"e"})
+    os.symlink("engines", out / "current")  # a link to a folder inside the export
+    new = _files.staging_dir(out)
+    (new / "manifest.json").write_bytes(b"{}")
+    (new / "unet.onnx").write_bytes(b"new")
+    _files.commit_dir(new, out, overwrite=True, owned={"unet.onnx"})
+    assert (out / "unet.onnx").read_bytes() == b"new"
+    assert (out / "current" / "unet.plan").read_bytes() == b"e"  # carried, link and all
+    assert sorted(os.listdir(tmp_path)) == ["exp"]  # no staging or old folder left
+    # The export folder given as a link: refused (the swap would replace the link and empty
+    # the folder it points to through it).
+    os.symlink("exp", tmp_path / "latest")
+    with pytest.raises(FileExistsError, match="symbolic link"):
+        _files.check_destination(tmp_path / "latest", overwrite=True)
+    assert (out / "unet.onnx").read_bytes() == b"new"
+
+
+def test_numpy_sizes_are_plain_ints_in_the_manifest(tiny, tmp_path):
+    # They pass the checks, so they must not fail at the end, writing the JSON manifest.
+    export_onnx(tiny, tmp_path / "o", height=np.int64(32), width=np.int64(32),
+                batch=np.int64(1), components=["vae_decoder"], progress=False)
+    m = load_manifest(tmp_path / "o")
+    assert json.dumps(m) and (tmp_path / "o" / "vae_decoder.onnx").exists()

@@ -647,3 +647,18 @@ def test_out_is_checked_before_any_work(txt_model, monkeypatch, tmp_path):
     before = old.read_bytes()
     txt_model.txt2img("a cat", out=old, overwrite=True, **kw)
     assert old.read_bytes() != before and notes.read_text() == "mine"
+
+
+def test_integer_and_tensor_arguments_users_pass_still_work(txt_model):
+    import numpy as np
+    kw = dict(height=16, width=16, progress=False)
+    a = txt_model.txt2img("a cat", seed=torch.tensor(3), steps=torch.tensor(1),
+                          batch=torch.tensor(2), **kw)
+    b = txt_model.txt2img("a cat", seed=np.int64(3), steps=np.int64(1), batch=2, **kw)
+    assert len(a) == len(b) == 2 and list(a[0].getdata()) == list(b[0].getdata())
+    for g in (torch.tensor(3.0), torch.tensor([3.0, 2.0])):  # 0-d or per sample, as sample()
+        assert len(txt_model.txt2img("a cat", steps=1, guidance_scale=g, batch=2, **kw)) == 2
+    z = txt_model.sample("a cat", shape=(np.int64(1), 4, 4, 4), steps=1, progress=False)
+    assert z.shape == (1, 4, 4, 4)
+    with pytest.raises(TypeError, match="seed must be an integer"):
+        txt_model.txt2img("a cat", seed=torch.tensor(3.5), steps=1, **kw)

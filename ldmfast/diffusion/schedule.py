@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,14 @@ def _bounds(lo, hi) -> str:
 
 def check_int(name: str, value, lo=None, hi=None) -> int:
     """``value`` as an int in [lo, hi], else a TypeError (not an integer: 2.5 or "3" would be
-    truncated or fail deep inside a loop; bool is refused too) or a ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
-    value = int(value)
+    truncated or fail deep inside a loop; bool is refused too) or a ValueError naming ``name``.
+    Python, NumPy and one-element integer torch tensors count (``operator.index``)."""
+    try:
+        if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}"[:200]) from None
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be {_bounds(lo, hi)}, got {value}")
     return value

@@ -66,6 +66,9 @@ def check_destination(out_dir: Path, overwrite: bool) -> None:
     if not (out_dir / MANIFEST).is_file():
         raise FileExistsError(f"{out_dir} is not an ldmfast export (no {MANIFEST}); refusing to "
                               "replace it even with overwrite")
+    if out_dir.is_symlink():  # the swap would replace the link and empty its target through it
+        raise FileExistsError(f"{out_dir} is a symbolic link; give the folder it points to "
+                              f"({out_dir.resolve()}) to replace that export")
 
 
 def staging_dir(out_dir: Path) -> Path:
@@ -124,8 +127,8 @@ def _remove_old(old: Path, owned, carried: dict) -> None:
             else:
                 kept.append(rel)
         for d in dirs:
-            path = os.path.join(root, d)
-            if not os.path.islink(path) and not os.listdir(path):
+            path = os.path.join(root, d)  # a link to a folder may be gone already (above)
+            if os.path.isdir(path) and not os.path.islink(path) and not os.listdir(path):
                 os.rmdir(path)
     if kept:
         log.warning("kept %s: it holds %s, changed while the export was replaced", old, kept)
@@ -181,6 +184,6 @@ def write_file_atomic(path: Path, data, overwrite: bool, arg: str = "path",
     (``fileio.atomic_path``: a replaced file keeps its mode, a new one gets the umask's)."""
     fileio.check_writable(path, overwrite, arg, flag)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with fileio.atomic_path(path) as tmp:
+    with fileio.atomic_path(path, replace=overwrite) as tmp:
         with open(tmp, "wb") as f:
             f.write(memoryview(data))

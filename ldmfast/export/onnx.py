@@ -423,6 +423,10 @@ def export_onnx(model, out_dir, height: int = 512, width: int = 512, batch: int 
                          f"bfloat16 only from opset 22 (opset {opset} was requested)")
     gn_form, attn_form = resolve_forms(opset, group_norm, attention)
     f = check_options(model, height, width, components, text_length, downsampling_factor)
+    # NumPy integers pass the checks; the manifest (JSON) needs Python ints
+    height, width, batch, opset = (operator.index(v) for v in (height, width, batch, opset))
+    if text_length is not None:
+        text_length = operator.index(text_length)
     parts = _select(model, components)
     h, w = height // f, width // f
     text_len = _text_length(model, getattr(model, "cond_stage", None) or parts.get("text_encoder"),
