@@ -130,12 +130,18 @@ COLUMNS = ["date", "git_sha", "device", "torch", "bench", "op", "shape", "dtype"
            "provider", "time_us", "gbps", "tflops", "frac_copy", "steps_per_s", "note"]
 
 
+def results_path(device: torch.device, path: str | None = None) -> str:
+    """`path`, or benchmarks/results/<device>.csv."""
+    if path is None:
+        safe = re.sub(r"[^A-Za-z0-9]+", "_", device_name(device)).strip("_")
+        path = os.path.join(HERE, "results", f"{safe}.csv")
+    return path
+
+
 def append_results(rows: list[dict], device: torch.device, path: str | None = None) -> str:
     """Appends rows to benchmarks/results/<device>.csv (or `path`); returns the path."""
     name = device_name(device)
-    if path is None:
-        safe = re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
-        path = os.path.join(HERE, "results", f"{safe}.csv")
+    path = results_path(device, path)
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "git_sha": git_sha(), "device": name, "torch": torch.__version__}
     for r in rows:

@@ -293,7 +293,7 @@ def main(argv=None):
     if not have_diffusers:
         print("diffusers is not installed: the ldmfast providers run on an ldmfast model of the same "
               "architecture (pip install diffusers for the peers and the ratios)")
-    if args.csv is not None and os.path.isfile(args.csv):
+    if os.path.isfile(C.results_path(device, args.csv)):
         try:  # appends no rows: only checks the existing file's header, before minutes of timing
             C.append_results([], device, args.csv)
         except ValueError as e:

@@ -133,6 +133,12 @@ def test_csv_with_another_header_is_refused(monkeypatch, capsys, tmp_path):
     assert run_main(monkeypatch, capsys, "--csv", str(ours))[0] == "built"
     assert run_main(monkeypatch, capsys, "--csv", str(tmp_path / "new.csv"))[0] == "built"
     assert not (tmp_path / "new.csv").exists()
+    # the default file (benchmarks/results/<device>.csv) is checked up front too
+    default = tmp_path / "default.csv"
+    default.write_text("name,score\n")
+    monkeypatch.setattr(_common, "results_path", lambda device, path=None: path or str(default))
+    code, _, err = run_main(monkeypatch, capsys)
+    assert code == 2 and "default.csv" in err and default.read_text() == "name,score\n"
 
 
 def test_append_results_refuses_another_header(monkeypatch, tmp_path):

@@ -493,5 +493,7 @@ def test_recipe_refuses_an_existing_export_before_training(tmp_path):
     with pytest.raises(FileExistsError, match="export: .*mine.safetensors"):
         recipes.run(recipes.get("shapes"), str(tmp_path / "run"), export=str(mine))
     assert mine.read_bytes() == b"a model of mine" and not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match=r"export: .*model.bin.* must end in .safetensors"):
+        recipes.run(recipes.get("shapes"), str(tmp_path / "run"), export=str(tmp_path / "model.bin"))
     with pytest.raises(ValueError, match="threads must be at least 1"):
         recipes.run(recipes.get("shapes"), str(tmp_path / "run"), threads=-1)

@@ -224,9 +224,14 @@ def run(recipe: Recipe, out: str, ldm_steps: int | None = None, ae_steps: int | 
         raise ValueError(f"ops must be auto, fused or reference, not {ops!r}")
     if threads is not None and int(threads) < 1:
         raise ValueError(f"threads must be at least 1, got {threads}")
-    if export is not None and os.path.lexists(export):  # found out before training, not after
-        raise FileExistsError(f"export: {os.fspath(export)!r} already exists; choose another path "
-                              "(a file the run did not write is never replaced)")
+    if export is not None:  # found out before training, not after it
+        if not os.fspath(export).endswith((".safetensors", ".ckpt")):
+            raise ValueError(f"export: {os.fspath(export)!r} must end in .safetensors or .ckpt")
+        if not os.path.isdir(os.path.dirname(os.path.abspath(export))):
+            raise ValueError(f"export: the folder of {os.fspath(export)!r} does not exist")
+        if os.path.lexists(export):
+            raise FileExistsError(f"export: {os.fspath(export)!r} already exists; choose another "
+                                  "path (a file the run did not write is never replaced)")
     if threads:
         # On a shared machine a multi-threaded OpenMP region waits at every op for its
         # descheduled threads: measured 8.9 s vs 0.25 s for one small step with 2 vs 1 thread
