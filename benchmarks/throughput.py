@@ -251,8 +251,13 @@ def main(argv=None):
     height = preset["height"] if args.height is None else args.height
     width = preset["width"] if args.width is None else args.width
     steps = preset["steps"] if args.steps is None else args.steps
-    if height % 8 or width % 8 or height <= 0 or width <= 0:
-        ap.error(f"--height/--width must be positive multiples of 8, got {height}x{width}")
+    # The VAE halves the image once per block after the first, the U-Net the latent likewise:
+    # sides must survive every halving (LatentDiffusion.size_multiple; 64 for SD).
+    f = 2 ** (len(preset["vae"]["block_out_channels"]) - 1)
+    multiple = f * 2 ** (len(preset["unet"]["block_out_channels"]) - 1)
+    if height % multiple or width % multiple or height <= 0 or width <= 0:
+        ap.error(f"--height/--width must be positive multiples of {multiple} for preset "
+                 f"{preset_name}, got {height}x{width}")
     if args.batch < 1:
         ap.error(f"--batch must be >= 1, got {args.batch}")
     if steps < 1:
@@ -314,7 +319,7 @@ def main(argv=None):
         pipe, model = None, build_ldmfast_only(preset, dtype, device)
     if model_ops.using_reference_ops():
         sys.exit("ldmfast's compiled ops did not load, so no ldmfast figure would be real: build them first")
-    h, w = height // 8, width // 8
+    h, w = height // f, width // f
     T, D = preset["context"]
     g = torch.Generator(device="cpu").manual_seed(0)
     lat = torch.randn(args.batch, 4, h, w, generator=g).to(device, dtype)
