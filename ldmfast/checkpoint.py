@@ -63,6 +63,15 @@ def read_state_dict(path) -> tuple[dict, dict | None]:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}: the ldmfast config in its metadata is not JSON: {e}") from e
         return sd, config
+    with open(path, "rb") as f:
+        head = f.read(8)
+    # torch.save writes a zip (PK..) or, in the legacy format, a pickle of protocol 2 (\x80):
+    # anything else (an image, a text file) would be called a pickle needing code execution.
+    if not head.startswith((b"PK\x03\x04", b"\x80")):
+        kind = {b"\x89PNG": "a PNG image", b"\xff\xd8\xff": "a JPEG image"}
+        what = next((v for k, v in kind.items() if head.startswith(k)), "not a PyTorch file")
+        raise ValueError(f"{path}: not a checkpoint ({what}): expected a .ckpt / .pt written by "
+                         "torch.save, a .safetensors file or a diffusers folder")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

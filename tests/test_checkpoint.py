@@ -300,6 +300,14 @@ def test_truncated_files(tiny_file, tmp_path):
     (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cut\.ckpt.*truncated or corrupt"):
         load_components(tmp_path / "cut.ckpt")
+    # not a pickle at all: named as what it is, not as a pickle that needs code execution
+    from PIL import Image
+    Image.new("RGB", (4, 4)).save(tmp_path / "image.png")
+    (tmp_path / "notes.ckpt").write_text("my notes")
+    with pytest.raises(ValueError, match=r"image\.png: not a checkpoint \(a PNG image\)"):
+        load_components(tmp_path / "image.png")
+    with pytest.raises(ValueError, match=r"notes\.ckpt: not a checkpoint \(not a PyTorch file\)"):
+        load_components(tmp_path / "notes.ckpt")
     with pytest.raises(ValueError, match="no such file"):
         load_components(tmp_path / "absent.ckpt")
     with pytest.raises(ValueError, match="not a diffusers folder"):

@@ -395,3 +395,23 @@ def test_rejects_missing_or_non_tensor_inputs_by_name(name):
         with pytest.raises(TypeError, match=f"group_norm_silu: {name} must be a tensor, got {type(bad).__name__}"):
             ops.group_norm_silu(args["x"], args["weight"], args["bias"], 4, emb=args["emb"])
     ops.group_norm_silu(x, w, b, 4, emb=None)  # emb is optional
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda x: ops.group_norm_silu(x, torch.ones(6), torch.zeros(8), 2), r"weight must have shape \(C,\) = \(8,\)"),
+    (lambda x: ops.group_norm_silu(x, torch.ones(8), torch.zeros(8), 3), "not divisible by num_groups=3"),
+    (lambda x: ops.group_norm_silu(x, torch.ones(8), torch.zeros(8), 2, emb=torch.ones(2, 7)), r"emb must be \(N, C\)"),
+    (lambda x: ops.attention(torch.randn(1, 5, 2, 8), torch.randn(2, 5, 2, 8), torch.randn(2, 5, 2, 8)), "batch sizes differ"),
+    (lambda x: ops.attention(torch.randn(1, 5, 2, 8), torch.randn(1, 5, 2, 8), torch.randn(1, 4, 2, 8)), "k has length 5 but v"),
+    (lambda x: ops.ddim_step(x, torch.randn(2, 8, 4, 5), 0.5, 0.6), "eps has shape"),
+], ids=["gn-weight", "gn-groups", "gn-emb", "attn-batch", "attn-length", "ddim-eps"])
+def test_fake_kernels_check_shapes_when_traced(call, match):
+    # torch.compile / torch.export trace with fake tensors: a bad shape must fail there, with the
+    # runtime's message, not only when the compiled graph first runs.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.randn(2, 8, 4, 4)
+        with pytest.raises(ValueError, match=match):
+            call(x)
+    with pytest.raises(ValueError, match=match):  # the same call, run for real
+        call(torch.randn(2, 8, 4, 4))
