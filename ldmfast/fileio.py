@@ -61,33 +61,33 @@ def check_writable(path, overwrite: bool, arg: str = "path", flag: str = "overwr
 
 
 def _publish(tmp: str, path: str, replace: bool) -> None:
-    if replace:
-        os.replace(tmp, path)
-        return
-    # No replacement: a hard link fails if path appeared since it was checked.
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        raise FileExistsError(f"{path!r} appeared while it was being written; it was left as "
-                              "it is") from None
-    except OSError:  # a filesystem without hard links: the last check is as close as it gets
-        if os.path.lexists(path):
+    if not replace:
+        # A hard link fails if path appeared since it was checked; on a filesystem without
+        # hard links a last check is as close as it gets.
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            appeared = True
+        except OSError:
+            appeared = os.path.lexists(path)
+        else:
+            os.unlink(tmp)
+            return
+        if appeared:
             raise FileExistsError(f"{path!r} appeared while it was being written; it was left "
-                                  "as it is") from None
-        os.replace(tmp, path)
-        return
-    os.unlink(tmp)
+                                  "as it is")
+    os.replace(tmp, path)
 
 
 @contextlib.contextmanager
-def atomic_path(path, suffix: str = "", replace: bool = True):
+def atomic_path(path, replace: bool = True):
     """Yields a temporary path next to ``path`` to write; on a clean exit it is flushed, given
     ``path``'s mode (or the umask's for a new file) and moved to ``path``; on an error it is
     removed and ``path`` is untouched. ``replace=False``: a file that appeared at ``path`` in the
     meantime is kept (FileExistsError). The folder must exist."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix + ".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     os.close(fd)
     try:
         yield tmp

@@ -150,11 +150,7 @@ def save_png(image: Image.Image, path, overwrite: bool = False) -> str:
     """Writes a PNG atomically (``ldmfast.fileio.atomic_path``), so a reader never sees a
     half-written file and an interrupted run leaves no partial one. An existing file is replaced
     only with ``overwrite`` and only if it is a PNG."""
-    path = check_outputs(path, 1, overwrite, arg="path")[0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with fileio.atomic_path(path, replace=overwrite) as tmp:
-        image.save(tmp, format="PNG")
-    return path
+    return _write(check_outputs(path, 1, overwrite, arg="path"), [image], overwrite)[0]
 
 
 def save_images(images: Sequence[Image.Image], out, overwrite: bool = False) -> List[str]:
@@ -162,9 +158,14 @@ def save_images(images: Sequence[Image.Image], out, overwrite: bool = False) -> 
     Every name is checked (``check_outputs``) before the first is written; a missing folder is
     created."""
     paths = check_outputs(out, len(images), overwrite)
-    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
     if len(images) > 1:
         images = list(images) + [make_grid(images)]
+    return _write(paths, images, overwrite)
+
+
+def _write(paths, images, overwrite) -> List[str]:
+    # checked names (check_outputs), one image each, in a folder made if missing
+    os.makedirs(os.path.dirname(os.path.abspath(paths[0])), exist_ok=True)
     for im, path in zip(images, paths):
         with fileio.atomic_path(path, replace=overwrite) as tmp:
             im.save(tmp, format="PNG")

@@ -352,6 +352,14 @@ class LatentDiffusion(nn.Module):
                     "latent (a super-resolution or inpainting model)")
         return _KINDS[self.conditioning]
 
+    def _encode_prompts(self, prompts, negatives, guidance_scale):
+        """(cond, uncond) of a task's checked prompts (``_task_prompts``): None without prompts;
+        the negatives are encoded only when guidance will use them."""
+        if prompts is None:
+            return None, None
+        cond = self.encode_text(prompts)
+        return cond, self.encode_text(negatives) if _guided(guidance_scale) else None
+
     def _task_prompts(self, task, prompt, negative_prompt, batch, needed: bool = True):
         """A task's prompt checked against the model: required by a text model (unless nothing
         is to be sampled, not ``needed``), refused by others; returns (prompts, negatives) as
@@ -811,8 +819,7 @@ class LatentDiffusion(nn.Module):
                                       output_type)
         h, w = self._latent_hw(height, width)
         self._check_out(out, len(prompts), output_type, overwrite)
-        cond = self.encode_text(prompts)
-        uncond = self.encode_text(negatives) if _guided(guidance_scale) else None
+        cond, uncond = self._encode_prompts(prompts, negatives, guidance_scale)
         z = self.sample(cond, uncond, steps, guidance_scale, sampler, eta, generator=gen,
                         shape=(len(prompts), self.latent_channels, h, w), progress=progress,
                         callback=callback, cuda_graph=cuda_graph)
@@ -930,11 +937,7 @@ class LatentDiffusion(nn.Module):
         steps, gen = self._check_task(steps, sampler, eta, guidance_scale, seed, generator,
                                       output_type)
         self._check_out(out, b, output_type, overwrite)
-        cond = uncond = None
-        if prompts is not None:
-            cond = self.encode_text(prompts)
-            if _guided(guidance_scale):
-                uncond = self.encode_text(negatives)
+        cond, uncond = self._encode_prompts(prompts, negatives, guidance_scale)
         if self.concat_channels:
             z_masked = self.encode((1 - m) * x)
             m_lat = F.interpolate(m, size=z_masked.shape[-2:])
@@ -978,12 +981,8 @@ class LatentDiffusion(nn.Module):
         z0 = self.encode(x)
         if n == 0:
             return self._finish(z0, out, output_type, overwrite=overwrite)
-        cond = uncond = None
-        if prompts is not None:
-            cond = self.encode_text(prompts)
-            if _guided(guidance_scale):
-                uncond = self.encode_text(negatives)
-        else:
+        cond, uncond = self._encode_prompts(prompts, negatives, guidance_scale)
+        if prompts is None:
             guidance_scale = 1.0
         start = steps - n
         a = self.steps(steps, sampler).alphas[start]
