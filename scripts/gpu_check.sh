@@ -43,17 +43,19 @@ stage_test() {
 }
 
 stage_sass() {
-  echo "== SASS: tensor-core (HMMA) instructions in the attention kernels"
+  echo "== SASS: tensor-core (HMMA, HGMMA) instructions in the attention kernels"
   local so cuobjdump
   so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
   cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
   if [ -z "$so" ] || [ ! -x "$cuobjdump" ]; then echo "no _C_cuda library or cuobjdump found"; return 0; fi
   "$cuobjdump" -sass "$so" > "$OUT/sass.txt" 2>&1
-  # Per kernel function (mangled name): count of HMMA lines; the mma and short kernels need some.
-  awk '/Function :/ {f = $3; n[f] += 0} /HMMA/ {n[f]++} END {for (k in n) print n[k], k}' "$OUT/sass.txt" \
-    | grep -E "attention_(mma|short|simt)_kernel" | sort -k2 > "$OUT/sass_hmma.txt"
-  awk '{split($2, a, "attention_"); sub(/_kernel.*/, "", a[2]); c[a[2]] += ($1 > 0); t[a[2]]++}
-       END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA\n", k, c[k], t[k]}' "$OUT/sass_hmma.txt"
+  # Per kernel function (mangled name): count of HMMA (mma.sync) and HGMMA (wgmma) lines; the mma
+  # and short kernels need HMMA, the wgmma kernel HGMMA.
+  awk '/Function :/ {f = $3; n[f] += 0; g[f] += 0} /HMMA/ {n[f]++} /HGMMA/ {g[f]++}
+       END {for (k in n) print n[k], g[k], k}' "$OUT/sass.txt" \
+    | grep -E "attention_(mma|short|simt|wgmma)_kernel" | sort -k3 > "$OUT/sass_hmma.txt"
+  awk '{split($3, a, "attention_"); sub(/_kernel.*/, "", a[2]); c[a[2]] += ($1 > 0); w[a[2]] += ($2 > 0); t[a[2]]++}
+       END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA, %d HGMMA\n", k, c[k], t[k], w[k]}' "$OUT/sass_hmma.txt"
 }
 
 stage_sanitize() {

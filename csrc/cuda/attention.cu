@@ -207,6 +207,8 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
       case AttentionKernel::kMmaSync: return attention_mma(p, stream, false);
       case AttentionKernel::kMmaWide:
         return attention_mma_wide_supports(p) ? attention_mma_wide(p, stream) : attention_mma(p, stream, true);
+      case AttentionKernel::kWgmma:
+        return attention_wgmma_usable() ? attention_wgmma(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kDefault:
       case AttentionKernel::kSimt: break;
     }

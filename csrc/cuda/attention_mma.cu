@@ -119,37 +119,11 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
       if (k0 + kBlockK < p.Lk) load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, k0 + kBlockK, p.Lk, kBlockK, vec, threadIdx.x, kThreads);
     }
 
-    // Online softmax. The first tile's rescale factor exp2(-inf) = 0 meets accumulators that
-    // are still zero. The new max is -inf only if every score so far overflowed to -inf (|q|,
-    // |k| near the bf16 range): exponents are then taken against 0 (ref), not -inf (NaN).
+    // Online softmax (mma.cuh), then O rescaled by each row's alpha.
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      float mx[2] = {m[r][0], m[r][1]};
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
-          s[r][j][c] = key < p.Lk ? s[r][j][c] * qscale : -INFINITY;
-          mx[c >> 1] = fmaxf(mx[c >> 1], s[r][j][c]);
-        }
-      float alpha[2], ref[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 1));
-        mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 2));
-        ref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-        alpha[i] = exp2f(m[r][i] - ref[i]);
-        m[r][i] = mx[i];
-        l[r][i] *= alpha[i];
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          s[r][j][c] = exp2f(s[r][j][c] - ref[c >> 1]);
-          l[r][c >> 1] += s[r][j][c];
-        }
+      float alpha[2];
+      softmax_tile(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
 #pragma unroll

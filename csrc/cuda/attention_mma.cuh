@@ -46,4 +46,9 @@ bool attention_short_supports(const AttentionParams& p);
 // The short-context (cross-attention) kernel: K and V in shared memory, Q streamed once.
 int attention_short(const AttentionParams& p, cudaStream_t stream);
 
+// The Hopper kernel (wgmma.mma_async): usable when the current device is sm_90 and the library
+// holds sm_90a code (the CPU emulator: always). Same contract as attention_mma.
+bool attention_wgmma_usable();
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream);
+
 }  // namespace ldmfast::cuda

@@ -194,6 +194,44 @@ __device__ __forceinline__ void pv_16keys(float (&o)[R][D / 8][4], const float (
   }
 }
 
+// One key tile of the online softmax for the two rows a lane holds of an m16 accumulator tile
+// (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j + 2 quad_col + c % 2
+// of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk masked, the running
+// max m updated, s replaced by exp2(s - max), the lane's part of the row sum l rescaled and
+// added to; alpha is the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0,
+// meets accumulators that are still zero. A max of -inf (every score so far overflowed to -inf:
+// |q|, |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.
+template <int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             int64_t k0, int64_t Lk, float qscale, int quad_col) {
+  float mx[2] = {m[0], m[1]};
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
+      s[j][c] = key < Lk ? s[j][c] * qscale : -INFINITY;
+      mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
+    }
+  float ref[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // the row's other values sit in the 3 other lanes of the quad
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 1));
+    mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 2));
+    ref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+    alpha[i] = exp2f(m[i] - ref[i]);
+    m[i] = mx[i];
+    l[i] *= alpha[i];
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j)
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      s[j][c] = exp2f(s[j][c] - ref[c >> 1]);
+      l[c >> 1] += s[j][c];
+    }
+}
+
 // Writes a warp's 16 output rows row0..row0+15 (those < Lq): O accumulators times inv (1 / the
 // row sums) are packed into the warp's shared buffer sO (16 rows of kStride), then copied out in
 // 16-byte chunks (vec_o: out and o_stride_l allow them; else element by element). A 2-byte store

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Builds the CPU emulation of the CUDA kernels with g++ (no GPU, no nvcc needed; the CUDA headers
-# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|geglu|attn|mma|short|race]
+# are) and runs the parity checks. Usage: csrc/cuda/emu/run.sh [all|gn|ddim|geglu|attn|mma|short|wgmma|race]
 # EMU_TSAN=1 builds with ThreadSanitizer (emu.h): a race between the CUDA threads fails the run.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -12,9 +12,11 @@ OUT=${LDMFAST_EMU_DIR:-${TMPDIR:-/tmp}/ldmfast-emu$SUFFIX}
 mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"
-for f in group_norm_silu group_norm_silu_rows ddim_step geglu attention attention_mma attention_short; do
-  python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$f.emu.cpp"
-  g++ -std=c++20 $FLAGS -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$f.emu.cpp" -o "$OUT/$f.o" &
+# Sources under csrc/cuda (emu/wgmma_check: the emulator's own wgmma self-test).
+for f in group_norm_silu group_norm_silu_rows ddim_step geglu attention attention_mma attention_short attention_wgmma emu/wgmma_check; do
+  n=$(basename "$f")
+  python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$n.emu.cpp"
+  g++ -std=c++20 $FLAGS -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$n.emu.cpp" -o "$OUT/$n.o" &
   pids+=($!)
 done
 # The float64 references are not instrumented: ThreadSanitizer watches the kernels only.

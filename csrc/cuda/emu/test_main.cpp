@@ -163,7 +163,8 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
-// 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma).
+// 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma),
+// 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a).
 // overflow: lane 0 of every query is 1e20 and of the first 64 keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
@@ -196,7 +197,9 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma == 5 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide)
+  int rc = mma == 7 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma)
+           : mma == 6 ? cuda::attention_wgmma(p, nullptr)
+           : mma == 5 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide)
            : mma == 4 ? cuda::attention_mma_wide(p, nullptr) : mma == 3 ? cuda::attention_short(p, nullptr)
            : mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
   auto rd = [&](const void* base, int64_t i) {
@@ -223,10 +226,12 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
+
+int emu_wgmma_check();  // wgmma_check.cu: the emulator's wgmma against float64, the failed cases
 
 int main(int argc, char** argv) {
   const std::string which = argc > 1 ? argv[1] : "all";
@@ -315,6 +320,19 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 150, 100, 40, false, 0, true, 5);   // through attention(): wide
     test_attn(DType::kBFloat16, 1, 2, 70, 100, 96, false, 0, true, 5);   // D = 96: attention() runs mma
   }
+  if (which == "all" || which == "mma") {
+    // wgmma (mode 6; 7 through attention()): 128 query rows a CTA (2 warpgroups), 128-key tiles
+    // (64 at D = 160) in two stages.
+    const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
+      test_attn(dt, 1, 2, 200, 300, D, true, 0, true, 6);   // 2 query blocks (the last of 72 rows), a partial key tile
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 6);      // Lk = 1, scalar loads and stores
+    }
+    test_attn(DType::kFloat16, 2, 1, 128, 77, 40, false, 0, true, 6);      // one full block, context 77
+    test_attn(DType::kBFloat16, 1, 2, 17, 200, 160, false, 0, true, 6, true);  // first tile (64 keys) all -inf
+    test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 6);     // 2 full key tiles, no lse
+    test_attn(DType::kFloat16, 1, 2, 70, 100, 80, false, 0, true, 7);      // through attention()
+  }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
     for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
@@ -326,6 +344,12 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 64, 80, 40, false, 0, false, 3);   // the largest context
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);   // one full key chunk
     test_attn(DType::kFloat16, 3, 1, 17, 17, 160, true, 1, true, 3);    // one key past a chunk, unaligned
+  }
+  if (which == "all" || which == "wgmma") {
+    const int failed = emu_wgmma_check();
+    char what[96];
+    snprintf(what, sizeof what, "wgmma emulator self-test: %d cases failed", failed);
+    report(failed == 0, what);
   }
   if (which == "race") {
     // One or two cases per kernel path, small enough for a ThreadSanitizer build (run.sh with
@@ -348,6 +372,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 1, 140, 130, 40, true, 0, true, 4);  // mma wide, a partial block
     test_attn(DType::kFloat16, 2, 4, 300, 77, 40, true, 0, true, 3);   // short, 2-3 Q blocks a warp
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);
+    test_attn(DType::kFloat16, 1, 1, 140, 300, 40, true, 0, true, 6);  // wgmma: 2 blocks, 3 key tiles (2 stages)
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

@@ -13,7 +13,7 @@
 // function-local statics: their guard is an ordering TSan would see. It checks
 // indexing, tails, reductions, layouts and barriers, and a launch's limits (threads, shared
 // memory, grid, cluster, __launch_bounds__: check_launch); not timing, registers, or inline PTX
-// other than the ldmatrix / mma.sync / cp.async that emu_mma.h re-implements.
+// other than the ldmatrix / mma.sync / cp.async of emu_mma.h and the wgmma of emu_wgmma.h.
 #pragma once
 #include <cuda_runtime.h>
 #include <sys/mman.h>
@@ -89,6 +89,7 @@ struct Fiber {
   bool done = false;
   std::vector<PendingCopy> pending;  // the first `committed` of them are committed
   size_t committed = 0;
+  std::shared_ptr<void> wgmma;  // this thread's wgmma.mma_async state (emu_wgmma.h), reset per launch
   void* tsan = nullptr;
 };
 inline Fiber* g_fiber = nullptr;  // the running fiber
@@ -144,6 +145,7 @@ struct Block {
   std::vector<unsigned char> arena;  // static __shared__ variables
   std::vector<Block*> cluster;       // the CTAs of this CTA's cluster, by rank
   Barrier* cluster_bar = nullptr;
+  std::shared_ptr<void> wgmma;       // the wgmma operands each warpgroup issued (emu_wgmma.h)
 };
 inline Block* t_block = nullptr;  // the running fiber's CTA
 constexpr size_t kArenaBytes = 256 * 1024;
@@ -351,6 +353,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
         f.done = false;
         f.pending.clear();
         f.committed = 0;
+        f.wgmma.reset();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack->top_region();
         f.ctx.uc_stack.ss_size = kStackBytes;

@@ -1,0 +1,252 @@
+// Flash attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for float16 / bfloat16.
+//
+// UNVERIFIED ON GPU: compile-checked for sm_90a and run on the CPU emulator only. attention.cu
+// dispatches here for AttentionKernel::kWgmma when the device is sm_90 and the library holds
+// sm_90a code; anywhere else kWgmma runs the mma.sync kernel.
+//
+// One CTA of 2 warpgroups per (b, h, block of 128 queries); each warpgroup owns 64 query rows.
+// Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream
+// through two shared-memory stages, the next tile's cp.async copies in flight while this one is
+// used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
+// operands from shared memory), online softmax on the S accumulators in registers (a row sits in
+// the 4 lanes of a quad, as with mma.sync), then O += P V with P packed in place from the S
+// accumulators as the register A operand (the m64nN accumulator layout of two adjacent 8-key
+// column groups is the k16 A layout) and V read MN-major (transposed) by the tensor core. D is
+// padded to a multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V uses N = D.
+// Simple on purpose: every warp loads and computes (no producer warps, no ping-pong between the
+// warpgroups beyond what the scheduler does); what more the GPU wants is for its benchmarks.
+#include <cmath>
+#include <cstring>
+
+#include "attention_mma.cuh"
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+namespace ldmfast::cuda {
+namespace {
+
+using namespace detail;
+
+constexpr int kGroups = 2;  // warpgroups per CTA
+constexpr int kThreads = kGroups * 128;
+constexpr int kBlockQ = kGroups * 64;
+
+template <int D>
+struct Shape {
+  static constexpr int DPAD = (D + 15) / 16 * 16;  // the QK^T reduction in k16 steps
+  static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile: S is kBlockK / 2 registers
+  // Element counts of the shared-memory tiles, all in 8 x 8 core-matrix ("interleaved") order.
+  static constexpr int kQ = kBlockQ * DPAD, kK = kBlockK * DPAD, kV = kBlockK * D;
+  static constexpr int kStage = kK + kV;
+  static constexpr int kOStride = D + 8;  // the output staging rows (+16 bytes: no bank conflicts)
+  template <class T>
+  static constexpr size_t smem_bytes() {
+    const size_t main = static_cast<size_t>(kQ + 2 * kStage) * sizeof(T);
+    const size_t out = static_cast<size_t>(kThreads / 32) * 16 * kOStride * sizeof(T);
+    return main > out ? main : out;
+  }
+};
+
+// Copies `rows` rows (from row0; rows at or past L are zeros) of a (rows x C*8) tile into shared
+// memory in core-matrix order: 16-byte chunk (r, c) at chunk index ((r / 8) C + c) 8 + r % 8, so
+// consecutive threads write consecutive 16 bytes (no bank conflicts) and each core matrix (8
+// rows x 16 bytes) is contiguous, as the no-swizzle wgmma layout wants. Chunks c >= CD (the head
+// dim's padding) are zeros. kAsync (needs vec): cp.async copies, committed by the caller.
+template <int C, int CD, bool kAsync, class T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L, int rows,
+                                          bool vec) {
+  for (int idx = threadIdx.x; idx < rows * C; idx += kThreads) {
+    const int core = idx >> 3, c = core % C, r = (core / C) * 8 + (idx & 7);
+    const bool fill = c < CD && row0 + r < L;
+    const T* s = src + (row0 + r) * stride_l + c * 8;
+    if (kAsync && vec) {
+      cp_async16(dst + idx * 8, fill ? s : src, fill);
+      continue;
+    }
+    uint4 val = make_uint4(0u, 0u, 0u, 0u);
+    if (fill) {
+      if (vec) {
+        val = *reinterpret_cast<const uint4*>(s);
+      } else {
+        uint16_t e[8];
+#pragma unroll
+        for (int i = 0; i < 8; ++i) memcpy(&e[i], s + i, 2);
+        memcpy(&val, e, 16);
+      }
+    }
+    *reinterpret_cast<uint4*>(dst + idx * 8) = val;
+  }
+}
+
+template <int D, class T>
+__global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
+#if LDMFAST_WGMMA
+  using S = Shape<D>;
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
+  constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
+  constexpr int CQ = S::DPAD / 8, CV = DT;  // 16-byte chunks per Q / K row and per V row
+  extern __shared__ uint4 smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* stage0 = sQ + S::kQ;
+
+  const int64_t nqb = ceil_div(p.Lq, kBlockQ);
+  const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;
+  const int64_t b = bh / p.H, h = bh - b * p.H;
+  const int group = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int quad_row = lane >> 2, quad_col = lane & 3;
+
+  const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
+  const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
+  const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
+  const int64_t ntiles = ceil_div(p.Lk, kBlockK);
+
+  auto load_kv = [&](int64_t t) {
+    T* st = stage0 + (t & 1) * S::kStage;
+    load_tile<CQ, DT, true>(st, k, p.k_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
+    load_tile<CV, DT, true>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
+  };
+  load_tile<CQ, DT, true>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
+  load_kv(0);
+  cp_async_commit();
+
+  // Descriptors (16-byte units added to the start address for each k16 step). Q and K are
+  // K-major: LBO = one core matrix (the second half of a k16 slice), SBO = a row of CQ core
+  // matrices (the next 8 rows). V is MN-major: LBO = a row of CV core matrices (the next 8 keys
+  // along K), SBO = one core matrix (the next 8 columns of D).
+  constexpr uint32_t kCore = 128;
+  const uint64_t desc_q = gmma_desc(smem_addr(sQ + group * 64 * S::DPAD), kCore, CQ * kCore);
+  const uint64_t desc_k0 = gmma_desc(smem_addr(stage0), kCore, CQ * kCore);
+  const uint64_t desc_v0 = gmma_desc(smem_addr(stage0 + S::kK), CV * kCore, kCore);
+  constexpr uint64_t kStageUnits = S::kStage * sizeof(T) / 16;
+
+  // Accumulator element 4 j + c of a warp is row quad_row + 8 (c / 2) of its 16, column
+  // 8 j + 2 quad_col + c % 2; m[i], l[i]: row quad_row + 8 i (l: this lane's part of the sum).
+  float o[D / 2];
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) o[i] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  const float qscale = p.scale * kLog2e;
+
+  for (int64_t t = 0; t < ntiles; ++t) {
+    cp_async_wait_all();  // tile t (and Q) from this thread
+    fence_proxy_async();  // ... made visible to the tensor cores' reads
+    __syncthreads();      // ... from every thread; and every warpgroup is done with tile t - 1
+    if (t + 1 < ntiles) {
+      load_kv(t + 1);  // into the stage tile t - 1 used
+      cp_async_commit();
+    }
+    const uint64_t stage = (t & 1) * kStageUnits;
+
+    float s[kBlockK / 2];
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < KC; ++kc)
+      WgmmaSS<T, kBlockK>::run(s, desc_q + 2 * kc * kCore / 16, desc_k0 + stage + 2 * kc * kCore / 16, kc > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < kBlockK / 2; ++i) pin(s[i]);
+
+    // Online softmax (mma.cuh): the accumulator layout is mma.sync's, n8 tile j being s[4 j ..].
+    auto& st = *reinterpret_cast<float(*)[NT][4]>(s);
+    float alpha[2];
+    softmax_tile(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
+    // P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high half of k16
+    // step j / 2: registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half, 2 and 3 the high.
+    uint32_t pa[kBlockK / 16][4];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      pa[j / 2][2 * (j & 1)] = Mma<T>::pack(st[j][0], st[j][1]);
+      pa[j / 2][2 * (j & 1) + 1] = Mma<T>::pack(st[j][2], st[j][3]);
+    }
+#pragma unroll
+    for (int dt = 0; dt < DT; ++dt)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) o[4 * dt + c] *= alpha[c >> 1];
+
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+      WgmmaRS<T, D>::run(o, pa[kk], desc_v0 + stage + 2 * kk * CV * kCore / 16, true);
+    wgmma_commit();
+    wgmma_wait<0>();
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) pin(o[i]);
+  }
+
+  // Out through shared memory (every warpgroup is done with Q and the last tile after the
+  // barrier), 16 rows per warp, for 16-byte stores.
+  __syncthreads();
+  T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
+  }
+  const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+  const int64_t row0 = qb * kBlockQ + warp * 16;
+  store_o_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), inv, sQ + warp * 16 * S::kOStride, out,
+                                 row0, p.Lq, p.o_stride_l, vec_o, lane);
+  if (p.lse != nullptr && quad_col == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = row0 + quad_row + 8 * i;
+      if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[i] + log2f(l[i])) * kLn2;
+    }
+  }
+#else
+  (void)p, (void)vec, (void)vec_o;
+  __trap();  // no sm_90a code in this pass: attention_wgmma_usable() keeps launches away
+#endif
+}
+
+template <int D, class T>
+int launch_d(const AttentionParams& p, cudaStream_t stream) {
+  constexpr size_t smem = Shape<D>::template smem_bytes<T>();
+  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (!call_ok(err)) return static_cast<int>(err);
+  const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
+  if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  const bool vec = qkv_aligned16(p), vec_o = o_aligned16(p);
+  attention_wgmma_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, vec, vec_o);
+  return launch_status();
+}
+
+template <class T>
+int launch(const AttentionParams& p, cudaStream_t stream) {
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T>(p, stream); });
+}
+
+#if !defined(LDMFAST_EMU)
+// Whether `archs` (built_archs(): "80,90a,90-virtual") names the sm_90a SASS target.
+bool has_sm90a(const char* archs) {
+  for (const char* s = archs; *s != '\0';) {
+    const char* e = std::strchr(s, ',');
+    const size_t n = e == nullptr ? std::strlen(s) : static_cast<size_t>(e - s);
+    if (n == 3 && std::strncmp(s, "90a", 3) == 0) return true;
+    s += n + (e != nullptr);
+  }
+  return false;
+}
+#endif
+
+}  // namespace
+
+bool attention_wgmma_usable() {
+#if defined(LDMFAST_EMU)
+  return true;
+#else
+  return device_compute_capability() == 90 && has_sm90a(built_archs());
+#endif
+}
+
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
+  if (!attention_mma_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
+  if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
+}
+
+}  // namespace ldmfast::cuda

@@ -1,0 +1,77 @@
+// Hopper warpgroup MMA (wgmma.mma_async, sm_90a) pieces for attention_wgmma.cu: the shared-memory
+// matrix descriptor, the fence / commit / wait instructions, and (wgmma_ops.cuh, generated) the
+// m64nNk16 instructions themselves. Under the CPU emulator (LDMFAST_EMU) emu_wgmma.h provides
+// software versions with the same operand layouts and the same asynchrony.
+//
+// Shared-memory tiles use the no-swizzle ("interleaved") canonical layout: 8 x 8 core matrices,
+// each 8 rows of 16 contiguous bytes (128 bytes in all), so any head dim that is a multiple of 8
+// fits without the 64/128-byte row widths the swizzled layouts want.
+#pragma once
+#include <cstdint>
+#if defined(LDMFAST_EMU)
+#include <cstdio>
+#include <cstdlib>
+#endif
+
+#include "mma.cuh"
+
+// True in a device pass that may use wgmma (the sm_90a target), and in the emulator.
+#if defined(LDMFAST_EMU) || (defined(__CUDA_ARCH_FEAT_SM90_ALL) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 900)
+#define LDMFAST_WGMMA 1
+#else
+#define LDMFAST_WGMMA 0
+#endif
+
+namespace ldmfast::cuda::detail {
+
+// Matrix descriptor (PTX ISA "matrix descriptor format"): start address, leading- and stride-
+// dimension byte offsets, all in 16-byte units; layout type 0 (no swizzle) and base offset 0.
+// For a K-major operand LBO steps between the two 8-element halves of a k16 slice and SBO
+// between groups of 8 rows; for an MN-major one (no swizzle) LBO steps between groups of 8 rows
+// along K and SBO between groups of 8 columns along M/N.
+__host__ __device__ __forceinline__ uint64_t gmma_desc(uint32_t smem_byte_addr, uint32_t lbo_bytes, uint32_t sbo_bytes) {
+#if defined(LDMFAST_EMU)
+  // The low 4 bits are dropped: a tile off a 16-byte boundary would pass unseen.
+  if (((smem_byte_addr | lbo_bytes | sbo_bytes) & 15u) != 0) {
+    std::fprintf(stderr, "emu: gmma_desc(%u, %u, %u) not in 16-byte units\n", smem_byte_addr, lbo_bytes, sbo_bytes);
+    std::abort();
+  }
+#endif
+  return static_cast<uint64_t>((smem_byte_addr & 0x3FFFF) >> 4) |
+         (static_cast<uint64_t>((lbo_bytes >> 4) & 0x3FFF) << 16) |
+         (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32);
+}
+
+}  // namespace ldmfast::cuda::detail
+
+#if defined(LDMFAST_EMU)
+#include "emu_wgmma.h"
+#elif LDMFAST_WGMMA
+namespace ldmfast::cuda::detail {
+
+// Orders this warpgroup's register writes before the wgmma that read them (accumulators, A).
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+// Shared memory written through the generic proxy (ordinary stores, cp.async) is read by wgmma
+// through the async proxy: each writing thread fences before the barrier that publishes it.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+}  // namespace ldmfast::cuda::detail
+#include "wgmma_ops.cuh"
+#endif
+
+namespace ldmfast::cuda::detail {
+// The compiler sees a wgmma's accumulators as written at issue; this pins a register read or
+// written by ordinary code to its place after the wait (or before the issue).
+__device__ __forceinline__ void pin(float& r) {
+#if !defined(LDMFAST_EMU)
+  asm volatile("" : "+f"(r)::"memory");
+#else
+  (void)r;
+#endif
+}
+}  // namespace ldmfast::cuda::detail
