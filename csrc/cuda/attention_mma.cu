@@ -123,7 +123,10 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float alpha[2];
-      softmax_tile(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
+      if (k0 + kBlockK <= p.Lk)
+        softmax_tile<false>(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
+      else
+        softmax_tile<true>(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
 #pragma unroll

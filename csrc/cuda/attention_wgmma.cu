@@ -151,7 +151,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     // Online softmax (mma.cuh): the accumulator layout is mma.sync's, n8 tile j being s[4 j ..].
     auto& st = *reinterpret_cast<float(*)[NT][4]>(s);
     float alpha[2];
-    softmax_tile(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
+    if ((t + 1) * kBlockK <= p.Lk)
+      softmax_tile<false>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
+    else
+      softmax_tile<true>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
     // P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high half of k16
     // step j / 2: registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half, 2 and 3 the high.
     uint32_t pa[kBlockK / 16][4];
@@ -165,6 +168,15 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 #pragma unroll
       for (int c = 0; c < 4; ++c) o[4 * dt + c] *= alpha[c >> 1];
 
+    // Pinned before the fence: the rescale and the packing must not sink past it (a register
+    // written between wgmma.fence and the wgmma reading it is undefined), nor P's registers be
+    // reused before the wait.
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) pin(o[i]);
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 16; ++kk)
@@ -173,6 +185,10 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     wgmma_wait<0>();
 #pragma unroll
     for (int i = 0; i < D / 2; ++i) pin(o[i]);
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
   }
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the

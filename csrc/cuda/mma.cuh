@@ -196,12 +196,13 @@ __device__ __forceinline__ void pv_16keys(float (&o)[R][D / 8][4], const float (
 
 // One key tile of the online softmax for the two rows a lane holds of an m16 accumulator tile
 // (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j + 2 quad_col + c % 2
-// of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk masked, the running
+// of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk masked (kMask: only
+// a tile that reaches past Lk needs the compares), the running
 // max m updated, s replaced by exp2(s - max), the lane's part of the row sum l rescaled and
 // added to; alpha is the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0,
 // meets accumulators that are still zero. A max of -inf (every score so far overflowed to -inf:
 // |q|, |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.
-template <int NT>
+template <bool kMask, int NT>
 __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                              int64_t k0, int64_t Lk, float qscale, int quad_col) {
   float mx[2] = {m[0], m[1]};
@@ -209,8 +210,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], f
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const int64_t key = k0 + j * 8 + quad_col * 2 + (c & 1);
-      s[j][c] = key < Lk ? s[j][c] * qscale : -INFINITY;
+      s[j][c] = !kMask || k0 + j * 8 + quad_col * 2 + (c & 1) < Lk ? s[j][c] * qscale : -INFINITY;
       mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
     }
   float ref[2];

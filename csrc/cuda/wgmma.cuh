@@ -65,11 +65,19 @@ __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.
 #endif
 
 namespace ldmfast::cuda::detail {
-// The compiler sees a wgmma's accumulators as written at issue; this pins a register read or
-// written by ordinary code to its place after the wait (or before the issue).
+// The compiler sees a wgmma's accumulators as written at issue, and its register A operand as
+// read there; this pins a register read or written by ordinary code to its place after the wait
+// (or before the fence that precedes the issue), as CUTLASS's warpgroup_fence_operand does.
 __device__ __forceinline__ void pin(float& r) {
 #if !defined(LDMFAST_EMU)
   asm volatile("" : "+f"(r)::"memory");
+#else
+  (void)r;
+#endif
+}
+__device__ __forceinline__ void pin(uint32_t& r) {
+#if !defined(LDMFAST_EMU)
+  asm volatile("" : "+r"(r)::"memory");
 #else
   (void)r;
 #endif
