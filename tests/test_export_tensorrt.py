@@ -179,6 +179,25 @@ def test_timing_cache_updated_only_when_it_is_one(fake_trt, tmp_path):
     assert cache.read_bytes() == b"CACHE-new"
 
 
+def test_timing_cache_written_meanwhile_is_kept(fake_trt, tmp_path, caplog):
+    """A cache file that appears while the engine builds (a parallel build) is neither replaced
+    nor an error once the engine is written: a warning says this build's cache was not saved."""
+    from ldmfast.export.tensorrt import build_engine
+
+    graph = _export_dir(tmp_path) / "unet.onnx"
+    cache = tmp_path / "trt.cache"
+
+    def build(network, config):
+        cache.write_bytes(b"CACHE-other")
+        return b"ENGINE"
+    fake_trt.Builder.return_value.build_serialized_network.side_effect = build
+    with caplog.at_level("WARNING", logger="ldmfast"):
+        build_engine(graph, tmp_path / "a.plan", timing_cache=cache)
+    assert (tmp_path / "a.plan").read_bytes() == b"ENGINE"
+    assert cache.read_bytes() == b"CACHE-other"
+    assert "appeared during the build" in caplog.text
+
+
 def test_cli_tensorrt_progress_bar(fake_trt, tmp_path, capsys):
     from ldmfast.cli import build_parser
 

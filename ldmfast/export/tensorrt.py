@@ -260,9 +260,17 @@ def build_engine(onnx_path, engine_path, fp16: bool = True, bf16: bool = False,
     # the sidecar belongs to the engine: it is replaced with it
     _files.write_file_atomic(_sidecar(engine_path), json.dumps(sidecar, indent=1).encode(),
                              overwrite=True, arg="engine_path")
-    if cache_path is not None:  # absent when the build began: never replace a newcomer
-        _files.write_file_atomic(cache_path, config.get_timing_cache().serialize(),
-                                 overwrite=existed, arg="timing_cache")
+    if cache_path is not None:
+        try:
+            _files.write_file_atomic(cache_path, config.get_timing_cache().serialize(),
+                                     overwrite=existed, arg="timing_cache")
+        except FileExistsError:
+            if existed:
+                raise
+            # Absent when the build began, there now (a build beside this one wrote it): the
+            # newcomer is not ours to replace, and the engine is built, so only say so.
+            log.warning("timing_cache: %s appeared during the build (another build?); left as it "
+                        "is, this build's timing cache not saved", cache_path)
     return engine_path
 
 
