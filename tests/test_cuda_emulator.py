@@ -63,10 +63,10 @@ def test_cuda_kernels_have_no_unordered_accesses(tmp_path):
         probe = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True)
     _require([] if probe.returncode == 0 else ["a working ThreadSanitizer (g++ -fsanitize=thread)"])
     env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "1"}
-    _check(subprocess.run(["bash", RUN_SH, "race"], capture_output=True, text=True, env=env), 18)
+    _check(subprocess.run(["bash", RUN_SH, "race"], capture_output=True, text=True, env=env), 19)
     exe = str(tmp_path / "emu_test")
     # Copies landing at issue: a cp.async into a buffer other warps still read is a race too.
     # The sm_90 cluster path synchronises CTAs through cluster.sync.
     for extra in ({"EMU_CP_ASYNC": "early"}, {"EMU_SM90": "1"}):
         _check(subprocess.run([exe, "race"], capture_output=True, text=True,
-                              env={**env, "TSAN_OPTIONS": "halt_on_error=1", **extra}), 18)
+                              env={**env, "TSAN_OPTIONS": "halt_on_error=1", **extra}), 19)

@@ -209,6 +209,9 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
         return attention_mma_wide_supports(p) ? attention_mma_wide(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kWgmma:
         return attention_wgmma_usable() ? attention_wgmma(p, stream) : attention_mma(p, stream, true);
+      case AttentionKernel::kWgmmaOverlap:
+        if (!attention_wgmma_usable()) return attention_mma(p, stream, true);
+        return attention_wgmma(p, stream, p.D <= kWgmmaOverlapMaxHeadDim);
       case AttentionKernel::kDefault:
       case AttentionKernel::kSimt: break;
     }

@@ -1,20 +1,21 @@
 // Flash attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for float16 / bfloat16.
 //
 // UNVERIFIED ON GPU: compile-checked for sm_90a and run on the CPU emulator only. attention.cu
-// dispatches here for AttentionKernel::kWgmma when the device is sm_90 and the library holds
-// sm_90a code; anywhere else kWgmma runs the mma.sync kernel.
+// dispatches here for AttentionKernel::kWgmma / kWgmmaOverlap when the device is sm_90 and the
+// library holds sm_90a code; anywhere else they run the mma.sync kernel.
 //
 // One CTA of 2 warpgroups per (b, h, block of 128 queries); each warpgroup owns 64 query rows.
 // Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream
-// through two shared-memory stages, the next tile's cp.async copies in flight while this one is
-// used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
+// through two shared-memory stages (three when overlapped), the next tile's cp.async copies in
+// flight while this one is used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
 // operands from shared memory), online softmax on the S accumulators in registers (a row sits in
 // the 4 lanes of a quad, as with mma.sync), then O += P V with P packed in place from the S
 // accumulators as the register A operand (the m64nN accumulator layout of two adjacent 8-key
 // column groups is the k16 A layout) and V read MN-major (transposed) by the tensor core. D is
 // padded to a multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V uses N = D.
 // Simple on purpose: every warp loads and computes (no producer warps, no ping-pong between the
-// warpgroups beyond what the scheduler does); what more the GPU wants is for its benchmarks.
+// warpgroups beyond what the scheduler does); the one FlashAttention-3 step taken is the
+// optional overlap of P V with the next softmax. What more the GPU wants is for its benchmarks.
 #include <cmath>
 #include <cstring>
 
@@ -31,8 +32,9 @@ constexpr int kGroups = 2;  // warpgroups per CTA
 constexpr int kThreads = kGroups * 128;
 constexpr int kBlockQ = kGroups * 64;
 
-template <int D>
+template <int D, bool kOverlap>
 struct Shape {
+  static constexpr int kStages = kOverlap ? 3 : 2;  // overlap: P V of tile t - 1 reads its stage during tile t
   static constexpr int DPAD = (D + 15) / 16 * 16;  // the QK^T reduction in k16 steps
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile: S is kBlockK / 2 registers
   // Element counts of the shared-memory tiles, all in 8 x 8 core-matrix ("interleaved") order.
@@ -41,7 +43,7 @@ struct Shape {
   static constexpr int kOStride = D + 8;  // the output staging rows (+16 bytes: no bank conflicts)
   template <class T>
   static constexpr size_t smem_bytes() {
-    const size_t main = static_cast<size_t>(kQ + 2 * kStage) * sizeof(T);
+    const size_t main = static_cast<size_t>(kQ + kStages * kStage) * sizeof(T);
     const size_t out = static_cast<size_t>(kThreads / 32) * 16 * kOStride * sizeof(T);
     return main > out ? main : out;
   }
@@ -78,10 +80,13 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
   }
 }
 
-template <int D, class T>
+// kOverlap (FlashAttention-3's intra-warpgroup overlap): P V of tile t - 1 runs on the tensor
+// cores while the softmax of tile t runs on the other units, at the price of a second set of P
+// registers and a third shared-memory stage. Otherwise each product is waited for at once.
+template <int D, class T, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
 #if LDMFAST_WGMMA
-  using S = Shape<D>;
+  using S = Shape<D, kOverlap>;
   constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
   constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
@@ -102,7 +107,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   const int64_t ntiles = ceil_div(p.Lk, kBlockK);
 
   auto load_kv = [&](int64_t t) {
-    T* st = stage0 + (t & 1) * S::kStage;
+    T* st = stage0 + static_cast<int>(t % S::kStages) * S::kStage;
     load_tile<CQ, DT, true>(st, k, p.k_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
     load_tile<CV, DT, true>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
   };
@@ -128,68 +133,107 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float qscale = p.scale * kLog2e;
 
-  for (int64_t t = 0; t < ntiles; ++t) {
+  // Tile t in shared memory from every thread, and tile t + 1 in flight into the stage that
+  // tile t + 1 - kStages used (every warpgroup has waited for its last product on it).
+  auto ready = [&](int64_t t) {
     cp_async_wait_all();  // tile t (and Q) from this thread
     fence_proxy_async();  // ... made visible to the tensor cores' reads
-    __syncthreads();      // ... from every thread; and every warpgroup is done with tile t - 1
+    __syncthreads();      // ... from every thread; and every warpgroup is done with the stage refilled next
     if (t + 1 < ntiles) {
-      load_kv(t + 1);  // into the stage tile t - 1 used
+      load_kv(t + 1);
       cp_async_commit();
     }
-    const uint64_t stage = (t & 1) * kStageUnits;
-
-    float s[kBlockK / 2];
+  };
+  auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(t % S::kStages) * kStageUnits; };
+  auto issue_s = [&](float (&s)[kBlockK / 2], int64_t t) {
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
-      WgmmaSS<T, kBlockK>::run(s, desc_q + 2 * kc * kCore / 16, desc_k0 + stage + 2 * kc * kCore / 16, kc > 0);
+      WgmmaSS<T, kBlockK>::run(s, desc_q + 2 * kc * kCore / 16, desc_k0 + stage_of(t) + 2 * kc * kCore / 16, kc > 0);
     wgmma_commit();
-    wgmma_wait<0>();
+  };
+  // P is pinned before the fence with O: the rescale and the packing must not sink past it (a
+  // register written between wgmma.fence and the wgmma reading it is undefined).
+  auto issue_pv = [&](uint32_t (&pa)[kBlockK / 16][4], int64_t t) {
+#pragma unroll
+    for (int i = 0; i < D / 2; ++i) pin(o[i]);
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBlockK / 16; ++kk)
+      WgmmaRS<T, D>::run(o, pa[kk], desc_v0 + stage_of(t) + 2 * kk * CV * kCore / 16, true);
+    wgmma_commit();
+  };
+  // Online softmax of tile t (mma.cuh; the accumulator layout is mma.sync's, n8 tile j being
+  // s[4 j ..]), then P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high
+  // half of k16 step j / 2; registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half.
+  auto softmax = [&](float (&s)[kBlockK / 2], int64_t t, float (&alpha)[2], uint32_t (&pa)[kBlockK / 16][4]) {
 #pragma unroll
     for (int i = 0; i < kBlockK / 2; ++i) pin(s[i]);
-
-    // Online softmax (mma.cuh): the accumulator layout is mma.sync's, n8 tile j being s[4 j ..].
     auto& st = *reinterpret_cast<float(*)[NT][4]>(s);
-    float alpha[2];
     if ((t + 1) * kBlockK <= p.Lk)
       softmax_tile<false>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
     else
       softmax_tile<true>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
-    // P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high half of k16
-    // step j / 2: registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half, 2 and 3 the high.
-    uint32_t pa[kBlockK / 16][4];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       pa[j / 2][2 * (j & 1)] = Mma<T>::pack(st[j][0], st[j][1]);
       pa[j / 2][2 * (j & 1) + 1] = Mma<T>::pack(st[j][2], st[j][3]);
     }
+  };
+  auto rescale_o = [&](const float (&alpha)[2]) {
 #pragma unroll
-    for (int dt = 0; dt < DT; ++dt)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) o[4 * dt + c] *= alpha[c >> 1];
+    for (int i = 0; i < D / 2; ++i) {
+      pin(o[i]);
+      o[i] *= alpha[(i >> 1) & 1];  // element 4 dt + c is row quad_row + 8 (c / 2)
+    }
+  };
 
-    // Pinned before the fence: the rescale and the packing must not sink past it (a register
-    // written between wgmma.fence and the wgmma reading it is undefined), nor P's registers be
-    // reused before the wait.
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) pin(o[i]);
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk)
-      WgmmaRS<T, D>::run(o, pa[kk], desc_v0 + stage + 2 * kk * CV * kCore / 16, true);
-    wgmma_commit();
+  float s[kBlockK / 2];
+  uint32_t pa[kBlockK / 16][4];
+  float alpha[2];
+  if constexpr (!kOverlap) {
+    for (int64_t t = 0; t < ntiles; ++t) {
+      ready(t);
+      issue_s(s, t);
+      wgmma_wait<0>();
+      softmax(s, t, alpha, pa);
+      rescale_o(alpha);
+      issue_pv(pa, t);
+      wgmma_wait<0>();
+    }
+  } else {
+    // P V of tile t - 1 goes out right after Q K_t^T and runs during the softmax of tile t; O is
+    // rescaled by tile t's alpha once it is back.
+    uint32_t pa_prev[kBlockK / 16][4];
+    ready(0);
+    issue_s(s, 0);
     wgmma_wait<0>();
+    softmax(s, 0, alpha, pa_prev);  // O is still zero: no rescale
+    for (int64_t t = 1; t < ntiles; ++t) {
+      ready(t);
+      issue_s(s, t);
+      issue_pv(pa_prev, t - 1);
+      wgmma_wait<1>();  // Q K_t^T (groups complete in order); P V_{t-1} may still run
+      softmax(s, t, alpha, pa);
+      wgmma_wait<0>();
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) pin(o[i]);
+      for (int kk = 0; kk < kBlockK / 16; ++kk)
 #pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
+        for (int i = 0; i < 4; ++i) {
+          pin(pa_prev[kk][i]);
+          pa_prev[kk][i] = pa[kk][i];
+        }
+      rescale_o(alpha);
+    }
+    issue_pv(pa_prev, ntiles - 1);
+    wgmma_wait<0>();
   }
+#pragma unroll
+  for (int i = 0; i < D / 2; ++i) pin(o[i]);
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the
   // barrier), 16 rows per warp, for 16-byte stores.
@@ -217,22 +261,31 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 #endif
 }
 
-template <int D, class T>
+template <int D, class T, bool kOverlap>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = Shape<D>::template smem_bytes<T>();
-  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T>,
+  constexpr size_t smem = Shape<D, kOverlap>::template smem_bytes<T>();
+  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (!call_ok(err)) return static_cast<int>(err);
   const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const bool vec = qkv_aligned16(p), vec_o = o_aligned16(p);
-  attention_wgmma_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, vec, vec_o);
+  attention_wgmma_kernel<D, T, kOverlap><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, vec, vec_o);
   return launch_status();
 }
 
 template <class T>
-int launch(const AttentionParams& p, cudaStream_t stream) {
-  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T>(p, stream); });
+int launch(const AttentionParams& p, cudaStream_t stream, bool overlap) {
+  if (overlap) {  // only the head dims whose second set of P registers still fits
+    switch (p.D) {
+      case 32: return launch_d<32, T, true>(p, stream);
+      case 40: return launch_d<40, T, true>(p, stream);
+      case 64: return launch_d<64, T, true>(p, stream);
+      case 80: return launch_d<80, T, true>(p, stream);
+    }
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, false>(p, stream); });
 }
 
 #if !defined(LDMFAST_EMU)
@@ -258,11 +311,11 @@ bool attention_wgmma_usable() {
 #endif
 }
 
-int attention_wgmma(const AttentionParams& p, cudaStream_t stream) {
-  if (!attention_mma_supports(p)) return static_cast<int>(cudaErrorInvalidValue);
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap) {
+  if (!attention_mma_supports(p) || (overlap && p.D > kWgmmaOverlapMaxHeadDim)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream) : launch<__nv_bfloat16>(p, stream);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap) : launch<__nv_bfloat16>(p, stream, overlap);
 }
 
 }  // namespace ldmfast::cuda

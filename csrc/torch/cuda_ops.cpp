@@ -55,7 +55,7 @@ E kernel_from_env(const char* name, const char* op, std::initializer_list<std::p
 cuda::AttentionKernel attention_kernel_from_env() {
   using K = cuda::AttentionKernel;
   return kernel_from_env<K>("LDMFAST_ATTENTION_KERNEL", "attention",
-                            {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"mma_wide", K::kMmaWide}, {"fast", K::kFast}, {"wgmma", K::kWgmma}});
+                            {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"mma_wide", K::kMmaWide}, {"fast", K::kFast}, {"wgmma", K::kWgmma}, {"wgmma_overlap", K::kWgmmaOverlap}});
 }
 
 // See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).

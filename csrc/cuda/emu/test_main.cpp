@@ -164,7 +164,8 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
 // 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma),
-// 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a).
+// 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a), 8 attention_wgmma
+// overlapped, 9 attention() asked for kWgmmaOverlap (overlapped up to D = 80, else plain wgmma).
 // overflow: lane 0 of every query is 1e20 and of the first 64 keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
@@ -197,7 +198,9 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma == 7 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma)
+  int rc = mma == 9 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaOverlap)
+           : mma == 8 ? cuda::attention_wgmma(p, nullptr, true)
+           : mma == 7 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma)
            : mma == 6 ? cuda::attention_wgmma(p, nullptr)
            : mma == 5 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide)
            : mma == 4 ? cuda::attention_mma_wide(p, nullptr) : mma == 3 ? cuda::attention_short(p, nullptr)
@@ -226,7 +229,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : mma == 8 ? "-wgmma-overlap" : mma == 9 ? "-dispatch-overlap" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -332,6 +335,15 @@ int main(int argc, char** argv) {
     test_attn(DType::kBFloat16, 1, 2, 17, 200, 160, false, 0, true, 6, true);  // first tile (64 keys) all -inf
     test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 6);     // 2 full key tiles, no lse
     test_attn(DType::kFloat16, 1, 2, 70, 100, 80, false, 0, true, 7);      // through attention()
+    // Overlapped: P V of tile t - 1 in flight during tile t's softmax, three stages.
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80}) {
+      test_attn(dt, 1, 2, 200, 600, D, true, 0, true, 8);   // 5 key tiles (every stage twice), the last partial
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 8);      // one tile: only the last P V
+    }
+    test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 8);     // 2 full key tiles
+    test_attn(DType::kBFloat16, 1, 2, 17, 300, 40, false, 0, true, 8, true);  // overflowed scores
+    test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 9);      // through attention()
+    test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 9);     // D = 96: plain wgmma
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -373,6 +385,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 2, 4, 300, 77, 40, true, 0, true, 3);   // short, 2-3 Q blocks a warp
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);
     test_attn(DType::kFloat16, 1, 1, 140, 300, 40, true, 0, true, 6);  // wgmma: 2 blocks, 3 key tiles (2 stages)
+    test_attn(DType::kFloat16, 1, 1, 140, 500, 64, true, 0, true, 8);  // wgmma overlapped: 4 key tiles (3 stages)
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;
