@@ -146,6 +146,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   };
   auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(t % S::kStages) * kStageUnits; };
   auto issue_s = [&](float (&s)[kBlockK / 2], int64_t t) {
+#pragma unroll
+    for (int i = 0; i < kBlockK / 2; ++i) pin(s[i]);  // the last softmax wrote them in place
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)

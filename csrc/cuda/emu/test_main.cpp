@@ -166,10 +166,10 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
 // 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma),
 // 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a), 8 attention_wgmma
 // overlapped, 9 attention() asked for kWgmmaOverlap (overlapped up to D = 80, else plain wgmma).
-// overflow: lane 0 of every query is 1e20 and of the first 64 keys -1e20 (0 for the others), so
+// overflow: lane 0 of every query is 1e20 and of the first ninf keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
-                      bool overflow = false) {
+                      bool overflow = false, int64_t ninf = 64) {
   const int64_t L = std::max(Lq, Lk);
   Buf qkv(dt, B * L * 3 * H * D, off), q(dt, B * Lq * H * D, off), k(dt, B * Lk * H * D, off), v(dt, B * Lk * H * D, off), o(dt, B * Lq * H * D, off);
   std::vector<float> lsev(B * H * Lq, NAN);
@@ -191,7 +191,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (overflow) {
       for (int64_t i = 0; i < B * Lq * H; ++i) q.set(i * D, 1e20f);
       for (int64_t b = 0; b < B; ++b) for (int64_t j = 0; j < Lk; ++j) for (int64_t h = 0; h < H; ++h)
-        k.set(b * p.k_stride_b + j * p.k_stride_l + h * D, j < 64 ? -1e20f : 0.0f);
+        k.set(b * p.k_stride_b + j * p.k_stride_l + h * D, j < ninf ? -1e20f : 0.0f);
     }
   }
   o.poison(B * Lq * H * D);
@@ -334,14 +334,15 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 2, 1, 128, 77, 40, false, 0, true, 6);      // one full block, context 77
     test_attn(DType::kBFloat16, 1, 2, 17, 200, 160, false, 0, true, 6, true);  // first tile (64 keys) all -inf
     test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 6);     // 2 full key tiles, no lse
+    test_attn(DType::kBFloat16, 1, 1, 9, 300, 64, false, 0, true, 6, true, 128);  // first tile all -inf
     test_attn(DType::kFloat16, 1, 2, 70, 100, 80, false, 0, true, 7);      // through attention()
     // Overlapped: P V of tile t - 1 in flight during tile t's softmax, three stages.
     for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80}) {
-      test_attn(dt, 1, 2, 200, 600, D, true, 0, true, 8);   // 5 key tiles (every stage twice), the last partial
+      test_attn(dt, 1, 2, 200, 600, D, true, 0, true, 8);   // 5 key tiles (stages 0 1 2 0 1), the last partial
       test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 8);      // one tile: only the last P V
     }
     test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 8);     // 2 full key tiles
-    test_attn(DType::kBFloat16, 1, 2, 17, 300, 40, false, 0, true, 8, true);  // overflowed scores
+    test_attn(DType::kBFloat16, 1, 2, 17, 300, 40, false, 0, true, 8, true, 128);  // first tile (128 keys) all -inf
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 9);      // through attention()
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 9);     // D = 96: plain wgmma
   }
