@@ -30,8 +30,6 @@ using namespace detail;
 constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kBlockK = 64;  // keys per tile
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 // kPipe: K and V in flight while the other is used (FlashAttention-2's order): V_j loads during
 // S = Q K_j^T, K_{j+1} during the softmax and P V_j. Each buffer is still single; a barrier
@@ -63,7 +61,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;
   const int64_t b = bh / p.H, h = bh - b * p.H;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad_row = lane >> 2, quad_col = lane & 3;  // the mma "groupID" and "threadID_in_group"
+  const int quad_col = lane & 3;  // the mma "threadID_in_group" (lane >> 2, quad_row, is the "groupID")
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
@@ -123,10 +121,7 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       float alpha[2];
-      if (k0 + kBlockK <= p.Lk)
-        softmax_tile<false>(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
-      else
-        softmax_tile<true>(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
+      softmax_tile(s[r], m[r], l[r], alpha, k0, p.Lk, qscale, quad_col);
 #pragma unroll
       for (int dt = 0; dt < DT; ++dt)
 #pragma unroll
@@ -143,25 +138,12 @@ __global__ void __launch_bounds__(kThreads) attention_mma_kernel(const Attention
   // (and any warp may still read the V tile).
   __syncthreads();
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
+  float* lse = p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq;
 #pragma unroll
   for (int r = 0; r < R; ++r) {
-    // The 4 lanes of a quad hold disjoint columns of the same two rows.
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      l[r][i] += __shfl_xor_sync(kFullMask, l[r][i], 1);
-      l[r][i] += __shfl_xor_sync(kFullMask, l[r][i], 2);
-    }
-    const float inv[2] = {1.0f / l[r][0], 1.0f / l[r][1]};
     const int tile = warp * R + r;
-    const int64_t row0 = qb * kBlockQ + tile * 16;
-    store_o_16rows<D, kStride>(o[r], inv, sK + tile * 16 * kStride, out, row0, p.Lq, p.o_stride_l, vec_o, lane);
-    if (p.lse != nullptr && quad_col == 0) {
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        const int64_t row = row0 + quad_row + 8 * i;
-        if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[r][i] + log2f(l[r][i])) * kLn2;
-      }
-    }
+    finish_16rows<D, kStride>(o[r], m[r], l[r], sK + tile * 16 * kStride, out, qb * kBlockQ + tile * 16, p.Lq,
+                              p.o_stride_l, vec_o, lse, lane);
   }
 }
 

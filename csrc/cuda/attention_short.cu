@@ -29,8 +29,6 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxKeys = 80;  // 5 chunks of 16: 77 context tokens fit with 3 keys of padding
 constexpr int kCtasPerSm = 4;
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kLn2 = 0.6931471805599453f;
 
 template <int D> struct Tile {
   static constexpr int DPAD = (D + 15) / 16 * 16;
@@ -52,7 +50,7 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int DT = D / 8;            // n8 tiles of O
   extern __shared__ uint4 smem_raw[];  // uint4: 16-byte aligned rows for cp.async and ldmatrix
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad_row = lane >> 2, quad_col = lane & 3;  // the mma "groupID" and "threadID_in_group"
+  const int quad_col = lane & 3;  // the mma "threadID_in_group" (lane >> 2, quad_row, is the "groupID")
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kMaxKeys * kStride;
   T* sQ = sV + kMaxKeys * kStride + warp * 2 * 16 * kStride;
@@ -97,34 +95,10 @@ __global__ void __launch_bounds__(kThreads)
         if (np < nkc) qk_16keys<1, NT, KC, kStride>(sr, qf, sK, np, kc, lane);
     float (&s)[NT][4] = sr[0];
 
-    // Softmax over the whole key range at once. Key 0 is always valid, so the max is finite.
-    // Accumulator element c of a tile is row quad_row + 8 * (c / 2), column 2 * quad_col + c % 2.
-    float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        const int key = j * 8 + quad_col * 2 + (c & 1);
-        s[j][c] = key < p.Lk ? s[j][c] * qscale : -INFINITY;
-        mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(kFullMask, mx[r], 2));
-    }
-#pragma unroll
-    for (int j = 0; j < NT; ++j)
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-        s[j][c] = exp2f(s[j][c] - mx[c >> 1]);  // 0 past Lk
-        l[c >> 1] += s[j][c];
-      }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      l[r] += __shfl_xor_sync(kFullMask, l[r], 1);
-      l[r] += __shfl_xor_sync(kFullMask, l[r], 2);
-    }
+    // Softmax over the whole key range at once: one tile of the online softmax (mma.cuh) from
+    // an empty start. Key 0 is always valid, so the max is finite.
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
+    softmax_tile(s, m, l, alpha, 0, p.Lk, qscale, quad_col);
 
     // O = P V.
     float o[1][DT][4];
@@ -133,15 +107,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int kk = 0; kk < NT / 2; ++kk)
       if (kk < nkc) pv_16keys<1, D, NT, kStride>(o, sr, sV, kk, lane);
 
-    const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
-    store_o_16rows<D, kStride>(o[0], inv, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o, lane);
-    if (p.lse != nullptr && quad_col == 0) {
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        const int64_t row = rb * 16 + quad_row + 8 * r;
-        if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (mx[r] + log2f(l[r])) * kLn2;
-      }
-    }
+    finish_16rows<D, kStride>(o[0], m, l, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o,
+                              p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
     if (next < nrb) cp_async_wait_all();  // the next Q block (this lane's copies)
     __syncwarp();  // ... from every lane; and sO is read before the next block rewrites it
   }

@@ -65,18 +65,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
       cp_async16(dst + idx * 8, fill ? s : src, fill);
       continue;
     }
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (fill) {
-      if (vec) {
-        val = *reinterpret_cast<const uint4*>(s);
-      } else {
-        uint16_t e[8];
-#pragma unroll
-        for (int i = 0; i < 8; ++i) memcpy(&e[i], s + i, 2);
-        memcpy(&val, e, 16);
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + idx * 8) = val;
+    *reinterpret_cast<uint4*>(dst + idx * 8) = fill ? read_chunk16(s, vec) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -87,7 +76,6 @@ template <int D, class T, bool kOverlap>
 __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
 #if LDMFAST_WGMMA
   using S = Shape<D, kOverlap>;
-  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
   constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
   constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
   constexpr int CQ = S::DPAD / 8, CV = DT;  // 16-byte chunks per Q / K row and per V row
@@ -99,7 +87,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   const int64_t qb = blockIdx.x % nqb, bh = blockIdx.x / nqb;
   const int64_t b = bh / p.H, h = bh - b * p.H;
   const int group = threadIdx.x / 128, warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  const int quad_row = lane >> 2, quad_col = lane & 3;
+  const int quad_col = lane & 3;  // lane >> 2 is quad_row
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
@@ -146,8 +134,7 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   };
   auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(t % S::kStages) * kStageUnits; };
   auto issue_s = [&](float (&s)[kBlockK / 2], int64_t t) {
-#pragma unroll
-    for (int i = 0; i < kBlockK / 2; ++i) pin(s[i]);  // the last softmax wrote them in place
+    pin(s);  // the last softmax wrote them in place
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
@@ -157,12 +144,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   // P is pinned before the fence with O: the rescale and the packing must not sink past it (a
   // register written between wgmma.fence and the wgmma reading it is undefined).
   auto issue_pv = [&](uint32_t (&pa)[kBlockK / 16][4], int64_t t) {
-#pragma unroll
-    for (int i = 0; i < D / 2; ++i) pin(o[i]);
-#pragma unroll
-    for (int kk = 0; kk < kBlockK / 16; ++kk)
-#pragma unroll
-      for (int i = 0; i < 4; ++i) pin(pa[kk][i]);
+    pin(o);
+    pin(pa);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 16; ++kk)
@@ -173,13 +156,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   // s[4 j ..]), then P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high
   // half of k16 step j / 2; registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half.
   auto softmax = [&](float (&s)[kBlockK / 2], int64_t t, float (&alpha)[2], uint32_t (&pa)[kBlockK / 16][4]) {
-#pragma unroll
-    for (int i = 0; i < kBlockK / 2; ++i) pin(s[i]);
+    pin(s);
     auto& st = *reinterpret_cast<float(*)[NT][4]>(s);
-    if ((t + 1) * kBlockK <= p.Lk)
-      softmax_tile<false>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
-    else
-      softmax_tile<true>(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
+    softmax_tile(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
       pa[j / 2][2 * (j & 1)] = Mma<T>::pack(st[j][0], st[j][1]);
@@ -187,11 +166,9 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     }
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
+    pin(o);
 #pragma unroll
-    for (int i = 0; i < D / 2; ++i) {
-      pin(o[i]);
-      o[i] *= alpha[(i >> 1) & 1];  // element 4 dt + c is row quad_row + 8 (c / 2)
-    }
+    for (int i = 0; i < D / 2; ++i) o[i] *= alpha[(i >> 1) & 1];  // element 4 dt + c is row quad_row + 8 (c / 2)
   };
 
   float s[kBlockK / 2];
@@ -222,41 +199,25 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
       wgmma_wait<1>();  // Q K_t^T (groups complete in order); P V_{t-1} may still run
       softmax(s, t, alpha, pa);
       wgmma_wait<0>();
+      pin(pa_prev);
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          pin(pa_prev[kk][i]);
-          pa_prev[kk][i] = pa[kk][i];
-        }
+        for (int i = 0; i < 4; ++i) pa_prev[kk][i] = pa[kk][i];
       rescale_o(alpha);
     }
     issue_pv(pa_prev, ntiles - 1);
     wgmma_wait<0>();
   }
-#pragma unroll
-  for (int i = 0; i < D / 2; ++i) pin(o[i]);
+  pin(o);
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the
   // barrier), 16 rows per warp, for 16-byte stores.
   __syncthreads();
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
-    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
-  }
-  const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
-  const int64_t row0 = qb * kBlockQ + warp * 16;
-  store_o_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), inv, sQ + warp * 16 * S::kOStride, out,
-                                 row0, p.Lq, p.o_stride_l, vec_o, lane);
-  if (p.lse != nullptr && quad_col == 0) {
-#pragma unroll
-    for (int i = 0; i < 2; ++i) {
-      const int64_t row = row0 + quad_row + 8 * i;
-      if (row < p.Lq) p.lse[(b * p.H + h) * p.Lq + row] = (m[i] + log2f(l[i])) * kLn2;
-    }
-  }
+  finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, sQ + warp * 16 * S::kOStride, out,
+                                qb * kBlockQ + warp * 16, p.Lq, p.o_stride_l, vec_o,
+                                p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
 #else
   (void)p, (void)vec, (void)vec_o;
   __trap();  // no sm_90a code in this pass: attention_wgmma_usable() keeps launches away

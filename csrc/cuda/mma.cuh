@@ -89,6 +89,18 @@ template <> struct Mma<__nv_bfloat16> {
 
 namespace ldmfast::cuda::detail {
 
+// Reads the 16-byte chunk at s (8 elements): one vector load when vec, else element by element
+// (a base or stride off 16 bytes).
+template <class T>
+__device__ __forceinline__ uint4 read_chunk16(const T* s, bool vec) {
+  if (vec) return *reinterpret_cast<const uint4*>(s);
+  const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
+  uint32_t w[4];
+#pragma unroll
+  for (int e = 0; e < 4; ++e) w[e] = static_cast<uint32_t>(s16[2 * e]) | (static_cast<uint32_t>(s16[2 * e + 1]) << 16);
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // Copies `rows` rows of D elements (row r from src + (row0 + r) * stride_l) into shared memory
 // rows of kStride elements, as 16-byte chunks, spread over the `nthreads` threads numbered from
 // `tid`. Rows at or past L and the columns D..DPAD are zeros: the padding enters the QK^T
@@ -111,20 +123,9 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l
   }
   for (int idx = tid; idx < rows * kChunks; idx += nthreads) {
     const int r = idx / kChunks, c = idx - r * kChunks;
-    uint4 val = make_uint4(0u, 0u, 0u, 0u);
-    if (c < kDataChunks && row0 + r < L) {
-      const T* s = src + (row0 + r) * stride_l + c * 8;
-      if (vec) {
-        val = *reinterpret_cast<const uint4*>(s);
-      } else {
-        const uint16_t* s16 = reinterpret_cast<const uint16_t*>(s);
-        uint32_t w[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) w[e] = static_cast<uint32_t>(s16[2 * e]) | (static_cast<uint32_t>(s16[2 * e + 1]) << 16);
-        val = make_uint4(w[0], w[1], w[2], w[3]);
-      }
-    }
-    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) = val;
+    const bool fill = c < kDataChunks && row0 + r < L;
+    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) =
+        fill ? read_chunk16(src + (row0 + r) * stride_l + c * 8, vec) : make_uint4(0u, 0u, 0u, 0u);
   }
 }
 
@@ -194,23 +195,19 @@ __device__ __forceinline__ void pv_16keys(float (&o)[R][D / 8][4], const float (
   }
 }
 
-// One key tile of the online softmax for the two rows a lane holds of an m16 accumulator tile
-// (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j + 2 quad_col + c % 2
-// of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk masked (kMask: only
-// a tile that reaches past Lk needs the compares), the running
-// max m updated, s replaced by exp2(s - max), the lane's part of the row sum l rescaled and
-// added to; alpha is the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0,
-// meets accumulators that are still zero. A max of -inf (every score so far overflowed to -inf:
-// |q|, |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.
+constexpr float kLog2e = 1.4426950408889634f;  // scores are kept in log2 units
+constexpr float kLn2 = 0.6931471805599453f;
+
 template <bool kMask, int NT>
-__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
-                                             int64_t k0, int64_t Lk, float qscale, int quad_col) {
+__device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                                  int64_t k0, int64_t Lk, float qscale, int quad_col) {
+  const int lim = Lk - k0 < NT * 8 ? static_cast<int>(Lk - k0) : NT * 8;
   float mx[2] = {m[0], m[1]};
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      s[j][c] = !kMask || k0 + j * 8 + quad_col * 2 + (c & 1) < Lk ? s[j][c] * qscale : -INFINITY;
+      s[j][c] = !kMask || j * 8 + quad_col * 2 + (c & 1) < lim ? s[j][c] * qscale : -INFINITY;
       mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
     }
   float ref[2];
@@ -230,6 +227,23 @@ __device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], f
       s[j][c] = exp2f(s[j][c] - ref[c >> 1]);
       l[c >> 1] += s[j][c];
     }
+}
+
+// One key tile (8 NT keys from k0) of the online softmax for the two rows a lane holds of an m16
+// accumulator tile (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j +
+// 2 quad_col + c % 2 of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk
+// masked (the compares only on a tile that reaches past Lk), the running max m updated, s
+// replaced by exp2(s - max), the lane's part of the row sum l rescaled and added to; alpha is
+// the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0, meets
+// accumulators that are still zero. A max of -inf (every score so far overflowed to -inf: |q|,
+// |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.
+template <int NT>
+__device__ __forceinline__ void softmax_tile(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
+                                             int64_t k0, int64_t Lk, float qscale, int quad_col) {
+  if (k0 + NT * 8 <= Lk)
+    softmax_tile_impl<false>(s, m, l, alpha, k0, Lk, qscale, quad_col);
+  else
+    softmax_tile_impl<true>(s, m, l, alpha, k0, Lk, qscale, quad_col);
 }
 
 // Writes a warp's 16 output rows row0..row0+15 (those < Lq): O accumulators times inv (1 / the
@@ -261,6 +275,29 @@ __device__ __forceinline__ void store_o_16rows(const float (&o)[D / 8][4], const
     } else {
 #pragma unroll
       for (int e = 0; e < 8; ++e) dst[e] = src[e];
+    }
+  }
+}
+
+// The end of a warp's 16 query rows from row0: l (this lane's parts of the row sums) summed over
+// the quad, O normalised and written (store_o_16rows, through sO), and, when lse is given (this
+// (b, h)'s Lq log-sum-exps), each row's log-sum-exp from its max m (log2 units) and sum.
+template <int D, int kStride, class T>
+__device__ __forceinline__ void finish_16rows(const float (&o)[D / 8][4], const float (&m)[2], float (&l)[2], T* sO,
+                                              T* out, int64_t row0, int64_t Lq, int64_t o_stride_l, bool vec_o,
+                                              float* lse, int lane) {
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {  // the 4 lanes of a quad hold disjoint columns of the same two rows
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 1);
+    l[i] += __shfl_xor_sync(kFullMask, l[i], 2);
+  }
+  const float inv[2] = {1.0f / l[0], 1.0f / l[1]};
+  store_o_16rows<D, kStride>(o, inv, sO, out, row0, Lq, o_stride_l, vec_o, lane);
+  if (lse != nullptr && (lane & 3) == 0) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int64_t row = row0 + (lane >> 2) + 8 * i;
+      if (row < Lq) lse[row] = (m[i] + log2f(l[i])) * kLn2;
     }
   }
 }

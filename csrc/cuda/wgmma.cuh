@@ -68,18 +68,18 @@ namespace ldmfast::cuda::detail {
 // The compiler sees a wgmma's accumulators as written at issue, and its register A operand as
 // read there; this pins a register read or written by ordinary code to its place after the wait
 // (or before the fence that precedes the issue), as CUTLASS's warpgroup_fence_operand does.
-__device__ __forceinline__ void pin(float& r) {
+// The emulator has no compiler to hold back.
 #if !defined(LDMFAST_EMU)
-  asm volatile("" : "+f"(r)::"memory");
+__device__ __forceinline__ void pin(float& r) { asm volatile("" : "+f"(r)::"memory"); }
+__device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)::"memory"); }
 #else
-  (void)r;
+inline void pin(float&) {}
+inline void pin(uint32_t&) {}
 #endif
-}
-__device__ __forceinline__ void pin(uint32_t& r) {
-#if !defined(LDMFAST_EMU)
-  asm volatile("" : "+r"(r)::"memory");
-#else
-  (void)r;
-#endif
+// Every register of an array (of arrays).
+template <class T, int N>
+__device__ __forceinline__ void pin(T (&a)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) pin(a[i]);
 }
 }  // namespace ldmfast::cuda::detail
