@@ -208,10 +208,14 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
       case AttentionKernel::kMmaWide:
         return attention_mma_wide_supports(p) ? attention_mma_wide(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kWgmma:
-        return attention_wgmma_usable() ? attention_wgmma(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kWgmmaOverlap:
+      case AttentionKernel::kWgmmaPingpong:
+      case AttentionKernel::kWgmmaPingpongOverlap: {
         if (!attention_wgmma_usable()) return attention_mma(p, stream, true);
-        return attention_wgmma(p, stream, p.D <= kWgmmaOverlapMaxHeadDim);
+        const bool overlap = kernel == AttentionKernel::kWgmmaOverlap || kernel == AttentionKernel::kWgmmaPingpongOverlap;
+        const bool pingpong = kernel == AttentionKernel::kWgmmaPingpong || kernel == AttentionKernel::kWgmmaPingpongOverlap;
+        return attention_wgmma(p, stream, overlap && p.D <= kWgmmaOverlapMaxHeadDim, pingpong);
+      }
       case AttentionKernel::kDefault:
       case AttentionKernel::kSimt: break;
     }

@@ -13,9 +13,14 @@
 // accumulators as the register A operand (the m64nN accumulator layout of two adjacent 8-key
 // column groups is the k16 A layout) and V read MN-major (transposed) by the tensor core. D is
 // padded to a multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V uses N = D.
-// Simple on purpose: every warp loads and computes (no producer warps, no ping-pong between the
-// warpgroups beyond what the scheduler does); the one FlashAttention-3 step taken is the
-// optional overlap of P V with the next softmax. What more the GPU wants is for its benchmarks.
+// Two ways to feed the warpgroups. Plain: every thread loads (cp.async) and one __syncthreads
+// per tile publishes it, so the two warpgroups run in lockstep. Ping-pong (kPingpong, after
+// FlashAttention-3): a ninth warp only loads, a tile ahead of the consumers, and hands tiles over
+// through named barriers (full: producer -> each warpgroup; empty: both warpgroups -> producer);
+// a pair of turn barriers makes the warpgroups issue their products alternately, so one's
+// softmax runs while the other's products use the tensor cores. Orthogonal to that, the
+// optional overlap of a warpgroup's own P V with its next softmax (kOverlap, FlashAttention-3's
+// intra-warpgroup overlap). What the GPU prefers is for its benchmarks.
 #include <cmath>
 #include <cstring>
 
@@ -28,13 +33,26 @@ namespace {
 
 using namespace detail;
 
-constexpr int kGroups = 2;  // warpgroups per CTA
-constexpr int kThreads = kGroups * 128;
+constexpr int kGroups = 2;  // consumer warpgroups per CTA
+constexpr int kConsumers = kGroups * 128;
 constexpr int kBlockQ = kGroups * 64;
+template <bool kPingpong>
+constexpr int kThreadsOf = kConsumers + (kPingpong ? 32 : 0);  // ping-pong: + the producer warp
 
-template <int D, bool kOverlap>
+// Named barriers of the ping-pong kernel (thread counts in the kernel).
+enum NamedBarrierId : int {
+  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup (160)
+  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer (288)
+  kBarTurn = 13,  // + warpgroup: its turn to issue, the other warpgroup -> it (256)
+  kBarDone = 15,  // the consumers, before the output reuses shared memory (256)
+};
+
+template <int D, bool kOverlap, bool kPingpong>
 struct Shape {
-  static constexpr int kStages = kOverlap ? 3 : 2;  // overlap: P V of tile t - 1 reads its stage during tile t
+  // Stages: the tile in use and the one loading; overlap: + the tile P V still reads; ping-pong:
+  // + one, as the producer refills a stage only once both (staggered) warpgroups released it.
+  static constexpr int kStages = (kOverlap ? 3 : 2) + (kPingpong ? 1 : 0);
+  static_assert(kStages <= 4, "kBarFull and kBarEmpty hold four stages");
   static constexpr int DPAD = (D + 15) / 16 * 16;  // the QK^T reduction in k16 steps
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile: S is kBlockK / 2 registers
   // Element counts of the shared-memory tiles, all in 8 x 8 core-matrix ("interleaved") order.
@@ -44,7 +62,7 @@ struct Shape {
   template <class T>
   static constexpr size_t smem_bytes() {
     const size_t main = static_cast<size_t>(kQ + kStages * kStage) * sizeof(T);
-    const size_t out = static_cast<size_t>(kThreads / 32) * 16 * kOStride * sizeof(T);
+    const size_t out = static_cast<size_t>(kConsumers / 32) * 16 * kOStride * sizeof(T);
     return main > out ? main : out;
   }
 };
@@ -53,15 +71,16 @@ struct Shape {
 // memory in core-matrix order: 16-byte chunk (r, c) at chunk index ((r / 8) C + c) 8 + r % 8, so
 // consecutive threads write consecutive 16 bytes (no bank conflicts) and each core matrix (8
 // rows x 16 bytes) is contiguous, as the no-swizzle wgmma layout wants. Chunks c >= CD (the head
-// dim's padding) are zeros. kAsync (needs vec): cp.async copies, committed by the caller.
-template <int C, int CD, bool kAsync, class T>
+// dim's padding) are zeros. vec: cp.async copies, committed by the caller; else plain stores.
+// kBy threads share the copies, this one being number `tid` of them.
+template <int C, int CD, int kBy, class T>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L, int rows,
-                                          bool vec) {
-  for (int idx = threadIdx.x; idx < rows * C; idx += kThreads) {
+                                          bool vec, int tid) {
+  for (int idx = tid; idx < rows * C; idx += kBy) {
     const int core = idx >> 3, c = core % C, r = (core / C) * 8 + (idx & 7);
     const bool fill = c < CD && row0 + r < L;
     const T* s = src + (row0 + r) * stride_l + c * 8;
-    if (kAsync && vec) {
+    if (vec) {
       cp_async16(dst + idx * 8, fill ? s : src, fill);
       continue;
     }
@@ -71,14 +90,17 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
 
 // kOverlap (FlashAttention-3's intra-warpgroup overlap): P V of tile t - 1 runs on the tensor
 // cores while the softmax of tile t runs on the other units, at the price of a second set of P
-// registers and a third shared-memory stage. Otherwise each product is waited for at once.
-template <int D, class T, bool kOverlap>
-__global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
+// registers and one more shared-memory stage. Otherwise each product is waited for at once.
+// kPingpong: the producer warp and the turn barriers described at the top.
+template <int D, class T, bool kOverlap, bool kPingpong>
+__global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
+    attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
 #if LDMFAST_WGMMA
-  using S = Shape<D, kOverlap>;
+  using S = Shape<D, kOverlap, kPingpong>;
   constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
   constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
   constexpr int CQ = S::DPAD / 8, CV = DT;  // 16-byte chunks per Q / K row and per V row
+  constexpr int kLoaders = kPingpong ? 32 : kConsumers;
   extern __shared__ uint4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* stage0 = sQ + S::kQ;
@@ -93,15 +115,43 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
   const int64_t ntiles = ceil_div(p.Lk, kBlockK);
+  const int loader = kPingpong ? lane : static_cast<int>(threadIdx.x);
+  auto stage_index = [&](int64_t t) { return static_cast<int>(t % S::kStages); };
 
+  auto load_q = [&] { load_tile<CQ, DT, kLoaders>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec, loader); };
   auto load_kv = [&](int64_t t) {
-    T* st = stage0 + static_cast<int>(t % S::kStages) * S::kStage;
-    load_tile<CQ, DT, true>(st, k, p.k_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
-    load_tile<CV, DT, true>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, kBlockK, vec);
+    T* st = stage0 + stage_index(t) * S::kStage;
+    load_tile<CQ, DT, kLoaders>(st, k, p.k_stride_l, t * kBlockK, p.Lk, kBlockK, vec, loader);
+    load_tile<CV, DT, kLoaders>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, kBlockK, vec, loader);
   };
-  load_tile<CQ, DT, true>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec);
-  load_kv(0);
-  cp_async_commit();
+
+  if constexpr (kPingpong) {
+    if (warp == kConsumers / 32) {
+      // The producer: two tiles ahead (Q with the first), tile t handed to both warpgroups as
+      // soon as its copies landed, before waiting for a free stage for tile t + 2.
+      load_q();
+      load_kv(0);
+      cp_async_commit();
+      if (ntiles > 1) load_kv(1);
+      cp_async_commit();  // possibly empty: every step waits for all but the newest group
+      for (int64_t t = 0; t < ntiles; ++t) {
+        cp_async_wait<1>();   // tile t (and Q)
+        fence_proxy_async();  // ... made visible to the tensor cores' reads
+        bar_arrive(kBarFull + 2 * stage_index(t), 160);
+        bar_arrive(kBarFull + 2 * stage_index(t) + 1, 160);
+        if (t + 2 < ntiles) {
+          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kConsumers + 32);
+          load_kv(t + 2);
+        }
+        cp_async_commit();
+      }
+      return;
+    }
+  } else {
+    load_q();
+    load_kv(0);
+    cp_async_commit();
+  }
 
   // Descriptors (16-byte units added to the start address for each k16 step). Q and K are
   // K-major: LBO = one core matrix (the second half of a k16 slice), SBO = a row of CQ core
@@ -121,18 +171,43 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   const float qscale = p.scale * kLog2e;
 
-  // Tile t in shared memory from every thread, and tile t + 1 in flight into the stage that
-  // tile t + 1 - kStages used (every warpgroup has waited for its last product on it).
-  auto ready = [&](int64_t t) {
-    cp_async_wait_all();  // tile t (and Q) from this thread
-    fence_proxy_async();  // ... made visible to the tensor cores' reads
-    __syncthreads();      // ... from every thread; and every warpgroup is done with the stage refilled next
-    if (t + 1 < ntiles) {
-      load_kv(t + 1);
-      cp_async_commit();
+  // Tile t in shared memory for this warpgroup. Plain: from every thread, with tile t + 1 then
+  // sent into the stage tile t + 1 - kStages used (every warpgroup has waited for its last
+  // product on it). Ping-pong: the producer's hand-over.
+  auto acquire = [&](int64_t t) {
+    if constexpr (kPingpong) {
+      bar_sync(kBarFull + 2 * stage_index(t) + group, 160);
+    } else {
+      cp_async_wait_all();  // tile t (and Q) from this thread
+      fence_proxy_async();  // ... made visible to the tensor cores' reads
+      __syncthreads();      // ... from every thread; and every warpgroup is done with the stage refilled next
+      if (t + 1 < ntiles) {
+        load_kv(t + 1);
+        cp_async_commit();
+      }
     }
   };
-  auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(t % S::kStages) * kStageUnits; };
+  // This warpgroup's products on tile t have completed: ping-pong hands the stage back when the
+  // producer will refill it (it waits for exactly those tiles).
+  auto release = [&](int64_t t) {
+    if constexpr (kPingpong) {
+      if (t + S::kStages < ntiles) bar_arrive(kBarEmpty + stage_index(t), kConsumers + 32);
+    }
+  };
+  // Ping-pong: issues this warpgroup's products of step t once the other warpgroup issued its
+  // previous ones, then passes the turn on (not after warpgroup 1's last: nobody takes it).
+  auto in_turn = [&](int64_t t, auto&& issue) {
+    if constexpr (kPingpong) bar_sync(kBarTurn + group, 256);
+    issue();
+    if constexpr (kPingpong) {
+      if (group == 0 || t + 1 < ntiles) bar_arrive(kBarTurn + 1 - group, 256);
+    }
+  };
+  if constexpr (kPingpong) {
+    if (group == 1) bar_arrive(kBarTurn, 256);  // warpgroup 0 goes first
+  }
+
+  auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(stage_index(t)) * kStageUnits; };
   auto issue_s = [&](float (&s)[kBlockK / 2], int64_t t) {
     pin(s);  // the last softmax wrote them in place
     wgmma_fence();
@@ -176,29 +251,33 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
   float alpha[2];
   if constexpr (!kOverlap) {
     for (int64_t t = 0; t < ntiles; ++t) {
-      ready(t);
-      issue_s(s, t);
+      acquire(t);
+      in_turn(t, [&] { issue_s(s, t); });
       wgmma_wait<0>();
       softmax(s, t, alpha, pa);
       rescale_o(alpha);
       issue_pv(pa, t);
       wgmma_wait<0>();
+      release(t);
     }
   } else {
     // P V of tile t - 1 goes out right after Q K_t^T and runs during the softmax of tile t; O is
     // rescaled by tile t's alpha once it is back.
     uint32_t pa_prev[kBlockK / 16][4];
-    ready(0);
-    issue_s(s, 0);
+    acquire(0);
+    in_turn(0, [&] { issue_s(s, 0); });
     wgmma_wait<0>();
     softmax(s, 0, alpha, pa_prev);  // O is still zero: no rescale
     for (int64_t t = 1; t < ntiles; ++t) {
-      ready(t);
-      issue_s(s, t);
-      issue_pv(pa_prev, t - 1);
+      acquire(t);
+      in_turn(t, [&] {
+        issue_s(s, t);
+        issue_pv(pa_prev, t - 1);
+      });
       wgmma_wait<1>();  // Q K_t^T (groups complete in order); P V_{t-1} may still run
       softmax(s, t, alpha, pa);
       wgmma_wait<0>();
+      release(t - 1);
       pin(pa_prev);
 #pragma unroll
       for (int kk = 0; kk < kBlockK / 16; ++kk)
@@ -208,12 +287,18 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
     }
     issue_pv(pa_prev, ntiles - 1);
     wgmma_wait<0>();
+    release(ntiles - 1);
   }
   pin(o);
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the
-  // barrier), 16 rows per warp, for 16-byte stores.
-  __syncthreads();
+  // barrier; ping-pong: the producer's copies have all been consumed), 16 rows per warp, for
+  // 16-byte stores.
+  if constexpr (kPingpong) {
+    bar_sync(kBarDone, kConsumers);
+  } else {
+    __syncthreads();
+  }
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
   finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, sQ + warp * 16 * S::kOStride, out,
                                 qb * kBlockQ + warp * 16, p.Lq, p.o_stride_l, vec_o,
@@ -224,31 +309,37 @@ __global__ void __launch_bounds__(kThreads, 1) attention_wgmma_kernel(const Atte
 #endif
 }
 
-template <int D, class T, bool kOverlap>
+template <int D, class T, bool kOverlap, bool kPingpong>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = Shape<D, kOverlap>::template smem_bytes<T>();
-  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap>,
+  constexpr size_t smem = Shape<D, kOverlap, kPingpong>::template smem_bytes<T>();
+  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap, kPingpong>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (!call_ok(err)) return static_cast<int>(err);
   const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const bool vec = qkv_aligned16(p), vec_o = o_aligned16(p);
-  attention_wgmma_kernel<D, T, kOverlap><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, vec, vec_o);
+  attention_wgmma_kernel<D, T, kOverlap, kPingpong>
+      <<<static_cast<unsigned>(blocks), kThreadsOf<kPingpong>, smem, stream>>>(p, vec, vec_o);
   return launch_status();
 }
 
-template <class T>
+template <class T, bool kPingpong>
 int launch(const AttentionParams& p, cudaStream_t stream, bool overlap) {
   if (overlap) {  // only the head dims whose second set of P registers still fits
     switch (p.D) {
-      case 32: return launch_d<32, T, true>(p, stream);
-      case 40: return launch_d<40, T, true>(p, stream);
-      case 64: return launch_d<64, T, true>(p, stream);
-      case 80: return launch_d<80, T, true>(p, stream);
+      case 32: return launch_d<32, T, true, kPingpong>(p, stream);
+      case 40: return launch_d<40, T, true, kPingpong>(p, stream);
+      case 64: return launch_d<64, T, true, kPingpong>(p, stream);
+      case 80: return launch_d<80, T, true, kPingpong>(p, stream);
     }
     return static_cast<int>(cudaErrorInvalidValue);
   }
-  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, false>(p, stream); });
+  return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, false, kPingpong>(p, stream); });
+}
+
+template <class T>
+int launch(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong) {
+  return pingpong ? launch<T, true>(p, stream, overlap) : launch<T, false>(p, stream, overlap);
 }
 
 #if !defined(LDMFAST_EMU)
@@ -274,11 +365,12 @@ bool attention_wgmma_usable() {
 #endif
 }
 
-int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap) {
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong) {
   if (!attention_mma_supports(p) || (overlap && p.D > kWgmmaOverlapMaxHeadDim)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap) : launch<__nv_bfloat16>(p, stream, overlap);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap, pingpong)
+                                    : launch<__nv_bfloat16>(p, stream, overlap, pingpong);
 }
 
 }  // namespace ldmfast::cuda

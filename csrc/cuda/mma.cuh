@@ -46,7 +46,21 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool fill
                : "memory");
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
+// Every committed group of this thread's copies but the newest N has landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() { cp_async_wait<0>(); }
+// Named barriers 1..15 (0 is __syncthreads'): `threads` (a multiple of 32) arrive per phase.
+// bar_arrive does not wait; it orders this thread's earlier memory accesses before whatever
+// the threads that wait at the same phase (bar_sync) do after it.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
 
 template <class T> struct Mma;
 

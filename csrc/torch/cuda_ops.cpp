@@ -55,7 +55,8 @@ E kernel_from_env(const char* name, const char* op, std::initializer_list<std::p
 cuda::AttentionKernel attention_kernel_from_env() {
   using K = cuda::AttentionKernel;
   return kernel_from_env<K>("LDMFAST_ATTENTION_KERNEL", "attention",
-                            {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"mma_wide", K::kMmaWide}, {"fast", K::kFast}, {"wgmma", K::kWgmma}, {"wgmma_overlap", K::kWgmmaOverlap}});
+                            {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"mma_wide", K::kMmaWide}, {"fast", K::kFast}, {"wgmma", K::kWgmma}, {"wgmma_overlap", K::kWgmmaOverlap},
+                             {"wgmma_pingpong", K::kWgmmaPingpong}, {"wgmma_pingpong_overlap", K::kWgmmaPingpongOverlap}});
 }
 
 // See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).

@@ -165,7 +165,9 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
 // mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
 // 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma),
 // 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a), 8 attention_wgmma
-// overlapped, 9 attention() asked for kWgmmaOverlap (overlapped up to D = 80, else plain wgmma).
+// overlapped, 9 attention() asked for kWgmmaOverlap (overlapped up to D = 80, else plain wgmma),
+// 10 attention_wgmma ping-pong, 11 ping-pong overlapped, 12 attention() asked for
+// kWgmmaPingpong, 13 for kWgmmaPingpongOverlap.
 // overflow: lane 0 of every query is 1e20 and of the first ninf keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
@@ -198,7 +200,11 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma == 9 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaOverlap)
+  int rc = mma == 13 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpongOverlap)
+           : mma == 12 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong)
+           : mma == 11 ? cuda::attention_wgmma(p, nullptr, true, true)
+           : mma == 10 ? cuda::attention_wgmma(p, nullptr, false, true)
+           : mma == 9 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaOverlap)
            : mma == 8 ? cuda::attention_wgmma(p, nullptr, true)
            : mma == 7 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma)
            : mma == 6 ? cuda::attention_wgmma(p, nullptr)
@@ -229,7 +235,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : mma == 8 ? "-wgmma-overlap" : mma == 9 ? "-dispatch-overlap" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : mma == 8 ? "-wgmma-overlap" : mma == 9 ? "-dispatch-overlap" : mma == 10 ? "-wgmma-pingpong" : mma == 11 ? "-wgmma-pingpong-overlap" : mma == 12 ? "-dispatch-pingpong" : mma == 13 ? "-dispatch-pingpong-overlap" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -345,6 +351,23 @@ int main(int argc, char** argv) {
     test_attn(DType::kBFloat16, 1, 2, 17, 300, 40, false, 0, true, 8, true, 128);  // first tile (128 keys) all -inf
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 9);      // through attention()
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 9);     // D = 96: plain wgmma
+    // Ping-pong: a producer warp two tiles ahead, 3 stages (4 overlapped), so from 4 (5) tiles on
+    // it waits for stages both warpgroups released; the warpgroups take turns issuing.
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
+      test_attn(dt, 1, 2, 200, D > 128 ? 300 : 600, D, true, 0, true, 10);  // 5 key tiles, the last partial
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 10);                      // one tile, scalar loads
+    }
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80}) {
+      test_attn(dt, 1, 2, 200, 900, D, true, 0, true, 11);  // 8 key tiles: stages 0-3 twice, the last partial
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 11);     // one tile
+    }
+    test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 10);     // 2 full key tiles
+    test_attn(DType::kFloat16, 1, 1, 64, 384, 64, false, 0, false, 11);     // 3 tiles: no stage reused
+    test_attn(DType::kBFloat16, 1, 2, 17, 600, 64, false, 0, true, 10, true, 128);  // first tile all -inf
+    test_attn(DType::kBFloat16, 1, 2, 17, 600, 40, false, 0, true, 11, true, 128);
+    test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 12);     // through attention()
+    test_attn(DType::kFloat16, 1, 2, 70, 300, 80, false, 0, true, 13);
+    test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 13);    // D = 96: ping-pong, not overlapped
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -387,6 +410,8 @@ int main(int argc, char** argv) {
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);
     test_attn(DType::kFloat16, 1, 1, 140, 300, 40, true, 0, true, 6);  // wgmma: 2 blocks, 3 key tiles (2 stages)
     test_attn(DType::kFloat16, 1, 1, 140, 500, 64, true, 0, true, 8);  // wgmma overlapped: 4 key tiles (3 stages)
+    test_attn(DType::kFloat16, 1, 1, 140, 600, 40, true, 0, true, 10); // ping-pong: 5 key tiles (3 stages)
+    test_attn(DType::kBFloat16, 1, 1, 70, 700, 64, true, 0, true, 11); // ping-pong overlapped: 6 key tiles (4 stages)
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

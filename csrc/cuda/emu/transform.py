@@ -25,12 +25,12 @@ def launch(m):
     parts.append(cur.strip())
     while len(parts) < 4: parts.append('0' if len(parts) == 2 else 'nullptr')
     return f'emu::launch({k}, dim3({parts[0]}), dim3({parts[1]}), {parts[2]}, {parts[3]}, {args});'
-src = re.sub(r'(\b[\w:]+(?:<[^;<>]*>)?)<<<(.+?)>>>\((.*?)\);', launch, src)
-# __launch_bounds__(N) or (N, min blocks): a launch of more threads fails on a GPU, so each kernel definition's body
+src = re.sub(r'(\b[\w:]+(?:<[^;<>]*>)?)\s*<<<(.+?)>>>\((.*?)\);', launch, src, flags=re.S)
+# __launch_bounds__(N) or (N, min blocks), N a name or a variable template's instance: a launch of more threads fails on a GPU, so each kernel definition's body
 # starts with emu::check_launch_bounds(N) (declarations are left alone).
 def bounds(src):
     out, pos = [], 0
-    for m in re.finditer(r'__launch_bounds__\((\w+)(?:,\s*\w+)?\)', src):
+    for m in re.finditer(r'__launch_bounds__\(([\w:]+(?:<[\w:, ]*>)?)(?:,\s*\w+)?\)', src):
         i = src.index('(', m.end())  # the parameter list
         depth, j = 0, i
         while True:

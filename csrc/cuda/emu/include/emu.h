@@ -87,8 +87,8 @@ struct Fiber {
   const Barrier* waits_on = nullptr;  // while waiting: the barrier, and the phase that must end
   uint64_t wait_phase = 0;
   bool done = false;
-  std::vector<PendingCopy> pending;  // the first `committed` of them are committed
-  size_t committed = 0;
+  std::vector<PendingCopy> pending;  // oldest first
+  std::vector<size_t> groups;        // committed groups not landed: their ends in `pending`, oldest first
   std::shared_ptr<void> wgmma;  // this thread's wgmma.mma_async state (emu_wgmma.h), reset per launch
   void* tsan = nullptr;
 };
@@ -134,6 +134,26 @@ struct Barrier {
     if (order) __tsan_acquire(&sync[my & 1]);
 #endif
   }
+  // bar.arrive: counts this thread and goes on; its accesses before are ordered before those of
+  // the threads that wait for this phase (their acquire above). A thread that arrives again
+  // before the phase ends would count twice: named_barrier() refuses that, which also keeps a
+  // release for phase p + 2 after every acquire of phase p.
+  void arrive() {
+    const uint64_t my = phase.load(kRelaxed);
+    g_events.fetch_add(1, kRelaxed);
+#ifdef EMU_TSAN
+    __tsan_release(&sync[my & 1]);
+#endif
+    if (arrived.fetch_add(1, kRelaxed) + 1 == expected) {
+      arrived.store(0, kRelaxed);
+      phase.store(my + 1, kRelaxed);
+    }
+  }
+};
+// A named barrier (bar.sync / bar.arrive with an id and a thread count).
+struct NamedBarrier {
+  std::unique_ptr<Barrier> bar;        // made at first use, with that use's count
+  std::vector<uint64_t> arrived_in;  // per thread: 1 + the phase it last arrived in, 0 for none
 };
 
 struct Block {
@@ -146,6 +166,7 @@ struct Block {
   std::vector<Block*> cluster;       // the CTAs of this CTA's cluster, by rank
   Barrier* cluster_bar = nullptr;
   std::shared_ptr<void> wgmma;       // the wgmma operands each warpgroup issued (emu_wgmma.h)
+  NamedBarrier named[16];            // 0 unused: __syncthreads is `bar`
 };
 inline Block* t_block = nullptr;  // the running fiber's CTA
 constexpr size_t kArenaBytes = 256 * 1024;
@@ -219,6 +240,51 @@ template <class T> T& shared_var(int id) {
 }  // namespace emu
 
 inline void __syncthreads() { emu::t_block->bar->arrive_and_wait(); }
+namespace emu {
+// The named barrier `id` for this thread's arrival: the rules a real one relies on, checked.
+// One count per id for the whole launch (a real barrier may change it between phases; these
+// kernels never do).
+inline Barrier& named_barrier(int id, int threads) {
+  TsanIgnore hide;
+  const unsigned block_threads = blockDim.x * blockDim.y * blockDim.z;
+  if (id < 1 || id > 15 || threads <= 0 || threads % 32 != 0 || static_cast<unsigned>(threads) > block_threads) {
+    fprintf(stderr, "emu: named barrier %d for %d threads: ids are 1..15 and counts whole warps of the %u-thread block\n",
+            id, threads, block_threads);
+    std::abort();
+  }
+  NamedBarrier& nb = t_block->named[id];
+  if (!nb.bar) {
+    nb.bar = std::make_unique<Barrier>(static_cast<unsigned>(threads));
+    nb.arrived_in.assign(block_threads, 0);
+  } else if (nb.bar->expected != static_cast<unsigned>(threads)) {
+    fprintf(stderr, "emu: named barrier %d used with %d threads and with %u\n", id, threads, nb.bar->expected);
+    std::abort();
+  }
+  const uint64_t phase = nb.bar->phase.load(kRelaxed) + 1;
+  if (nb.arrived_in[threadIdx.x] == phase) {
+    fprintf(stderr, "emu: thread %u of block %u arrives twice at named barrier %d before its phase ends\n",
+            threadIdx.x, blockIdx.x, id);
+    std::abort();
+  }
+  nb.arrived_in[threadIdx.x] = phase;
+  return *nb.bar;
+}
+// A CTA that ends with arrivals at a named barrier whose phase never completed used it unevenly.
+inline void check_named_barriers(const Block& b) {
+  for (int id = 1; id < 16; ++id) {
+    const Barrier* bar = b.named[id].bar.get();
+    if (bar != nullptr && bar->arrived.load(kRelaxed) != 0) {
+      fprintf(stderr, "emu: a CTA ended with %u of %u threads arrived at named barrier %d\n",
+              bar->arrived.load(kRelaxed), bar->expected, id);
+      std::abort();
+    }
+  }
+}
+}  // namespace emu
+namespace ldmfast::cuda::detail {
+inline void bar_sync(int id, int threads) { emu::named_barrier(id, threads).arrive_and_wait(); }
+inline void bar_arrive(int id, int threads) { emu::named_barrier(id, threads).arrive(); }
+}  // namespace ldmfast::cuda::detail
 inline void __syncwarp(unsigned = 0xffffffffu) { emu::t_block->warp_bar[threadIdx.x / 32]->arrive_and_wait(); }
 // The lanes' meeting in a warp-collective instruction (shuffle, ldmatrix, mma.sync): unlike
 // __syncwarp (bar.warp.sync) these promise no memory ordering between the lanes, so the meeting
@@ -352,7 +418,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
         f.waits_on = nullptr;
         f.done = false;
         f.pending.clear();
-        f.committed = 0;
+        f.groups.clear();
         f.wgmma.reset();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack->top_region();
@@ -362,6 +428,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
         fibers.push_back(&f);
       }
     run_fibers(fibers);
+    for (auto* b : ranks) check_named_barriers(*b);
   }
   check_static_smem(reinterpret_cast<const void*>(kernel), smem);
   g_body = nullptr;

@@ -71,12 +71,12 @@ inline void mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1)
 }
 
 // cp.async as the PTX ISA allows it to behave at its latest: a thread's copies land in shared
-// memory only at its cp.async.wait_group 0, and only those committed before it; until then the
+// memory only at the cp.async.wait_group that waits for their commit group; until then the
 // destination keeps its old bytes. A missing wait (or commit) then reads stale data and fails
 // the parity check instead of passing. The 16 source bytes are read at issue (global memory
 // does not change during a kernel). EMU_CP_ASYNC=early lands them at issue instead, the other
 // extreme, where a copy issued into a buffer other threads still read shows up. The pending
-// copies are the running fiber's (emu::Fiber::pending).
+// copies and their groups are the running fiber's (emu::Fiber::pending, groups).
 // Read at start-up, not in a function-local static: its guard, first passed inside a fiber,
 // would order every later caller after the first one for ThreadSanitizer.
 inline const bool g_cp_async_early = [] {
@@ -95,14 +95,20 @@ inline void cp_async16(void* dst, const void* src, bool fill) {
   if (fill) std::memcpy(c.bytes, src, 16);
   emu::g_fiber->pending.push_back(c);
 }
-inline void cp_async_commit() { emu::g_fiber->committed = emu::g_fiber->pending.size(); }
-inline void cp_async_wait_all() {
-  auto& q = emu::g_fiber->pending;
-  const size_t n = emu::g_fiber->committed;
-  for (size_t i = 0; i < n; ++i) std::memcpy(q[i].dst, q[i].bytes, 16);
-  q.erase(q.begin(), q.begin() + static_cast<std::ptrdiff_t>(n));
-  emu::g_fiber->committed = 0;
+inline void cp_async_commit() { emu::g_fiber->groups.push_back(emu::g_fiber->pending.size()); }  // possibly empty
+// cp.async.wait_group N: every committed group but the newest N has landed.
+template <int N>
+inline void cp_async_wait() {
+  static_assert(N >= 0);
+  auto& f = *emu::g_fiber;
+  if (f.groups.size() <= static_cast<size_t>(N)) return;
+  const size_t k = f.groups.size() - N, n = f.groups[k - 1];
+  for (size_t i = 0; i < n; ++i) std::memcpy(f.pending[i].dst, f.pending[i].bytes, 16);
+  f.pending.erase(f.pending.begin(), f.pending.begin() + static_cast<std::ptrdiff_t>(n));
+  f.groups.erase(f.groups.begin(), f.groups.begin() + static_cast<std::ptrdiff_t>(k));
+  for (size_t& e : f.groups) e -= n;
 }
+inline void cp_async_wait_all() { cp_async_wait<0>(); }
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu_mma::ldmatrix<2, true>(r, p); }
