@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 
@@ -70,11 +71,33 @@ def test_cuda_kernels_compile_without_torch(tmp_path):
     assert sources, "no CUDA sources found in csrc/cuda"
     arch = os.environ.get("LDMFAST_CUDA_ARCHS", "90a")
     build, log = _cmake(tmp_path, "-DLDMFAST_WITH_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={nvcc}",
-                        f"-DCUTLASS_DIR={_cutlass_dir()}", f"-DLDMFAST_CUDA_ARCHS={arch}")
+                        f"-DCUTLASS_DIR={_cutlass_dir()}", f"-DLDMFAST_CUDA_ARCHS={arch}",
+                        "-DCMAKE_CUDA_FLAGS=-Xptxas=-v")
     assert glob.glob(str(build / "libldmfast_cuda_kernels.a"))
     for src in sources:
         assert os.path.basename(src) in log, f"{src} was not compiled"
+    _check_ptxas_report(log)
     _check_error_reporting(build, arch)
+
+
+def _check_ptxas_report(log):
+    """What ptxas -v said of the build: no wgmma it had to serialise (advisory C7513, given when
+    ordinary code writes a wgmma's registers inside its asynchronous window, e.g. at a branch's
+    join; the kernel then runs each wgmma to completion) and no wgmma attention kernel that
+    spills. Neither fails a compile, and neither shows without a GPU any other way."""
+    assert "Function properties for" in log, "no ptxas -v report in the build log"
+    assert "C7513" not in log, "\n".join(line for line in log.splitlines() if "C7513" in line)[:4000]
+    func, wgmma = None, 0
+    for line in log.splitlines():
+        m = re.search(r"Function properties for (\w+)", line)
+        if m:
+            func = m.group(1)
+            continue
+        m = re.search(r"(\d+) bytes spill stores", line)
+        if m and func is not None and "attention_wgmma_kernel" in func:
+            wgmma += 1
+            assert m.group(1) == "0", f"{func}: {line.strip()}"
+    assert wgmma > 0 or "90a" not in log, "no wgmma kernel in the ptxas report"
 
 
 def _check_error_reporting(build, arch):

@@ -49,8 +49,8 @@ int attention_short(const AttentionParams& p, cudaStream_t stream);
 // The Hopper kernel (wgmma.mma_async): usable when the current device is sm_90 and the library
 // holds sm_90a code (the CPU emulator: always). Same contract as attention_mma.
 // `overlap`: P V of each key tile runs during the next tile's softmax (head dims up to
-// kWgmmaOverlapMaxHeadDim: it keeps two sets of P registers). `pingpong`: a producer warp loads
-// and the two warpgroups take turns on the tensor cores.
+// kWgmmaOverlapMaxHeadDim: it keeps two sets of P registers). `pingpong`: a producer
+// warpgroup loads and the two computing warpgroups take turns on the tensor cores.
 constexpr int64_t kWgmmaOverlapMaxHeadDim = 80;
 bool attention_wgmma_usable();
 int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap = false, bool pingpong = false);

@@ -1,28 +1,32 @@
 // Flash attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for float16 / bfloat16.
 //
 // UNVERIFIED ON GPU: compile-checked for sm_90a and run on the CPU emulator only. attention.cu
-// dispatches here for AttentionKernel::kWgmma / kWgmmaOverlap when the device is sm_90 and the
-// library holds sm_90a code; anywhere else they run the mma.sync kernel.
+// dispatches here for AttentionKernel::kWgmma, kWgmmaOverlap, kWgmmaPingpong and
+// kWgmmaPingpongOverlap when the device is sm_90 and the library holds sm_90a code; anywhere
+// else they run the mma.sync kernel.
 //
-// One CTA of 2 warpgroups per (b, h, block of 128 queries); each warpgroup owns 64 query rows.
-// Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream
-// through two shared-memory stages (three when overlapped), the next tile's cp.async copies in
-// flight while this one is used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
+// Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each. Q stays
+// in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
+// shared-memory stages (Shape::kStages), later tiles' cp.async copies in flight while one is
+// used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
 // operands from shared memory), online softmax on the S accumulators in registers (a row sits in
 // the 4 lanes of a quad, as with mma.sync), then O += P V with P packed in place from the S
 // accumulators as the register A operand (the m64nN accumulator layout of two adjacent 8-key
 // column groups is the k16 A layout) and V read MN-major (transposed) by the tensor core. D is
 // padded to a multiple of 16 with zeros for the QK^T reduction (D = 40 -> 48); P V uses N = D.
-// Two ways to feed the warpgroups. Plain: every thread loads (cp.async) and one __syncthreads
-// per tile publishes it, so the two warpgroups run in lockstep. Ping-pong (kPingpong, after
-// FlashAttention-3): a ninth warp only loads, a tile ahead of the consumers, and hands tiles over
-// through named barriers (full: producer -> each warpgroup; empty: both warpgroups -> producer);
-// a pair of turn barriers makes the warpgroups issue their products alternately, so one's
-// softmax runs while the other's products use the tensor cores. Orthogonal to that, the
+//
+// Two ways to feed the warpgroups. Plain: every thread loads (cp.async) the next tile and one
+// __syncthreads per tile publishes it, so the two warpgroups run in lockstep. Ping-pong
+// (kPingpong, after FlashAttention-3's warp specialisation): a third warpgroup only loads, two
+// tiles ahead, and hands tiles over through named barriers (full: producer -> each warpgroup;
+// empty: both warpgroups -> producer), giving most of its registers to the consumers
+// (setmaxnreg); a pair of turn barriers makes the warpgroups issue their products alternately,
+// so one's softmax runs while the other's products use the tensor cores. Orthogonal to that, the
 // optional overlap of a warpgroup's own P V with its next softmax (kOverlap, FlashAttention-3's
-// intra-warpgroup overlap). What the GPU prefers is for its benchmarks.
+// intra-warpgroup overlap). Which the GPU prefers is for its benchmarks.
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "attention_mma.cuh"
 #include "mma.cuh"
@@ -37,12 +41,17 @@ constexpr int kGroups = 2;  // consumer warpgroups per CTA
 constexpr int kConsumers = kGroups * 128;
 constexpr int kBlockQ = kGroups * 64;
 template <bool kPingpong>
-constexpr int kThreadsOf = kConsumers + (kPingpong ? 32 : 0);  // ping-pong: + the producer warp
+constexpr int kThreadsOf = kConsumers + (kPingpong ? 128 : 0);  // ping-pong: + the producer warpgroup
+// Ping-pong registers per thread: launched at 65536 / 384 = 168 (rounded to 8) for all three
+// warpgroups; the producer keeps 56, which lets each consumer warpgroup rise to 224.
+constexpr int kProducerRegs = 56, kConsumerRegs = 224;
+static_assert(kProducerRegs + kGroups * kConsumerRegs <= (kGroups + 1) * (65536 / kThreadsOf<true> / 8 * 8),
+              "the register file shared out");
 
 // Named barriers of the ping-pong kernel (thread counts in the kernel).
 enum NamedBarrierId : int {
-  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup (160)
-  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer (288)
+  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup (256)
+  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer (384)
   kBarTurn = 13,  // + warpgroup: its turn to issue, the other warpgroup -> it (256)
   kBarDone = 15,  // the consumers, before the output reuses shared memory (256)
 };
@@ -67,31 +76,52 @@ struct Shape {
   }
 };
 
-// Copies `rows` rows (from row0; rows at or past L are zeros) of a (rows x C*8) tile into shared
+// Copies ROWS rows (from row0; rows at or past L are zeros) of a (ROWS x C*8) tile into shared
 // memory in core-matrix order: 16-byte chunk (r, c) at chunk index ((r / 8) C + c) 8 + r % 8, so
-// consecutive threads write consecutive 16 bytes (no bank conflicts) and each core matrix (8
-// rows x 16 bytes) is contiguous, as the no-swizzle wgmma layout wants. Chunks c >= CD (the head
-// dim's padding) are zeros. vec: cp.async copies, committed by the caller; else plain stores.
-// kBy threads share the copies, this one being number `tid` of them.
-template <int C, int CD, int kBy, class T>
-__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L, int rows,
-                                          bool vec, int tid) {
-  for (int idx = tid; idx < rows * C; idx += kBy) {
-    const int core = idx >> 3, c = core % C, r = (core / C) * 8 + (idx & 7);
-    const bool fill = c < CD && row0 + r < L;
-    const T* s = src + (row0 + r) * stride_l + c * 8;
-    if (vec) {
-      cp_async16(dst + idx * 8, fill ? s : src, fill);
-      continue;
+// each core matrix (8 rows x 16 bytes) is contiguous, as the no-swizzle wgmma layout wants.
+// Chunks c >= CD (the head dim's padding) are zeros. vec: cp.async copies, committed by the
+// caller; else plain stores. Warp `warp` of kWarps takes the row groups warp, warp + kWarps, ...;
+// its lane (r8, cp) = (lane % 8, lane / 8) the chunks cp, cp + 4, ... of row r8 of each, so one
+// instruction reads 64 contiguous bytes from each of 8 rows and writes 512 contiguous bytes (no
+// bank conflicts), and every offset but the row's is a constant: a single loading warp spends
+// few instructions per chunk.
+template <int ROWS, int C, int CD, int kWarps, class T>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L, bool vec,
+                                          int warp, int lane) {
+  static_assert(ROWS % (8 * kWarps) == 0, "whole row groups per warp");
+  const int r8 = lane & 7, cp = lane >> 3;
+  const int64_t r0 = row0 + warp * 8 + r8;
+  const T* s0 = src + r0 * stride_l + cp * 8;
+  T* d0 = dst + ((warp * C + cp) * 8 + r8) * 8;
+  auto copy = [&](auto async) {
+#pragma unroll 1  // unrolled, a lone loading warp's addresses would crowd out the consumers' registers
+    for (int g = 0; g < ROWS / (8 * kWarps); ++g) {
+      const bool row_ok = r0 + g * 8 * kWarps < L;
+      const T* s = s0 + g * 8 * kWarps * stride_l;
+#pragma unroll
+      for (int j = 0; j < (C + 3) / 4; ++j) {
+        if (C % 4 != 0 && cp + 4 * j >= C) continue;  // the last column step of a C not a multiple of 4
+        const bool fill = row_ok && cp + 4 * j < CD;
+        T* d = d0 + (g * kWarps * C + 4 * j) * 64;
+        if constexpr (decltype(async)::value) {
+          cp_async16(d, fill ? s + 32 * j : src, fill);
+        } else {
+          *reinterpret_cast<uint4*>(d) = fill ? read_chunk16(s + 32 * j, false) : make_uint4(0u, 0u, 0u, 0u);
+        }
+      }
     }
-    *reinterpret_cast<uint4*>(dst + idx * 8) = fill ? read_chunk16(s, vec) : make_uint4(0u, 0u, 0u, 0u);
+  };
+  if (vec) {
+    copy(std::true_type{});
+  } else {
+    copy(std::false_type{});
   }
 }
 
 // kOverlap (FlashAttention-3's intra-warpgroup overlap): P V of tile t - 1 runs on the tensor
 // cores while the softmax of tile t runs on the other units, at the price of a second set of P
 // registers and one more shared-memory stage. Otherwise each product is waited for at once.
-// kPingpong: the producer warp and the turn barriers described at the top.
+// kPingpong: the producer warpgroup and the turn barriers described at the top.
 template <int D, class T, bool kOverlap, bool kPingpong>
 __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
     attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
@@ -100,7 +130,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
   constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
   constexpr int CQ = S::DPAD / 8, CV = DT;  // 16-byte chunks per Q / K row and per V row
-  constexpr int kLoaders = kPingpong ? 32 : kConsumers;
+  constexpr int kLoadWarps = kPingpong ? 4 : kConsumers / 32;
   extern __shared__ uint4 smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
   T* stage0 = sQ + S::kQ;
@@ -115,20 +145,21 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
   const int64_t ntiles = ceil_div(p.Lk, kBlockK);
-  const int loader = kPingpong ? lane : static_cast<int>(threadIdx.x);
+  const int load_warp = kPingpong ? warp - kConsumers / 32 : warp;
   auto stage_index = [&](int64_t t) { return static_cast<int>(t % S::kStages); };
 
-  auto load_q = [&] { load_tile<CQ, DT, kLoaders>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, kBlockQ, vec, loader); };
+  auto load_q = [&] { load_tile<kBlockQ, CQ, DT, kLoadWarps>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, vec, load_warp, lane); };
   auto load_kv = [&](int64_t t) {
     T* st = stage0 + stage_index(t) * S::kStage;
-    load_tile<CQ, DT, kLoaders>(st, k, p.k_stride_l, t * kBlockK, p.Lk, kBlockK, vec, loader);
-    load_tile<CV, DT, kLoaders>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, kBlockK, vec, loader);
+    load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, t * kBlockK, p.Lk, vec, load_warp, lane);
+    load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, vec, load_warp, lane);
   };
 
   if constexpr (kPingpong) {
-    if (warp == kConsumers / 32) {
+    if (group == kGroups) {
       // The producer: two tiles ahead (Q with the first), tile t handed to both warpgroups as
       // soon as its copies landed, before waiting for a free stage for tile t + 2.
+      setmaxnreg_dec<kProducerRegs>();
       load_q();
       load_kv(0);
       cp_async_commit();
@@ -137,14 +168,17 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         cp_async_wait<1>();   // tile t (and Q)
         fence_proxy_async();  // ... made visible to the tensor cores' reads
-        bar_arrive(kBarFull + 2 * stage_index(t), 160);
-        bar_arrive(kBarFull + 2 * stage_index(t) + 1, 160);
+        bar_arrive(kBarFull + 2 * stage_index(t), 256);
+        bar_arrive(kBarFull + 2 * stage_index(t) + 1, 256);
         if (t + 2 < ntiles) {
-          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kConsumers + 32);
+          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kConsumers + 128);
           load_kv(t + 2);
         }
         cp_async_commit();
       }
+      // The releases of the stages it did not refill (the consumers release every tile).
+      for (int64_t u = ntiles > S::kStages ? ntiles - S::kStages : 0; u < ntiles; ++u)
+        bar_sync(kBarEmpty + stage_index(u), kConsumers + 128);
       return;
     }
   } else {
@@ -176,7 +210,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   // product on it). Ping-pong: the producer's hand-over.
   auto acquire = [&](int64_t t) {
     if constexpr (kPingpong) {
-      bar_sync(kBarFull + 2 * stage_index(t) + group, 160);
+      bar_sync(kBarFull + 2 * stage_index(t) + group, 256);
     } else {
       cp_async_wait_all();  // tile t (and Q) from this thread
       fence_proxy_async();  // ... made visible to the tensor cores' reads
@@ -187,23 +221,21 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
       }
     }
   };
-  // This warpgroup's products on tile t have completed: ping-pong hands the stage back when the
-  // producer will refill it (it waits for exactly those tiles).
+  // This warpgroup's products on tile t have completed: ping-pong hands the stage back. Every
+  // tile, so no branch sits in the loop (ptxas serialises the wgmma of a loop whose body has one).
   auto release = [&](int64_t t) {
-    if constexpr (kPingpong) {
-      if (t + S::kStages < ntiles) bar_arrive(kBarEmpty + stage_index(t), kConsumers + 32);
-    }
+    if constexpr (kPingpong) bar_arrive(kBarEmpty + stage_index(t), kConsumers + 128);
   };
-  // Ping-pong: issues this warpgroup's products of step t once the other warpgroup issued its
-  // previous ones, then passes the turn on (not after warpgroup 1's last: nobody takes it).
-  auto in_turn = [&](int64_t t, auto&& issue) {
+  // Ping-pong: issues this warpgroup's products once the other warpgroup issued its previous
+  // ones, then passes the turn on, always (no branch, as above: the turn warpgroup 1 passes after
+  // its last products is taken by warpgroup 0 at the end).
+  auto in_turn = [&](auto&& issue) {
     if constexpr (kPingpong) bar_sync(kBarTurn + group, 256);
     issue();
-    if constexpr (kPingpong) {
-      if (group == 0 || t + 1 < ntiles) bar_arrive(kBarTurn + 1 - group, 256);
-    }
+    if constexpr (kPingpong) bar_arrive(kBarTurn + 1 - group, 256);
   };
   if constexpr (kPingpong) {
+    setmaxnreg_inc<kConsumerRegs>();
     if (group == 1) bar_arrive(kBarTurn, 256);  // warpgroup 0 goes first
   }
 
@@ -252,7 +284,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   if constexpr (!kOverlap) {
     for (int64_t t = 0; t < ntiles; ++t) {
       acquire(t);
-      in_turn(t, [&] { issue_s(s, t); });
+      in_turn([&] { issue_s(s, t); });
       wgmma_wait<0>();
       softmax(s, t, alpha, pa);
       rescale_o(alpha);
@@ -265,12 +297,12 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
     // rescaled by tile t's alpha once it is back.
     uint32_t pa_prev[kBlockK / 16][4];
     acquire(0);
-    in_turn(0, [&] { issue_s(s, 0); });
+    in_turn([&] { issue_s(s, 0); });
     wgmma_wait<0>();
     softmax(s, 0, alpha, pa_prev);  // O is still zero: no rescale
     for (int64_t t = 1; t < ntiles; ++t) {
       acquire(t);
-      in_turn(t, [&] {
+      in_turn([&] {
         issue_s(s, t);
         issue_pv(pa_prev, t - 1);
       });
@@ -290,6 +322,9 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
     release(ntiles - 1);
   }
   pin(o);
+  if constexpr (kPingpong) {
+    if (group == 0) bar_sync(kBarTurn, 256);  // the turn warpgroup 1 passed after its last products
+  }
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the
   // barrier; ping-pong: the producer's copies have all been consumed), 16 rows per warp, for

@@ -59,6 +59,17 @@ __device__ __forceinline__ void wgmma_wait() {
 // Shared memory written through the generic proxy (ordinary stores, cp.async) is read by wgmma
 // through the async proxy: each writing thread fences before the barrier that publishes it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The executing warpgroup's registers per thread become N (warp-specialised kernels: a loading
+// warpgroup gives registers back, the computing ones take them; the kernel's __launch_bounds__
+// tells ptxas the starting count).
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
 
 }  // namespace ldmfast::cuda::detail
 #include "wgmma_ops.cuh"

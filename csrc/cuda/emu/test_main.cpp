@@ -351,7 +351,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kBFloat16, 1, 2, 17, 300, 40, false, 0, true, 8, true, 128);  // first tile (128 keys) all -inf
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 9);      // through attention()
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 9);     // D = 96: plain wgmma
-    // Ping-pong: a producer warp two tiles ahead, 3 stages (4 overlapped), so from 4 (5) tiles on
+    // Ping-pong: a producer warpgroup two tiles ahead, 3 stages (4 overlapped), so from 4 (5) tiles on
     // it waits for stages both warpgroups released; the warpgroups take turns issuing.
     for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : Ds) {
       test_attn(dt, 1, 2, 200, D > 128 ? 300 : 600, D, true, 0, true, 10);  // 5 key tiles, the last partial
@@ -361,8 +361,15 @@ int main(int argc, char** argv) {
       test_attn(dt, 1, 2, 200, 900, D, true, 0, true, 11);  // 8 key tiles: stages 0-3 twice, the last partial
       test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 11);     // one tile
     }
+    // 1 to 7 key tiles (the last partial), plain stores (unaligned): every stage count the
+    // producer and the consumers' releases meet, both variants.
+    for (int n = 1; n <= 7; ++n) {
+      test_attn(DType::kFloat16, 1, 1, 70, 128 * n - 3, 64, false, 1, true, 10);
+      test_attn(DType::kBFloat16, 1, 1, 70, 128 * n - 3, 40, false, 1, true, 11);
+    }
     test_attn(DType::kFloat16, 1, 1, 64, 256, 64, false, 0, false, 10);     // 2 full key tiles
     test_attn(DType::kFloat16, 1, 1, 64, 384, 64, false, 0, false, 11);     // 3 tiles: no stage reused
+    test_attn(DType::kBFloat16, 1, 1, 20, 250, 160, false, 1, true, 10);   // 4 tiles of 64 keys, plain stores
     test_attn(DType::kBFloat16, 1, 2, 17, 600, 64, false, 0, true, 10, true, 128);  // first tile all -inf
     test_attn(DType::kBFloat16, 1, 2, 17, 600, 40, false, 0, true, 11, true, 128);
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 12);     // through attention()

@@ -39,7 +39,7 @@ bool attention_supports_head_dim(int64_t d);
 //   kFast     tensor cores: the short-context kernel when Lk <= 80, else kMma
 //   kWgmma    Hopper warpgroup MMA (sm_90 device, library built with sm_90a); elsewhere kMma
 //   kWgmmaOverlap  kWgmma with P V overlapping the next tile's softmax (head dims up to 80; else kWgmma)
-//   kWgmmaPingpong  kWgmma fed by a producer warp, its two warpgroups taking turns on the tensor cores
+//   kWgmmaPingpong  kWgmma fed by a producer warpgroup, its two warpgroups taking turns on the tensor cores
 //   kWgmmaPingpongOverlap  both (head dims up to 80; else kWgmmaPingpong)
 // kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
 enum class AttentionKernel : int32_t {

@@ -154,6 +154,7 @@ struct Barrier {
 struct NamedBarrier {
   std::unique_ptr<Barrier> bar;        // made at first use, with that use's count
   std::vector<uint64_t> arrived_in;  // per thread: 1 + the phase it last arrived in, 0 for none
+  std::vector<char> members;         // the threads of its first phase
 };
 
 struct Block {
@@ -243,7 +244,9 @@ inline void __syncthreads() { emu::t_block->bar->arrive_and_wait(); }
 namespace emu {
 // The named barrier `id` for this thread's arrival: the rules a real one relies on, checked.
 // One count per id for the whole launch (a real barrier may change it between phases; these
-// kernels never do).
+// kernels never do). A phase's threads must be whole warps (the hardware counts a warp's
+// arrival once, for all its lanes) and the same threads every phase (which the release /
+// acquire pairs of Barrier::arrive rely on, and these kernels keep).
 inline Barrier& named_barrier(int id, int threads) {
   TsanIgnore hide;
   const unsigned block_threads = blockDim.x * blockDim.y * blockDim.z;
@@ -267,6 +270,25 @@ inline Barrier& named_barrier(int id, int threads) {
     std::abort();
   }
   nb.arrived_in[threadIdx.x] = phase;
+  if (nb.bar->arrived.load(kRelaxed) + 1 == nb.bar->expected) {  // this arrival ends the phase
+    std::vector<char> in(block_threads);
+    for (unsigned t = 0; t < block_threads; ++t) in[t] = nb.arrived_in[t] == phase;
+    for (unsigned w = 0; w * 32 < block_threads; ++w) {
+      const unsigned lanes = block_threads - w * 32 < 32 ? block_threads - w * 32 : 32;
+      unsigned n = 0;
+      for (unsigned l = 0; l < lanes; ++l) n += in[w * 32 + l];
+      if (n != 0 && n != lanes) {
+        fprintf(stderr, "emu: named barrier %d: %u of the %u lanes of warp %u arrived in one phase\n", id, n, lanes, w);
+        std::abort();
+      }
+    }
+    if (nb.members.empty()) nb.members = in;
+    if (in != nb.members) {
+      fprintf(stderr, "emu: named barrier %d: phase %llu has other threads than its first\n", id,
+              static_cast<unsigned long long>(phase - 1));
+      std::abort();
+    }
+  }
   return *nb.bar;
 }
 // A CTA that ends with arrivals at a named barrier whose phase never completed used it unevenly.

@@ -260,6 +260,18 @@ template <int N> inline void wgmma_wait() {
 }
 // Orders generic-proxy writes to shared memory before async-proxy reads; the emulator has one proxy.
 inline void fence_proxy_async() {}
+// setmaxnreg: registers are not modelled; the operand's rules are (a multiple of 8 in 24..256),
+// and the warpgroup must be whole.
+template <int N> inline void setmaxnreg_check() {
+  static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg takes a multiple of 8 in 24..256");
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if ((threadIdx.x / 128 + 1) * 128 > threads) {
+    fprintf(stderr, "emu: setmaxnreg needs a whole warpgroup (128 threads), the block has %u\n", threads);
+    std::abort();
+  }
+}
+template <int N> inline void setmaxnreg_inc() { setmaxnreg_check<N>(); }
+template <int N> inline void setmaxnreg_dec() { setmaxnreg_check<N>(); }
 
 template <class T, int N> struct WgmmaCheck {
   static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N a multiple of 8 in 8..256");
