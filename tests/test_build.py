@@ -31,16 +31,19 @@ def _cutlass_dir():
 
 
 def _cmake(tmp_path, *extra):
+    """Configures and builds; returns the build dir and the build's output, each compiler
+    command's output in one piece: Ninja prints it so, other generators get one job."""
     build = tmp_path / "build"
     cfg = ["cmake", "-S", ROOT, "-B", str(build), "-DLDMFAST_WITH_TORCH=OFF", *extra]
-    if shutil.which("ninja"):
+    ninja = shutil.which("ninja") is not None
+    if ninja:
         cfg += ["-G", "Ninja"]
     subprocess.run(cfg, check=True, capture_output=True, text=True)
-    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    jobs = (os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)) if ninja else "1"
     res = subprocess.run(["cmake", "--build", str(build), "--parallel", jobs, "--verbose"],
                          capture_output=True, text=True)
     assert res.returncode == 0, f"build failed:\n{res.stdout[-8000:]}\n{res.stderr[-8000:]}"
-    return build, res.stdout
+    return build, res.stdout + res.stderr
 
 
 def test_cpu_kernels_build_without_torch(tmp_path):
@@ -81,23 +84,29 @@ def test_cuda_kernels_compile_without_torch(tmp_path):
 
 
 def _check_ptxas_report(log):
-    """What ptxas -v said of the build: no wgmma it had to serialise (advisory C7513, given when
-    ordinary code writes a wgmma's registers inside its asynchronous window, e.g. at a branch's
-    join; the kernel then runs each wgmma to completion) and no wgmma attention kernel that
-    spills. Neither fails a compile, and neither shows without a GPU any other way."""
+    """What ptxas -v said of the build: no "Potential Performance Loss" advisory (C7513: wgmma
+    serialised, given when ordinary code writes a wgmma's registers inside its asynchronous
+    window, e.g. at a branch's join; C7508: setmaxnreg dropped) and no sm_90a wgmma attention
+    kernel that spills. None of them fails a compile, and none shows without a GPU any other way."""
     assert "Function properties for" in log, "no ptxas -v report in the build log"
-    assert "C7513" not in log, "\n".join(line for line in log.splitlines() if "C7513" in line)[:4000]
-    func, wgmma = None, 0
+    lost = [line for line in log.splitlines() if "Potential Performance Loss" in line]
+    assert not lost, "\n".join(lost)[:4000]
+    arch, archs, func, wgmma = None, set(), None, 0
     for line in log.splitlines():
+        m = re.search(r"Compiling entry function '\w+' for '(\w+)'", line)
+        if m:
+            arch = m.group(1)  # ptxas reports each function's properties right after this line
+            archs.add(arch)
+            continue
         m = re.search(r"Function properties for (\w+)", line)
         if m:
             func = m.group(1)
             continue
         m = re.search(r"(\d+) bytes spill stores", line)
-        if m and func is not None and "attention_wgmma_kernel" in func:
+        if m and func is not None and "attention_wgmma_kernel" in func and arch == "sm_90a":
             wgmma += 1
             assert m.group(1) == "0", f"{func}: {line.strip()}"
-    assert wgmma > 0 or "90a" not in log, "no wgmma kernel in the ptxas report"
+    assert wgmma > 0 or "sm_90a" not in archs, "no sm_90a wgmma kernel in the ptxas report"
 
 
 def _check_error_reporting(build, arch):

@@ -83,8 +83,8 @@ struct Shape {
 // caller; else plain stores. Warp `warp` of kWarps takes the row groups warp, warp + kWarps, ...;
 // its lane (r8, cp) = (lane % 8, lane / 8) the chunks cp, cp + 4, ... of row r8 of each, so one
 // instruction reads 64 contiguous bytes from each of 8 rows and writes 512 contiguous bytes (no
-// bank conflicts), and every offset but the row's is a constant: a single loading warp spends
-// few instructions per chunk.
+// bank conflicts), and every offset but the row's is a constant: a few instructions a chunk
+// (the ping-pong producer issues every copy of the CTA).
 template <int ROWS, int C, int CD, int kWarps, class T>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l, int64_t row0, int64_t L, bool vec,
                                           int warp, int lane) {
@@ -94,7 +94,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
   const T* s0 = src + r0 * stride_l + cp * 8;
   T* d0 = dst + ((warp * C + cp) * 8 + r8) * 8;
   auto copy = [&](auto async) {
-#pragma unroll 1  // unrolled, a lone loading warp's addresses would crowd out the consumers' registers
+#pragma unroll 1  // unrolled, the row groups' addresses would crowd the producer's 56 registers
     for (int g = 0; g < ROWS / (8 * kWarps); ++g) {
       const bool row_ok = r0 + g * 8 * kWarps < L;
       const T* s = s0 + g * 8 * kWarps * stride_l;

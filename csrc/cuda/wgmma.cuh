@@ -60,8 +60,9 @@ __device__ __forceinline__ void wgmma_wait() {
 // through the async proxy: each writing thread fences before the barrier that publishes it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 // The executing warpgroup's registers per thread become N (warp-specialised kernels: a loading
-// warpgroup gives registers back, the computing ones take them; the kernel's __launch_bounds__
-// tells ptxas the starting count).
+// warpgroup gives registers back, the computing ones take them). ptxas needs the starting count
+// from the kernel's __launch_bounds__; without it ptxas drops the instruction (advisory C7508,
+// a failure in tests/test_build.py).
 template <int N>
 __device__ __forceinline__ void setmaxnreg_inc() {
   asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
