@@ -74,8 +74,8 @@ def _rows(times, base, nbytes=None, bw=None, flops=None):
     return out
 
 
+# Each bench_* yields the result rows of one shape at a time (main appends them as they come).
 def bench_gn(args, dev, bw):
-    rows = []
     shapes = QUICK["gn"] if args.quick else UNET_GN + VAE_GN
     eager = lambda x, w, b, e, eps: F.silu(F.group_norm(x if e is None else x + e[:, :, None, None], 32 if x.shape[1] % 32 == 0 else 8, w, b, eps))  # noqa: E731
     comp = _compiled(lambda x, w, b, e, eps: ref.group_norm_silu(x, w, b, 32 if x.shape[1] % 32 == 0 else 8, eps, True, e), args.compile)
@@ -103,10 +103,9 @@ def bench_gn(args, dev, bw):
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
                     times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
-                    rows += _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
+                    yield _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
                                           "shape": "x".join(map(str, shape)), "dtype": dname,
                                           "layout": layout}, nbytes, bw)
-    return rows
 
 
 def _sdpa_backends():
@@ -141,7 +140,6 @@ def _attention_with(kernel, q, k, v):
 
 
 def bench_attn(args, dev, bw):
-    rows = []
     shapes = QUICK["attn"] if args.quick else ATTN
     backends = _sdpa_backends() if dev.type == "cuda" else {}
     for (B, H, Lq, Lk, D) in shapes:
@@ -176,14 +174,12 @@ def bench_attn(args, dev, bw):
                 provs["sdpa_" + name] = run
             times = {p: C.time_fn(f, dev, graph=True) for p, f in provs.items()}
             flops = 4 * B * H * Lq * Lk * D
-            rows += _rows(times, {"bench": "attention", "op": "self" if Lq == Lk else "cross",
+            yield _rows(times, {"bench": "attention", "op": "self" if Lq == Lk else "cross",
                                   "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname,
                                   "layout": "blhd"}, flops=flops)
-    return rows
 
 
 def bench_ddim(args, dev, bw):
-    rows = []
     shapes = QUICK["ddim"] if args.quick else DDIM
     comp = _compiled(ref.ddim_step, args.compile)
     for shape in shapes:
@@ -202,10 +198,9 @@ def bench_ddim(args, dev, bw):
             if comp is not None:
                 provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
             times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
-            rows += _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
+            yield _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
                                   "shape": "x".join(map(str, shape)), "dtype": dname,
                                   "layout": "nchw"}, nbytes, bw)
-    return rows
 
 
 def _geglu_eager(h):
@@ -214,7 +209,6 @@ def _geglu_eager(h):
 
 
 def bench_geglu(args, dev, bw):
-    rows = []
     shapes = QUICK["geglu"] if args.quick else GEGLU
     comp = _compiled(_geglu_eager, args.compile)
     for shape in shapes:
@@ -228,14 +222,13 @@ def bench_geglu(args, dev, bw):
             if comp is not None:
                 provs["compile"] = lambda i: comp(hs[i])
             times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
-            rows += _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
+            yield _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
                                   "dtype": dname, "layout": "rows"}, nbytes, bw)
-    return rows
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="gn,attn,ddim,geglu")
+    ap.add_argument("--ops", default="attn,gn,ddim,geglu")  # attention first: the most wanted rows
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peers")
@@ -260,11 +253,14 @@ def main(argv=None):
         if name not in benches:
             ap.error(f"--ops: unknown op {name!r} (choose from {', '.join(benches)})")
     for name in names:
-        part = benches[name](args, dev, bw)
+        part = []
+        for rows in benches[name](args, dev, bw):
+            # Shape by shape: a run stopped by a time limit keeps what it measured.
+            path = C.append_results(rows, dev, args.csv)
+            part += rows
         C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy", "note"])
-        # Op by op: a run stopped by a time limit keeps the ops it finished.
-        path = C.append_results(part, dev, args.csv)
-        print(f"results appended to {path}\n")
+        if part:
+            print(f"results appended to {path}\n")
 
 
 if __name__ == "__main__":
