@@ -137,7 +137,9 @@ struct Barrier {
   // bar.arrive: counts this thread and goes on; its accesses before are ordered before those of
   // the threads that wait for this phase (their acquire above). A thread that arrives again
   // before the phase ends would count twice: named_barrier() refuses that, which also keeps a
-  // release for phase p + 2 after every acquire of phase p.
+  // release for phase p + 2 after every acquire of phase p. The fiber then lets the others run
+  // (it stays runnable): what the arrival allowed them happens before this thread goes on, so
+  // a hand-over made too early (a buffer released before its last read) shows up in the data.
   void arrive() {
     const uint64_t my = phase.load(kRelaxed);
     g_events.fetch_add(1, kRelaxed);
@@ -148,6 +150,7 @@ struct Barrier {
       arrived.store(0, kRelaxed);
       phase.store(my + 1, kRelaxed);
     }
+    to_scheduler();
   }
 };
 // A named barrier (bar.sync / bar.arrive with an id and a thread count).
