@@ -1,7 +1,8 @@
 // A CPU emulator for the ldmfast CUDA kernels, for machines without a GPU. Every CUDA thread is
 // a fiber (ucontext) with its own stack, and one scheduler on the calling thread runs the fibers
 // of a cluster's CTAs in turn, each until it waits at a barrier (__syncthreads, __syncwarp,
-// cluster.sync, and the lane exchanges behind shuffles and mma) or ends. The schedule is
+// cluster.sync, named barriers, and the lane exchanges behind shuffles and mma), arrives at a
+// named barrier (bar.arrive), or ends. The schedule is
 // deterministic, and a barrier that part of a block never reaches aborts instead of hanging.
 // Static __shared__ variables live in a per-CTA arena (transform.py rewrites their
 // declarations), so map_shared_rank works. Built with -fsanitize=thread (run.sh with
@@ -13,7 +14,8 @@
 // function-local statics: their guard is an ordering TSan would see. It checks
 // indexing, tails, reductions, layouts and barriers, and a launch's limits (threads, shared
 // memory, grid, cluster, __launch_bounds__: check_launch); not timing, registers, or inline PTX
-// other than the ldmatrix / mma.sync / cp.async of emu_mma.h and the wgmma of emu_wgmma.h.
+// other than the named barriers here, the ldmatrix / mma.sync / cp.async of emu_mma.h and the
+// wgmma (and setmaxnreg's operand rules) of emu_wgmma.h.
 #pragma once
 #include <cuda_runtime.h>
 #include <sys/mman.h>
