@@ -48,12 +48,17 @@ constexpr int kProducerRegs = 56, kConsumerRegs = 224;
 static_assert(kProducerRegs + kGroups * kConsumerRegs <= (kGroups + 1) * (65536 / kThreadsOf<true> / 8 * 8),
               "the register file shared out");
 
-// Named barriers of the ping-pong kernel (thread counts in the kernel).
+// Named barriers of the ping-pong kernel, and the threads of each phase.
 enum NamedBarrierId : int {
-  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup (256)
-  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer (384)
-  kBarTurn = 13,  // + warpgroup: its turn to issue, the other warpgroup -> it (256)
-  kBarDone = 15,  // the consumers, before the output reuses shared memory (256)
+  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup
+  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer
+  kBarTurn = 13,  // + warpgroup: its turn to issue, the other warpgroup -> it
+  kBarDone = 15,  // the consumers, before the output reuses shared memory
+};
+enum NamedBarrierThreads : int {  // an enum, not constexpr ints: the sm_80 pass (a trap) uses none
+  kFullThreads = 128 + 128,         // the producer and one warpgroup
+  kEmptyThreads = kConsumers + 128,  // both warpgroups and the producer
+  kTurnThreads = 2 * 128,           // both warpgroups
 };
 
 template <int D, bool kOverlap, bool kPingpong>
@@ -168,17 +173,17 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         cp_async_wait<1>();   // tile t (and Q)
         fence_proxy_async();  // ... made visible to the tensor cores' reads
-        bar_arrive(kBarFull + 2 * stage_index(t), 256);
-        bar_arrive(kBarFull + 2 * stage_index(t) + 1, 256);
+        bar_arrive(kBarFull + 2 * stage_index(t), kFullThreads);
+        bar_arrive(kBarFull + 2 * stage_index(t) + 1, kFullThreads);
         if (t + 2 < ntiles) {
-          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kConsumers + 128);
+          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kEmptyThreads);
           load_kv(t + 2);
         }
         cp_async_commit();
       }
       // The releases of the stages it did not refill (the consumers release every tile).
       for (int64_t u = ntiles > S::kStages ? ntiles - S::kStages : 0; u < ntiles; ++u)
-        bar_sync(kBarEmpty + stage_index(u), kConsumers + 128);
+        bar_sync(kBarEmpty + stage_index(u), kEmptyThreads);
       return;
     }
   } else {
@@ -210,7 +215,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   // product on it). Ping-pong: the producer's hand-over.
   auto acquire = [&](int64_t t) {
     if constexpr (kPingpong) {
-      bar_sync(kBarFull + 2 * stage_index(t) + group, 256);
+      bar_sync(kBarFull + 2 * stage_index(t) + group, kFullThreads);
     } else {
       cp_async_wait_all();  // tile t (and Q) from this thread
       fence_proxy_async();  // ... made visible to the tensor cores' reads
@@ -224,19 +229,19 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   // This warpgroup's products on tile t have completed: ping-pong hands the stage back. Every
   // tile, so no branch sits in the loop (ptxas serialises the wgmma of a loop whose body has one).
   auto release = [&](int64_t t) {
-    if constexpr (kPingpong) bar_arrive(kBarEmpty + stage_index(t), kConsumers + 128);
+    if constexpr (kPingpong) bar_arrive(kBarEmpty + stage_index(t), kEmptyThreads);
   };
   // Ping-pong: issues this warpgroup's products once the other warpgroup issued its previous
   // ones, then passes the turn on, always (no branch, as above: the turn warpgroup 1 passes after
   // its last products is taken by warpgroup 0 at the end).
   auto in_turn = [&](auto&& issue) {
-    if constexpr (kPingpong) bar_sync(kBarTurn + group, 256);
+    if constexpr (kPingpong) bar_sync(kBarTurn + group, kTurnThreads);
     issue();
-    if constexpr (kPingpong) bar_arrive(kBarTurn + 1 - group, 256);
+    if constexpr (kPingpong) bar_arrive(kBarTurn + 1 - group, kTurnThreads);
   };
   if constexpr (kPingpong) {
     setmaxnreg_inc<kConsumerRegs>();
-    if (group == 1) bar_arrive(kBarTurn, 256);  // warpgroup 0 goes first
+    if (group == 1) bar_arrive(kBarTurn, kTurnThreads);  // warpgroup 0 goes first
   }
 
   auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(stage_index(t)) * kStageUnits; };
@@ -323,7 +328,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   }
   pin(o);
   if constexpr (kPingpong) {
-    if (group == 0) bar_sync(kBarTurn, 256);  // the turn warpgroup 1 passed after its last products
+    if (group == 0) bar_sync(kBarTurn, kTurnThreads);  // the turn warpgroup 1 passed after its last products
   }
 
   // Out through shared memory (every warpgroup is done with Q and the last tile after the

@@ -181,11 +181,15 @@ inline void complete(State& st, Op& op) {
   st.last[op.d] = std::move(out);
 }
 
+// Warpgroup instructions (wgmma, setmaxnreg) need the running thread's whole warpgroup.
+inline void require_whole_warpgroup(const char* what) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if ((threadIdx.x / 128 + 1) * 128 > threads) fail("%s needs a whole warpgroup (128 threads), the block has %u", what, threads);
+}
+
 template <class T>
 inline void issue(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
-  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
-  if ((threadIdx.x / 128 + 1) * 128 > threads)
-    fail("wgmma needs a whole warpgroup (128 threads), the block has %u", threads);
+  require_whole_warpgroup("wgmma");
   State& st = state();
   if (!st.fenced)
     fail("wgmma issued with no wgmma_fence since the kernel start or the last wgmma_wait (PTX: the fence must "
@@ -264,11 +268,7 @@ inline void fence_proxy_async() {}
 // and the warpgroup must be whole.
 template <int N> inline void setmaxnreg_check() {
   static_assert(N % 8 == 0 && N >= 24 && N <= 256, "setmaxnreg takes a multiple of 8 in 24..256");
-  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
-  if ((threadIdx.x / 128 + 1) * 128 > threads) {
-    fprintf(stderr, "emu: setmaxnreg needs a whole warpgroup (128 threads), the block has %u\n", threads);
-    std::abort();
-  }
+  emu_wgmma::require_whole_warpgroup("setmaxnreg");
 }
 template <int N> inline void setmaxnreg_inc() { setmaxnreg_check<N>(); }
 template <int N> inline void setmaxnreg_dec() { setmaxnreg_check<N>(); }
