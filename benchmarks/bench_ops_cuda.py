@@ -118,7 +118,10 @@ def _sdpa_backends():
     return {k: (sdpa_kernel, getattr(SDPBackend, v)) for k, v in names.items() if hasattr(SDPBackend, v)}
 
 
-ATTN_KERNELS = ("mma", "mma_sync", "mma_wide", "fast", "wgmma", "wgmma_overlap", "wgmma_pingpong", "wgmma_pingpong_overlap")
+ATTN_KERNELS = ("mma", "mma_sync", "mma_wide", "fast", "wgmma", "wgmma_overlap", "wgmma_pingpong", "wgmma_pingpong_overlap",
+                "wgmma_pingpong3")
+# The largest head dim each kernel takes as itself; past it the kernel without the suffix runs.
+ATTN_KERNEL_MAX_D = {"mma_wide": 80, "wgmma_overlap": 80, "wgmma_pingpong_overlap": 80, "wgmma_pingpong3": 96}
 
 
 def _with_env(name, value, fn, *args):
@@ -154,7 +157,7 @@ def bench_attn(args, dev, bw):
             if dev.type == "cuda" and dt != torch.float32:
                 # The kernels LDMFAST_ATTENTION_KERNEL can pick, side by side with the default.
                 for kern in ATTN_KERNELS:
-                    if kern in ("mma_wide", "wgmma_overlap", "wgmma_pingpong_overlap") and D > 80:
+                    if D > ATTN_KERNEL_MAX_D.get(kern, D):
                         continue  # it runs the kernel without the suffix there: a row would be mislabelled
                     if kern.startswith("wgmma") and torch.cuda.get_device_capability(dev) != (9, 0):
                         continue  # likewise off sm_90 (on sm_90 the build must hold 90a, as gpu_check.sh's does)

@@ -50,9 +50,13 @@ int attention_short(const AttentionParams& p, cudaStream_t stream);
 // holds sm_90a code (the CPU emulator: always). Same contract as attention_mma.
 // `overlap`: P V of each key tile runs during the next tile's softmax (head dims up to
 // kWgmmaOverlapMaxHeadDim: it keeps two sets of P registers). `pingpong`: a producer
-// warpgroup loads and the two computing warpgroups take turns on the tensor cores.
+// warpgroup loads and the computing warpgroups take turns on the tensor cores. `groups`: 2
+// computing warpgroups (128 query rows a CTA), or 3 (192 rows; ping-pong without overlap, head
+// dims up to kWgmma3MaxHeadDim, whose registers fit in the 152 a thread left to each).
 constexpr int64_t kWgmmaOverlapMaxHeadDim = 80;
+constexpr int64_t kWgmma3MaxHeadDim = 96;
 bool attention_wgmma_usable();
-int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap = false, bool pingpong = false);
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap = false, bool pingpong = false,
+                    int groups = 2);
 
 }  // namespace ldmfast::cuda

@@ -1,11 +1,12 @@
 // Flash attention on Hopper's warpgroup MMA (wgmma.mma_async, sm_90a) for float16 / bfloat16.
 //
 // UNVERIFIED ON GPU: compile-checked for sm_90a and run on the CPU emulator only. attention.cu
-// dispatches here for AttentionKernel::kWgmma, kWgmmaOverlap, kWgmmaPingpong and
-// kWgmmaPingpongOverlap when the device is sm_90 and the library holds sm_90a code; anywhere
-// else they run the mma.sync kernel.
+// dispatches here for AttentionKernel::kWgmma, kWgmmaOverlap, kWgmmaPingpong,
+// kWgmmaPingpongOverlap and kWgmmaPingpong3 when the device is sm_90 and the library holds
+// sm_90a code; anywhere else they run the mma.sync kernel.
 //
-// Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each. Q stays
+// Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each (three and
+// 192 with kWgmmaPingpong3). Q stays
 // in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
 // shared-memory stages (Shape::kStages), later tiles' cp.async copies in flight while one is
 // used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
@@ -21,7 +22,8 @@
 // tiles ahead, and hands tiles over through named barriers (full: producer -> each warpgroup;
 // empty: both warpgroups -> producer), giving most of its registers to the consumers
 // (setmaxnreg); a pair of turn barriers makes the warpgroups issue their products alternately,
-// so one's softmax runs while the other's products use the tensor cores. Orthogonal to that, the
+// so one's softmax runs while the other's products use the tensor cores (three warpgroups: the
+// turn goes round, so two softmaxes hide behind one's products). Orthogonal to that, the
 // optional overlap of a warpgroup's own P V with its next softmax (kOverlap, FlashAttention-3's
 // intra-warpgroup overlap). Which the GPU prefers is for its benchmarks.
 #include <cmath>
@@ -37,48 +39,64 @@ namespace {
 
 using namespace detail;
 
-constexpr int kGroups = 2;  // consumer warpgroups per CTA
-constexpr int kConsumers = kGroups * 128;
-constexpr int kBlockQ = kGroups * 64;
-template <bool kPingpong>
-constexpr int kThreadsOf = kConsumers + (kPingpong ? 128 : 0);  // ping-pong: + the producer warpgroup
-// Ping-pong registers per thread: launched at 65536 / 384 = 168 (rounded to 8) for all three
-// warpgroups; the producer keeps 56, which lets each consumer warpgroup rise to 224.
-constexpr int kProducerRegs = 56, kConsumerRegs = 224;
-static_assert(kProducerRegs + kGroups * kConsumerRegs <= (kGroups + 1) * (65536 / kThreadsOf<true> / 8 * 8),
+// G consumer warpgroups per CTA, 64 query rows each: 2, or 3 (ping-pong only, head dims up to
+// kWgmma3MaxHeadDim; FlashAttention-3's tile for head dims up to 96 is 192 rows).
+template <int G>
+constexpr int kConsumersOf = G * 128;
+template <int G>
+constexpr int kBlockQOf = G * 64;
+template <bool kPingpong, int G>
+constexpr int kThreadsOf = kConsumersOf<G> + (kPingpong ? 128 : 0);  // ping-pong: + the producer warpgroup
+// Ping-pong registers per thread: launched at 65536 / threads (rounded down to 8) for every
+// warpgroup; the producer keeps 56 and the consumers share out the rest: 2 warpgroups launched
+// at 168 rise to 224, 3 launched at 128 rise to 152.
+constexpr int kProducerRegs = 56;
+template <int G>
+constexpr int kConsumerRegsOf = ((65536 / kThreadsOf<true, G> / 8 * 8) * (G + 1) - kProducerRegs) / G / 8 * 8;
+template <int G>
+constexpr bool kRegsShareOut = kProducerRegs + G * kConsumerRegsOf<G> <= (G + 1) * (65536 / kThreadsOf<true, G> / 8 * 8);
+// setmaxnreg.inc waits until the pool holds the registers: asking for more than the producer
+// frees would hang.
+static_assert(kRegsShareOut<2> && kRegsShareOut<3> && kConsumerRegsOf<2> == 224 && kConsumerRegsOf<3> == 152,
               "the register file shared out");
 
-// Named barriers of the ping-pong kernel, and the threads of each phase.
-enum NamedBarrierId : int {
-  kBarFull = 1,   // + 2 stage + warpgroup: tile landed, producer -> warpgroup
-  kBarEmpty = 9,  // + stage: stage free, both warpgroups -> producer
-  kBarTurn = 13,  // + warpgroup: its turn to issue, the other warpgroup -> it
-  kBarDone = 15,  // the consumers, before the output reuses shared memory
-};
+// The threads of each named-barrier phase of the ping-pong kernel (the ids are in Shape).
 enum NamedBarrierThreads : int {  // an enum, not constexpr ints: the sm_80 pass (a trap) uses none
-  kFullThreads = 128 + 128,         // the producer and one warpgroup
-  kEmptyThreads = kConsumers + 128,  // both warpgroups and the producer
-  kTurnThreads = 2 * 128,           // both warpgroups
+  kFullThreads = 128 + 128,  // the producer and one warpgroup
+  kTurnThreads = 2 * 128,    // a warpgroup and the one before it
 };
 
-template <int D, bool kOverlap, bool kPingpong>
+template <int D, bool kOverlap, bool kPingpong, int G>
 struct Shape {
+  static_assert(G == 2 || (G == 3 && kPingpong && !kOverlap), "3 warpgroups: ping-pong without overlap");
+  static constexpr int kBlockQ = kBlockQOf<G>, kConsumers = kConsumersOf<G>;
   // Stages: the tile in use and the one loading; overlap: + the tile P V still reads; ping-pong:
-  // + one, as the producer refills a stage only once both (staggered) warpgroups released it.
+  // + one, as the producer refills a stage only once every (staggered) warpgroup released it.
   static constexpr int kStages = (kOverlap ? 3 : 2) + (kPingpong ? 1 : 0);
-  static_assert(kStages <= 4, "kBarFull and kBarEmpty hold four stages");
+  // Named barrier ids (1 to 15; 0 is __syncthreads): full, + G stage + warpgroup (tile landed,
+  // producer -> warpgroup); empty, + stage (stage free, every warpgroup -> producer); turn,
+  // + warpgroup (its turn to issue, the warpgroup before it -> it); done (the consumers, before
+  // the output staging reuses shared memory) when an id is left, else the output gets its own
+  // shared memory (3 warpgroups: 9 + 3 + 3 ids).
+  static constexpr int kBarFull = 1, kBarEmpty = kBarFull + G * kStages, kBarTurn = kBarEmpty + kStages;
+  static constexpr int kBarDone = kBarTurn + G;
+  static constexpr bool kOwnOut = kPingpong && kBarDone > 15;
+  static_assert(!kPingpong || kBarTurn + G - 1 <= 15, "16 named barriers");
+  enum : int { kEmptyThreads = kConsumers + 128 };  // every warpgroup and the producer (an enum: see above)
   static constexpr int DPAD = (D + 15) / 16 * 16;  // the QK^T reduction in k16 steps
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile: S is kBlockK / 2 registers
   // Element counts of the shared-memory tiles, all in 8 x 8 core-matrix ("interleaved") order.
   static constexpr int kQ = kBlockQ * DPAD, kK = kBlockK * DPAD, kV = kBlockK * D;
   static constexpr int kStage = kK + kV;
   static constexpr int kOStride = D + 8;  // the output staging rows (+16 bytes: no bank conflicts)
+  static constexpr int kMain = kQ + kStages * kStage;  // the output staging's offset when kOwnOut
   template <class T>
   static constexpr size_t smem_bytes() {
-    const size_t main = static_cast<size_t>(kQ + kStages * kStage) * sizeof(T);
+    const size_t main = static_cast<size_t>(kMain) * sizeof(T);
     const size_t out = static_cast<size_t>(kConsumers / 32) * 16 * kOStride * sizeof(T);
-    return main > out ? main : out;
+    return kOwnOut ? main + out : main > out ? main : out;
   }
+  static_assert(smem_bytes<uint16_t>() <= 227 * 1024, "an sm_90 CTA has at most 227 KB of shared memory");
 };
 
 // Copies ROWS rows (from row0; rows at or past L are zeros) of a (ROWS x C*8) tile into shared
@@ -127,11 +145,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
 // cores while the softmax of tile t runs on the other units, at the price of a second set of P
 // registers and one more shared-memory stage. Otherwise each product is waited for at once.
 // kPingpong: the producer warpgroup and the turn barriers described at the top.
-template <int D, class T, bool kOverlap, bool kPingpong>
-__global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
+template <int D, class T, bool kOverlap, bool kPingpong, int G>
+__global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
     attention_wgmma_kernel(const AttentionParams p, const bool vec, const bool vec_o) {
 #if LDMFAST_WGMMA
-  using S = Shape<D, kOverlap, kPingpong>;
+  using S = Shape<D, kOverlap, kPingpong, G>;
+  constexpr int kBlockQ = S::kBlockQ, kConsumers = S::kConsumers;
   constexpr int kBlockK = S::kBlockK, NT = kBlockK / 8, DT = D / 8;
   constexpr int KC = S::DPAD / 16;         // k16 steps of Q K^T
   constexpr int CQ = S::DPAD / 8, CV = DT;  // 16-byte chunks per Q / K row and per V row
@@ -161,7 +180,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   };
 
   if constexpr (kPingpong) {
-    if (group == kGroups) {
+    if (group == G) {
       // The producer: two tiles ahead (Q with the first), tile t handed to both warpgroups as
       // soon as its copies landed, before waiting for a free stage for tile t + 2.
       setmaxnreg_dec<kProducerRegs>();
@@ -173,17 +192,17 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
       for (int64_t t = 0; t < ntiles; ++t) {
         cp_async_wait<1>();   // tile t (and Q)
         fence_proxy_async();  // ... made visible to the tensor cores' reads
-        bar_arrive(kBarFull + 2 * stage_index(t), kFullThreads);
-        bar_arrive(kBarFull + 2 * stage_index(t) + 1, kFullThreads);
+#pragma unroll
+        for (int g = 0; g < G; ++g) bar_arrive(S::kBarFull + G * stage_index(t) + g, kFullThreads);
         if (t + 2 < ntiles) {
-          if (t + 2 >= S::kStages) bar_sync(kBarEmpty + stage_index(t + 2), kEmptyThreads);
+          if (t + 2 >= S::kStages) bar_sync(S::kBarEmpty + stage_index(t + 2), S::kEmptyThreads);
           load_kv(t + 2);
         }
         cp_async_commit();
       }
       // The releases of the stages it did not refill (the consumers release every tile).
       for (int64_t u = ntiles > S::kStages ? ntiles - S::kStages : 0; u < ntiles; ++u)
-        bar_sync(kBarEmpty + stage_index(u), kEmptyThreads);
+        bar_sync(S::kBarEmpty + stage_index(u), S::kEmptyThreads);
       return;
     }
   } else {
@@ -215,7 +234,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   // product on it). Ping-pong: the producer's hand-over.
   auto acquire = [&](int64_t t) {
     if constexpr (kPingpong) {
-      bar_sync(kBarFull + 2 * stage_index(t) + group, kFullThreads);
+      bar_sync(S::kBarFull + G * stage_index(t) + group, kFullThreads);
     } else {
       cp_async_wait_all();  // tile t (and Q) from this thread
       fence_proxy_async();  // ... made visible to the tensor cores' reads
@@ -229,19 +248,19 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   // This warpgroup's products on tile t have completed: ping-pong hands the stage back. Every
   // tile, so no branch sits in the loop (ptxas serialises the wgmma of a loop whose body has one).
   auto release = [&](int64_t t) {
-    if constexpr (kPingpong) bar_arrive(kBarEmpty + stage_index(t), kEmptyThreads);
+    if constexpr (kPingpong) bar_arrive(S::kBarEmpty + stage_index(t), S::kEmptyThreads);
   };
-  // Ping-pong: issues this warpgroup's products once the other warpgroup issued its previous
-  // ones, then passes the turn on, always (no branch, as above: the turn warpgroup 1 passes after
-  // its last products is taken by warpgroup 0 at the end).
+  // Ping-pong: issues this warpgroup's products once the warpgroup before it (round robin)
+  // issued its previous ones, then passes the turn on, always (no branch, as above: the turn the
+  // last warpgroup passes after its last products is taken by warpgroup 0 at the end).
   auto in_turn = [&](auto&& issue) {
-    if constexpr (kPingpong) bar_sync(kBarTurn + group, kTurnThreads);
+    if constexpr (kPingpong) bar_sync(S::kBarTurn + group, kTurnThreads);
     issue();
-    if constexpr (kPingpong) bar_arrive(kBarTurn + 1 - group, kTurnThreads);
+    if constexpr (kPingpong) bar_arrive(S::kBarTurn + (group + 1) % G, kTurnThreads);
   };
   if constexpr (kPingpong) {
-    setmaxnreg_inc<kConsumerRegs>();
-    if (group == 1) bar_arrive(kBarTurn, kTurnThreads);  // warpgroup 0 goes first
+    setmaxnreg_inc<kConsumerRegsOf<G>>();
+    if (group == G - 1) bar_arrive(S::kBarTurn, kTurnThreads);  // warpgroup 0 goes first
   }
 
   auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(stage_index(t)) * kStageUnits; };
@@ -328,19 +347,22 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
   }
   pin(o);
   if constexpr (kPingpong) {
-    if (group == 0) bar_sync(kBarTurn, kTurnThreads);  // the turn warpgroup 1 passed after its last products
+    if (group == 0) bar_sync(S::kBarTurn, kTurnThreads);  // the turn the last warpgroup passed after its last products
   }
 
-  // Out through shared memory (every warpgroup is done with Q and the last tile after the
-  // barrier; ping-pong: the producer's copies have all been consumed), 16 rows per warp, for
-  // 16-byte stores.
-  if constexpr (kPingpong) {
-    bar_sync(kBarDone, kConsumers);
+  // Out through shared memory, 16 rows per warp, for 16-byte stores: over Q and the stages once
+  // every warpgroup is done with them (ping-pong: the producer's copies have all been consumed),
+  // or, kOwnOut, in memory of its own with no wait.
+  if constexpr (S::kOwnOut) {
+    // nothing to wait for
+  } else if constexpr (kPingpong) {
+    bar_sync(S::kBarDone, kConsumers);
   } else {
     __syncthreads();
   }
+  T* const staging = S::kOwnOut ? sQ + S::kMain : sQ;
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-  finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, sQ + warp * 16 * S::kOStride, out,
+  finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, staging + warp * 16 * S::kOStride, out,
                                 qb * kBlockQ + warp * 16, p.Lq, p.o_stride_l, vec_o,
                                 p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
 #else
@@ -349,17 +371,17 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong>, 1)
 #endif
 }
 
-template <int D, class T, bool kOverlap, bool kPingpong>
+template <int D, class T, bool kOverlap, bool kPingpong, int G = 2>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = Shape<D, kOverlap, kPingpong>::template smem_bytes<T>();
-  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap, kPingpong>,
+  constexpr size_t smem = Shape<D, kOverlap, kPingpong, G>::template smem_bytes<T>();
+  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap, kPingpong, G>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (!call_ok(err)) return static_cast<int>(err);
-  const int64_t blocks = ceil_div(p.Lq, kBlockQ) * p.B * p.H;
+  const int64_t blocks = ceil_div(p.Lq, kBlockQOf<G>) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const bool vec = qkv_aligned16(p), vec_o = o_aligned16(p);
-  attention_wgmma_kernel<D, T, kOverlap, kPingpong>
-      <<<static_cast<unsigned>(blocks), kThreadsOf<kPingpong>, smem, stream>>>(p, vec, vec_o);
+  attention_wgmma_kernel<D, T, kOverlap, kPingpong, G>
+      <<<static_cast<unsigned>(blocks), kThreadsOf<kPingpong, G>, smem, stream>>>(p, vec, vec_o);
   return launch_status();
 }
 
@@ -377,8 +399,22 @@ int launch(const AttentionParams& p, cudaStream_t stream, bool overlap) {
   return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, false, kPingpong>(p, stream); });
 }
 
+// Ping-pong with 3 warpgroups: only the head dims whose registers fit in 152 a thread.
 template <class T>
-int launch(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong) {
+int launch3(const AttentionParams& p, cudaStream_t stream) {
+  switch (p.D) {
+    case 32: return launch_d<32, T, false, true, 3>(p, stream);
+    case 40: return launch_d<40, T, false, true, 3>(p, stream);
+    case 64: return launch_d<64, T, false, true, 3>(p, stream);
+    case 80: return launch_d<80, T, false, true, 3>(p, stream);
+    case 96: return launch_d<96, T, false, true, 3>(p, stream);
+  }
+  return static_cast<int>(cudaErrorInvalidValue);
+}
+
+template <class T>
+int launch(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong, int groups) {
+  if (groups == 3) return launch3<T>(p, stream);
   return pingpong ? launch<T, true>(p, stream, overlap) : launch<T, false>(p, stream, overlap);
 }
 
@@ -405,12 +441,14 @@ bool attention_wgmma_usable() {
 #endif
 }
 
-int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong) {
+int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong, int groups) {
   if (!attention_mma_supports(p) || (overlap && p.D > kWgmmaOverlapMaxHeadDim)) return static_cast<int>(cudaErrorInvalidValue);
+  if ((groups != 2 && groups != 3) || (groups == 3 && (overlap || !pingpong || p.D > kWgmma3MaxHeadDim)))
+    return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
-  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap, pingpong)
-                                    : launch<__nv_bfloat16>(p, stream, overlap, pingpong);
+  return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap, pingpong, groups)
+                                    : launch<__nv_bfloat16>(p, stream, overlap, pingpong, groups);
 }
 
 }  // namespace ldmfast::cuda

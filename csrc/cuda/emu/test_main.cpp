@@ -161,13 +161,35 @@ static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int of
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
 
+// The attention paths test_attn runs, by its `mma` argument: the label its report carries and the
+// call. attention() asked for a kernel falls back where that kernel does not take the head dim
+// (wide, overlapped: up to D = 80; three warpgroups: up to 96); the emulator counts as sm_90a.
+struct AttnMode {
+  const char* label;
+  int (*run)(const AttentionParams&);
+};
+static const AttnMode kAttnModes[] = {
+    {"", [](const AttentionParams& p) { return cuda::attention(p, nullptr); }},  // 0: the default path
+    {"-mma-pipe", [](const AttentionParams& p) { return cuda::attention_mma(p, nullptr, true); }},
+    {"-mma-plain", [](const AttentionParams& p) { return cuda::attention_mma(p, nullptr, false); }},
+    {"-short", [](const AttentionParams& p) { return cuda::attention_short(p, nullptr); }},
+    {"-mma-wide", [](const AttentionParams& p) { return cuda::attention_mma_wide(p, nullptr); }},
+    {"-dispatch-wide", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide); }},
+    {"-wgmma", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr); }},  // 6
+    {"-dispatch-wgmma", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma); }},
+    {"-wgmma-overlap", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, true); }},
+    {"-dispatch-overlap", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaOverlap); }},
+    {"-wgmma-pingpong", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, false, true); }},  // 10
+    {"-wgmma-pingpong-overlap", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, true, true); }},
+    {"-dispatch-pingpong", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong); }},
+    {"-dispatch-pingpong-overlap",
+     [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpongOverlap); }},
+    {"-wgmma-pingpong3", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, false, true, 3); }},  // 14
+    {"-dispatch-pingpong3", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong3); }},
+};
+
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
-// mma: 0 the default path, 1 attention_mma pipelined, 2 attention_mma synchronous, 3 attention_short,
-// 4 attention_mma_wide, 5 attention() asked for kMmaWide (the wide kernel up to D = 80, else mma),
-// 6 attention_wgmma, 7 attention() asked for kWgmma (the emulator counts as sm_90a), 8 attention_wgmma
-// overlapped, 9 attention() asked for kWgmmaOverlap (overlapped up to D = 80, else plain wgmma),
-// 10 attention_wgmma ping-pong, 11 ping-pong overlapped, 12 attention() asked for
-// kWgmmaPingpong, 13 for kWgmmaPingpongOverlap.
+// mma: the index into kAttnModes.
 // overflow: lane 0 of every query is 1e20 and of the first ninf keys -1e20 (0 for the others), so
 // whole key tiles score -inf in float32 while the later keys are finite (fp32 / bf16 only).
 static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, int64_t D, bool fused, int off, bool lse, int mma = 0,
@@ -200,17 +222,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
   p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
-  int rc = mma == 13 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpongOverlap)
-           : mma == 12 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong)
-           : mma == 11 ? cuda::attention_wgmma(p, nullptr, true, true)
-           : mma == 10 ? cuda::attention_wgmma(p, nullptr, false, true)
-           : mma == 9 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaOverlap)
-           : mma == 8 ? cuda::attention_wgmma(p, nullptr, true)
-           : mma == 7 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmma)
-           : mma == 6 ? cuda::attention_wgmma(p, nullptr)
-           : mma == 5 ? cuda::attention(p, nullptr, cuda::AttentionKernel::kMmaWide)
-           : mma == 4 ? cuda::attention_mma_wide(p, nullptr) : mma == 3 ? cuda::attention_short(p, nullptr)
-           : mma ? cuda::attention_mma(p, nullptr, mma == 1) : cuda::attention(p, nullptr);
+  const int rc = kAttnModes[mma].run(p);
   auto rd = [&](const void* base, int64_t i) {
     if (dt == DType::kFloat32) return (double)static_cast<const float*>(base)[i];
     if (dt == DType::kFloat16) return (double)__half2float(static_cast<const __half*>(base)[i]);
@@ -235,7 +247,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", mma == 1 ? "-mma-pipe" : mma == 2 ? "-mma-plain" : mma == 3 ? "-short" : mma == 4 ? "-mma-wide" : mma == 5 ? "-dispatch-wide" : mma == 6 ? "-wgmma" : mma == 7 ? "-dispatch-wgmma" : mma == 8 ? "-wgmma-overlap" : mma == 9 ? "-dispatch-overlap" : mma == 10 ? "-wgmma-pingpong" : mma == 11 ? "-wgmma-pingpong-overlap" : mma == 12 ? "-dispatch-pingpong" : mma == 13 ? "-dispatch-pingpong-overlap" : "", (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", kAttnModes[mma].label, (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -375,6 +387,19 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 12);     // through attention()
     test_attn(DType::kFloat16, 1, 2, 70, 300, 80, false, 0, true, 13);
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 13);    // D = 96: ping-pong, not overlapped
+    // Ping-pong with 3 warpgroups (192 query rows a CTA; 3 stages; 15 named barriers, the output
+    // staged in shared memory of its own), the turn going round all three.
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80, 96}) {
+      test_attn(dt, 1, 2, 250, 600, D, true, 0, true, 14);  // 2 query blocks (the last of 58 rows), 5 key tiles
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 14);     // one tile, scalar loads; warpgroups 1, 2 past Lq
+    }
+    for (int n = 1; n <= 7; ++n)  // every stage count, plain stores; warpgroup 2 wholly past Lq
+      test_attn(n % 2 ? DType::kFloat16 : DType::kBFloat16, 1, 1, 70, 128 * n - 3, n % 2 ? 64 : 40, false, 1, true, 14);
+    test_attn(DType::kFloat16, 1, 1, 192, 384, 64, false, 0, false, 14);   // one full block, 3 full tiles
+    test_attn(DType::kBFloat16, 1, 2, 17, 600, 64, false, 0, true, 14, true, 128);  // first tile all -inf
+    test_attn(DType::kFloat16, 2, 1, 400, 77, 40, false, 0, true, 14);     // context 77
+    test_attn(DType::kFloat16, 1, 2, 200, 300, 80, false, 0, true, 15);    // through attention()
+    test_attn(DType::kBFloat16, 1, 1, 30, 200, 128, false, 0, true, 15);   // D = 128: 2 warpgroups
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -419,6 +444,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 1, 140, 500, 64, true, 0, true, 8);  // wgmma overlapped: 4 key tiles (3 stages)
     test_attn(DType::kFloat16, 1, 1, 140, 600, 40, true, 0, true, 10); // ping-pong: 5 key tiles (3 stages)
     test_attn(DType::kBFloat16, 1, 1, 70, 700, 64, true, 0, true, 11); // ping-pong overlapped: 6 key tiles (4 stages)
+    test_attn(DType::kFloat16, 1, 1, 250, 600, 40, true, 0, true, 14); // ping-pong, 3 warpgroups: 2 blocks, 5 tiles
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

@@ -41,9 +41,12 @@ bool attention_supports_head_dim(int64_t d);
 //   kWgmmaOverlap  kWgmma with P V overlapping the next tile's softmax (head dims up to 80; else kWgmma)
 //   kWgmmaPingpong  kWgmma fed by a producer warpgroup, its two warpgroups taking turns on the tensor cores
 //   kWgmmaPingpongOverlap  both (head dims up to 80; else kWgmmaPingpong)
+//   kWgmmaPingpong3  kWgmmaPingpong with three computing warpgroups, 192 queries a CTA (head dims
+//                    up to 96; else kWgmmaPingpong)
 // kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
 enum class AttentionKernel : int32_t {
-  kDefault = 0, kSimt, kMma, kMmaSync, kFast, kMmaWide, kWgmma, kWgmmaOverlap, kWgmmaPingpong, kWgmmaPingpongOverlap
+  kDefault = 0, kSimt, kMma, kMmaSync, kFast, kMmaWide, kWgmma, kWgmmaOverlap, kWgmmaPingpong, kWgmmaPingpongOverlap,
+  kWgmmaPingpong3
 };
 // Launches on `stream`; returns 0 on success or a cudaError_t value.
 int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kDefault);
