@@ -18,12 +18,12 @@
 //
 // Two ways to feed the warpgroups. Plain: every thread loads (cp.async) the next tile and one
 // __syncthreads per tile publishes it, so the two warpgroups run in lockstep. Ping-pong
-// (kPingpong, after FlashAttention-3's warp specialisation): a third warpgroup only loads, two
+// (kPingpong, after FlashAttention-3's warp specialisation): one more warpgroup only loads, two
 // tiles ahead, and hands tiles over through named barriers (full: producer -> each warpgroup;
-// empty: both warpgroups -> producer), giving most of its registers to the consumers
-// (setmaxnreg); a pair of turn barriers makes the warpgroups issue their products alternately,
-// so one's softmax runs while the other's products use the tensor cores (three warpgroups: the
-// turn goes round, so two softmaxes hide behind one's products). Orthogonal to that, the
+// empty: every warpgroup -> producer), giving most of its registers to the consumers
+// (setmaxnreg); turn barriers make the warpgroups issue their products in turn, so one's
+// softmax runs while another's products use the tensor cores (three warpgroups: the turn goes
+// round, so two softmaxes hide behind one's products). Orthogonal to that, the
 // optional overlap of a warpgroup's own P V with its next softmax (kOverlap, FlashAttention-3's
 // intra-warpgroup overlap). Which the GPU prefers is for its benchmarks.
 #include <cmath>
@@ -181,7 +181,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
 
   if constexpr (kPingpong) {
     if (group == G) {
-      // The producer: two tiles ahead (Q with the first), tile t handed to both warpgroups as
+      // The producer: two tiles ahead (Q with the first), tile t handed to every warpgroup as
       // soon as its copies landed, before waiting for a free stage for tile t + 2.
       setmaxnreg_dec<kProducerRegs>();
       load_q();
