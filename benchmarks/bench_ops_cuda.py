@@ -2,6 +2,7 @@
 
     python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu] [--dtypes fp16,bf16] [--no-compile]
                                         [--csv PATH] [--quick] [--device cuda|cpu]
+    python benchmarks/bench_ops_cuda.py --judge PATH   (the issue targets on a results file's rows)
 
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
 SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
@@ -18,6 +19,7 @@ a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 
@@ -57,6 +59,90 @@ def _compiled(fn, enabled):
         return None
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
     return torch.compile(fn)
+
+
+# The issues' targets on the lent H100 (issue 5: group_norm_silu, ddim_step; issue 6: attention),
+# judged on the rows of one run (or, --judge, of one commit in a results file). Attention: the best ldmfast kernel (the one to make the default)
+# against torch's SDPA choice ("sdpa") or cuDNN's backend, or a time; the rest: the default kernel.
+ATTN_TARGETS = {
+    "B2_H8_4096x77_d40": ("time_us", 12.0), "B2_H8_1024x77_d80": ("sdpa", 2.0),
+    "B2_H8_256x77_d160": ("sdpa", 2.0), "B2_H8_4096x4096_d40": ("sdpa", 1.15),
+    "B2_H8_1024x1024_d80": ("sdpa", 1.0), "B2_H8_4096x4096_d64": ("sdpa_cudnn", 0.9),
+}
+GN_BIG_BYTES = 32 << 20  # input tensors this large: at least 80% of the copy bandwidth
+GN_UNET_US = 8.0  # the U-Net shapes (batch 2): at most this many microseconds
+DDIM_MIN_NUMEL = 4 * 4 * 128 * 128  # from this size on: at least 70% of the copy bandwidth
+
+
+def target_checks(rows) -> list[dict]:
+    """One line per targeted (shape, dtype, layout) of `rows` (as _rows makes them, or read back
+    from the CSV): the figure, the target, and whether this run met it."""
+    out = []
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["bench"], r["op"], r["shape"], r["dtype"], r["layout"]), {})[r["provider"]] = r
+    for (bench, op, shape, dtype, layout), provs in groups.items():
+        line = {"op": op, "shape": shape, "dtype": dtype, "layout": layout}
+        ours = provs.get("ldmfast")
+        if bench == "attention" and shape in ATTN_TARGETS:
+            kind, want = ATTN_TARGETS[shape]
+            name, best = min(((p, float(r["time_us"])) for p, r in provs.items() if p.startswith("ldmfast")),
+                             key=lambda x: x[1])
+            line.update(provider=name, time_us=best)
+            if kind == "time_us":
+                line.update(figure=f"{best:.3g} us", target=f"<= {want:g} us", met=best <= want)
+            elif kind in provs:
+                ratio = float(provs[kind]["time_us"]) / best
+                line.update(figure=f"x{ratio:.2f} vs {kind}", target=f">= x{want:g}", met=ratio >= want)
+            else:
+                line.update(figure=f"no {kind} row", target=f">= x{want:g} vs {kind}", met=None)
+        elif bench == "group_norm_silu" and ours is not None:
+            dims = [int(v) for v in shape.split("x")]
+            nbytes = dims[0] * dims[1] * dims[2] * dims[3] * (4 if dtype == "fp32" else 2)
+            t, frac = float(ours["time_us"]), float(ours["frac_copy"])
+            if nbytes >= GN_BIG_BYTES:
+                line.update(provider="ldmfast", time_us=t, figure=f"{frac:.0%} of copy", target=">= 80%", met=frac >= 0.8)
+            elif dims[0] == 2:
+                line.update(provider="ldmfast", time_us=t, figure=f"{t:.3g} us", target=f"<= {GN_UNET_US:g} us",
+                            met=t <= GN_UNET_US)
+            else:
+                continue
+        elif bench == "ddim_step" and ours is not None:
+            dims = [int(v) for v in shape.split("x")]
+            if dims[0] * dims[1] * dims[2] * dims[3] < DDIM_MIN_NUMEL:
+                continue
+            frac = float(ours["frac_copy"])
+            line.update(provider="ldmfast", time_us=float(ours["time_us"]), figure=f"{frac:.0%} of copy",
+                        target=">= 70%", met=frac >= 0.7)
+        else:
+            continue
+        line["met"] = {True: "yes", False: "NO", None: "?"}[line["met"]]
+        out.append(line)
+    return out
+
+
+def rows_to_judge(path) -> list[dict]:
+    """The rows of a results CSV that target_checks judges: those of its last row's commit and
+    device, the newest of each (shape, dtype, layout, provider), so runs split over several calls
+    (or cut by a time limit) of one commit are judged together."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return []
+    sha, device = rows[-1]["git_sha"], rows[-1]["device"]
+    newest = {}
+    for r in rows:
+        if r["git_sha"] == sha and r["device"] == device:
+            newest[(r["bench"], r["op"], r["shape"], r["dtype"], r["layout"], r["provider"])] = r
+    return list(newest.values())
+
+
+def print_target_checks(rows, device: str) -> None:
+    checks = target_checks(rows)
+    if checks:
+        print(f"issue targets (meant for the lent H100; these rows: {device}): "
+              f"{sum(c['met'] == 'yes' for c in checks)} of {len(checks)} met")
+        C.print_table(checks, ["op", "shape", "dtype", "layout", "provider", "time_us", "figure", "target", "met"])
 
 
 def _rows(times, base, nbytes=None, bw=None, flops=None):
@@ -237,7 +323,17 @@ def main(argv=None):
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peers")
     ap.add_argument("--quick", action="store_true", help="a few small shapes (a check of the script itself)")
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--judge", metavar="CSV", default=None,
+                    help="only judge the issue targets on a results file's newest rows of its last commit, and exit")
     args = ap.parse_args(argv)
+    if args.judge is not None:
+        if not os.path.isfile(args.judge):
+            ap.error(f"--judge: no such file {args.judge!r}")
+        rows = rows_to_judge(args.judge)
+        if not rows:
+            ap.error(f"--judge: {args.judge!r} holds no result rows")
+        print_target_checks(rows, rows[0]["device"])
+        return
     args.dtypes = args.dtypes.split(",")
     for d in args.dtypes:
         if d not in DTYPES:
@@ -255,6 +351,7 @@ def main(argv=None):
     for name in names:
         if name not in benches:
             ap.error(f"--ops: unknown op {name!r} (choose from {', '.join(benches)})")
+    everything = []
     for name in names:
         part = []
         for rows in benches[name](args, dev, bw):
@@ -264,6 +361,8 @@ def main(argv=None):
         C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy", "note"])
         if part:
             print(f"results appended to {path}\n")
+        everything += part
+    print_target_checks(everything, C.device_name(dev))
 
 
 if __name__ == "__main__":

@@ -27,3 +27,75 @@ def test_cuda_kernel_bench_runs_quick_on_cpu(tmp_path):
         provs = {row["provider"] for row in rows if row["bench"] == b}
         assert "ldmfast" in provs and len(provs) >= 2, (b, provs)  # always beside a peer
     assert all(float(row["time_us"]) > 0 for row in rows)
+
+
+def _target_rows():
+    rows = []
+
+    def add(bench, op, shape, dtype, layout, provider, t, frac=""):
+        rows.append(dict(bench=bench, op=op, shape=shape, dtype=dtype, layout=layout, provider=provider,
+                         time_us=f"{t}", frac_copy=f"{frac}"))  # strings, as read back from the CSV
+    add("attention", "cross", "B2_H8_4096x77_d40", "fp16", "blhd", "ldmfast", 200.0)
+    add("attention", "cross", "B2_H8_4096x77_d40", "fp16", "blhd", "ldmfast_fast", 11.5)
+    add("attention", "cross", "B2_H8_4096x77_d40", "fp16", "blhd", "sdpa", 40.0)
+    add("attention", "self", "B2_H8_4096x4096_d64", "bf16", "blhd", "ldmfast_wgmma", 190.0)
+    add("attention", "self", "B2_H8_4096x4096_d64", "bf16", "blhd", "sdpa", 150.0)
+    add("attention", "self", "B2_H8_4096x4096_d64", "bf16", "blhd", "sdpa_cudnn", 170.0)
+    add("attention", "self", "B2_H8_1024x1024_d80", "fp16", "blhd", "ldmfast_mma", 40.0)
+    add("attention", "self", "B2_H5_1024x1024_d64", "fp16", "blhd", "ldmfast", 40.0)  # no target
+    add("group_norm_silu", "gn_silu", "1x128x512x512", "fp16", "nchw", "ldmfast", 56.0, 0.85)
+    add("group_norm_silu", "gn_silu", "1x128x512x512", "fp16", "nchw", "eager", 1000.0, 0.05)
+    add("group_norm_silu", "gn_silu+emb", "2x320x64x64", "bf16", "nhwc", "ldmfast", 8.5, 0.3)
+    add("group_norm_silu", "gn_silu", "1x512x64x64", "fp16", "nhwc", "ldmfast", 9.0, 0.3)  # neither rule
+    add("ddim_step", "ddim+cfg+noise", "4x4x128x128", "fp16", "nchw", "ldmfast", 9.0, 0.7)
+    add("ddim_step", "ddim+cfg+noise", "2x4x64x64", "fp16", "nchw", "ldmfast", 9.0, 0.1)  # below the size
+    return rows
+
+
+def test_issue_targets_are_judged_on_the_rows_of_one_run():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_ops_cuda as b
+    finally:
+        sys.path.pop(0)
+    got = {(c["shape"], c["dtype"]): (c["provider"], c["figure"], c["met"]) for c in b.target_checks(_target_rows())}
+    assert got == {
+        ("B2_H8_4096x77_d40", "fp16"): ("ldmfast_fast", "11.5 us", "yes"),      # the best ldmfast kernel
+        ("B2_H8_4096x4096_d64", "bf16"): ("ldmfast_wgmma", "x0.89 vs sdpa_cudnn", "NO"),  # cuDNN, not sdpa
+        ("B2_H8_1024x1024_d80", "fp16"): ("ldmfast_mma", "no sdpa row", "?"),
+        ("1x128x512x512", "fp16"): ("ldmfast", "85% of copy", "yes"),
+        ("2x320x64x64", "bf16"): ("ldmfast", "8.5 us", "NO"),
+        ("4x4x128x128", "fp16"): ("ldmfast", "70% of copy", "yes"),
+    }
+
+
+def test_judge_reads_the_newest_rows_of_the_last_commit(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import _common as C
+    finally:
+        sys.path.pop(0)
+    path = tmp_path / "r.csv"
+    rows = _target_rows()
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=C.COLUMNS)
+        w.writeheader()
+        meta = {"date": "2026-11-24T00:00:00Z", "device": "NVIDIA H100 80GB HBM3", "torch": "2.11"}
+        # An older commit's rows, which must not count, then the last commit's, one shape twice.
+        for prov, t in (("ldmfast", "1.0"), ("sdpa", "10.0")):
+            w.writerow({**rows[2], **meta, "git_sha": "aaaa", "shape": "B2_H8_256x77_d160", "provider": prov,
+                        "time_us": t})
+        for r in rows:
+            w.writerow({**r, **meta, "git_sha": "bbbb"})
+        w.writerow({**rows[1], **meta, "git_sha": "bbbb", "time_us": "13.0"})  # the newest of its shape
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    script = os.path.join(ROOT, "benchmarks", "bench_ops_cuda.py")
+    r = subprocess.run([sys.executable, script, "--judge", str(path)], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 of 6 met" in r.stdout, r.stdout  # 11.5 us replaced by 13: no longer met
+    line = next(x for x in r.stdout.splitlines() if "B2_H8_4096x77_d40" in x)
+    assert "13 us" in line and line.rstrip().endswith("NO"), line
+    r = subprocess.run([sys.executable, script, "--judge", str(tmp_path / "none.csv")], capture_output=True,
+                       text=True, timeout=120, cwd=ROOT, env=env)
+    assert r.returncode != 0 and "--judge: no such file" in r.stderr
