@@ -353,12 +353,12 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   // Out through shared memory, 16 rows per warp, for 16-byte stores: over Q and the stages once
   // every warpgroup is done with them (ping-pong: the producer's copies have all been consumed),
   // or, kOwnOut, in memory of its own with no wait.
-  if constexpr (S::kOwnOut) {
-    // nothing to wait for
-  } else if constexpr (kPingpong) {
-    bar_sync(S::kBarDone, kConsumers);
-  } else {
-    __syncthreads();
+  if constexpr (!S::kOwnOut) {
+    if constexpr (kPingpong) {
+      bar_sync(S::kBarDone, kConsumers);
+    } else {
+      __syncthreads();
+    }
   }
   T* const staging = S::kOwnOut ? sQ + S::kMain : sQ;
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
