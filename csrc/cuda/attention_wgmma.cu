@@ -5,9 +5,8 @@
 // kWgmmaPingpongOverlap and kWgmmaPingpong3 when the device is sm_90 and the library holds
 // sm_90a code; anywhere else they run the mma.sync kernel.
 //
-// Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each (three and
-// 192 with kWgmmaPingpong3). Q stays
-// in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
+// Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each (three
+// and 192 with kWgmmaPingpong3). Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
 // shared-memory stages (Shape::kStages), later tiles' cp.async copies in flight while one is
 // used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
 // operands from shared memory), online softmax on the S accumulators in registers (a row sits in
@@ -52,9 +51,11 @@ constexpr int kThreadsOf = kConsumersOf<G> + (kPingpong ? 128 : 0);  // ping-pon
 // at 168 rise to 224, 3 launched at 128 rise to 152.
 constexpr int kProducerRegs = 56;
 template <int G>
-constexpr int kConsumerRegsOf = ((65536 / kThreadsOf<true, G> / 8 * 8) * (G + 1) - kProducerRegs) / G / 8 * 8;
+constexpr int kLaunchRegsOf = 65536 / kThreadsOf<true, G> / 8 * 8;
 template <int G>
-constexpr bool kRegsShareOut = kProducerRegs + G * kConsumerRegsOf<G> <= (G + 1) * (65536 / kThreadsOf<true, G> / 8 * 8);
+constexpr int kConsumerRegsOf = (kLaunchRegsOf<G> * (G + 1) - kProducerRegs) / G / 8 * 8;
+template <int G>
+constexpr bool kRegsShareOut = kProducerRegs + G * kConsumerRegsOf<G> <= (G + 1) * kLaunchRegsOf<G>;
 // setmaxnreg.inc waits until the pool holds the registers: asking for more than the producer
 // frees would hang.
 static_assert(kRegsShareOut<2> && kRegsShareOut<3> && kConsumerRegsOf<2> == 224 && kConsumerRegsOf<3> == 152,
