@@ -3,7 +3,8 @@
 # (see ../shared/GPU.md):
 #   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput, or all
 # A device command may run 10 minutes, so a session takes the stages in a few calls, e.g.
-#   1. build test sass       (build for sm_90a, pytest -m cuda, HMMA count of the attention kernels)
+#   1. build test sass       (build for sm_90a, pytest -m cuda: each attention kernel apart, then the
+#                            rest; HMMA count of the attention kernels)
 #   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
@@ -37,9 +38,34 @@ build() {
 }
 
 stage_test() {
-  echo "== pytest -m cuda"
-  timeout "$limit" python3 -m pytest -q -m cuda tests > "$OUT/pytest_cuda.log" 2>&1
-  echo "pytest exit code $?"; grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -3 "$OUT/pytest_cuda.log"
+  # Each attention kernel in a process of its own with a short limit, so a kernel that hangs costs
+  # KERNEL_TIMEOUT seconds and names itself (-v writes each test's id as it starts) instead of
+  # taking the whole stage; then every other CUDA test in one run.
+  local t0=$SECONDS kt=${KERNEL_TIMEOUT:-60} kernels k rc log
+  kernels=$(python3 -m pytest --collect-only -q tests/test_attention.py -k test_cuda_kernel_choice 2>/dev/null \
+    | sed -n 's/.*test_cuda_kernel_choice\[\([a-z0-9_]*\)-.*/\1/p' | uniq)
+  echo "== pytest -m cuda: each attention kernel (limit ${kt} s each)"
+  for k in $kernels; do
+    log="$OUT/pytest_cuda_$k.log"
+    timeout -k 10 "$kt" python3 -m pytest -v -m cuda tests/test_attention.py -k "test_cuda_kernel_choice and [$k-" > "$log" 2>&1
+    rc=$?
+    if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+      printf "  %-24s HANG or too slow: killed after %s s; running: %s\n" "$k" "$kt" \
+        "$(grep -o 'test_cuda_kernel_choice\[[^]]*\]' "$log" | tail -1)"
+    else
+      printf "  %-24s %s\n" "$k" "$(tail -1 "$log" | tr -d '=')"
+      grep -E "^(FAILED|ERROR)" "$log" | head -5 | sed 's/^/      /'
+    fi
+  done
+  echo "== pytest -m cuda: the rest"
+  timeout -k 10 $((limit - (SECONDS - t0) > 60 ? limit - (SECONDS - t0) : 60)) \
+    python3 -m pytest -v -m cuda tests -k "not test_cuda_kernel_choice" > "$OUT/pytest_cuda.log" 2>&1
+  rc=$?
+  echo "pytest exit code $rc"
+  if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+    echo "time limit; the test running then: $(grep -o 'tests/[^ ]*::[^ ]*' "$OUT/pytest_cuda.log" | tail -1)"
+  fi
+  grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -1 "$OUT/pytest_cuda.log"
 }
 
 stage_sass() {
