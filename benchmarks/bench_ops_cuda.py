@@ -201,9 +201,10 @@ def _sdpa_backends():
 
 
 ATTN_KERNELS = ("mma", "mma_sync", "mma_wide", "fast", "wgmma", "wgmma_overlap", "wgmma_pingpong", "wgmma_pingpong_overlap",
-                "wgmma_pingpong3")
+                "wgmma_pingpong3", "wgmma_pingpong3_overlap")
 # The largest head dim each kernel takes as itself; past it the kernel without the suffix runs.
-ATTN_KERNEL_MAX_D = {"mma_wide": 80, "wgmma_overlap": 80, "wgmma_pingpong_overlap": 80, "wgmma_pingpong3": 96}
+ATTN_KERNEL_MAX_D = {"mma_wide": 80, "wgmma_overlap": 80, "wgmma_pingpong_overlap": 80, "wgmma_pingpong3": 96,
+                     "wgmma_pingpong3_overlap": 64}
 
 
 def _with_env(name, value, fn, *args):

@@ -187,7 +187,7 @@ def test_deterministic_across_thread_counts():
 # on the LDM shapes, the short-context edges (Lk = 1, 16, 17, 77, 80, 81 around the 80-key
 # limit of the short kernel) and odd query counts.
 CUDA_KERNELS = ["simt", "mma", "mma_sync", "mma_wide", "fast", "wgmma", "wgmma_overlap", "wgmma_pingpong",
-                "wgmma_pingpong_overlap", "wgmma_pingpong3"]
+                "wgmma_pingpong_overlap", "wgmma_pingpong3", "wgmma_pingpong3_overlap"]
 CUDA_KERNEL_SHAPES = [
     (2, 4096, 77, 2, 40), (2, 1024, 77, 2, 80), (2, 256, 77, 2, 160), (2, 1024, 77, 2, 64),
     (1, 1024, 1024, 2, 80), (2, 256, 256, 2, 160), (1, 1024, 1024, 2, 64), (1, 4096, 4096, 1, 40),

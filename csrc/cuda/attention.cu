@@ -211,10 +211,12 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
       case AttentionKernel::kWgmmaOverlap:
       case AttentionKernel::kWgmmaPingpong:
       case AttentionKernel::kWgmmaPingpongOverlap:
-      case AttentionKernel::kWgmmaPingpong3: {
+      case AttentionKernel::kWgmmaPingpong3:
+      case AttentionKernel::kWgmmaPingpong3Overlap: {
         if (!attention_wgmma_usable()) return attention_mma(p, stream, true);
-        if (kernel == AttentionKernel::kWgmmaPingpong3)
-          return attention_wgmma(p, stream, false, true, p.D <= kWgmma3MaxHeadDim ? 3 : 2);
+        if (kernel == AttentionKernel::kWgmmaPingpong3 || kernel == AttentionKernel::kWgmmaPingpong3Overlap)
+          return attention_wgmma(p, stream, kernel == AttentionKernel::kWgmmaPingpong3Overlap && p.D <= kWgmma3OverlapMaxHeadDim,
+                                 true, p.D <= kWgmma3MaxHeadDim ? 3 : 2);
         const bool overlap = kernel == AttentionKernel::kWgmmaOverlap || kernel == AttentionKernel::kWgmmaPingpongOverlap;
         const bool pingpong = kernel == AttentionKernel::kWgmmaPingpong || kernel == AttentionKernel::kWgmmaPingpongOverlap;
         return attention_wgmma(p, stream, overlap && p.D <= kWgmmaOverlapMaxHeadDim, pingpong);

@@ -49,12 +49,14 @@ int attention_short(const AttentionParams& p, cudaStream_t stream);
 // The Hopper kernel (wgmma.mma_async): usable when the current device is sm_90 and the library
 // holds sm_90a code (the CPU emulator: always). Same contract as attention_mma.
 // `overlap`: P V of each key tile runs during the next tile's softmax (head dims up to
-// kWgmmaOverlapMaxHeadDim: it keeps two sets of P registers). `pingpong`: a producer
-// warpgroup loads and the computing warpgroups take turns on the tensor cores. `groups`: 2
-// computing warpgroups (128 query rows a CTA), or 3 (192 rows; ping-pong without overlap, head
-// dims up to kWgmma3MaxHeadDim, whose registers fit in the 152 a thread left to each).
+// kWgmmaOverlapMaxHeadDim: SD's self-attention head dims up to 80 are what it is instantiated
+// for; larger ones would fit in registers too). `pingpong`: a producer warpgroup loads and the computing
+// warpgroups take turns on the tensor cores. `groups`: 2 computing warpgroups (128 query rows a
+// CTA), or 3 (192 rows; ping-pong only, head dims up to kWgmma3MaxHeadDim, with overlap up to
+// kWgmma3OverlapMaxHeadDim, whose registers fit in the 160 a thread left to each).
 constexpr int64_t kWgmmaOverlapMaxHeadDim = 80;
 constexpr int64_t kWgmma3MaxHeadDim = 96;
+constexpr int64_t kWgmma3OverlapMaxHeadDim = 64;
 bool attention_wgmma_usable();
 int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap = false, bool pingpong = false,
                     int groups = 2);

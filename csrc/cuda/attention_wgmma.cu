@@ -6,7 +6,7 @@
 // sm_90a code; anywhere else they run the mma.sync kernel.
 //
 // Two consumer warpgroups per CTA and (b, h, block of 128 queries), 64 query rows each (three
-// and 192 with kWgmmaPingpong3). Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
+// and 192 with kWgmmaPingpong3 and kWgmmaPingpong3Overlap). Q stays in shared memory (wgmma reads A from there); K and V tiles of kBlockK keys stream through
 // shared-memory stages (Shape::kStages), later tiles' cp.async copies in flight while one is
 // used. Per tile and warpgroup: S = Q K^T (m64 n kBlockK k16 steps over the head dim, both
 // operands from shared memory), online softmax on the S accumulators in registers (a row sits in
@@ -18,13 +18,14 @@
 // Two ways to feed the warpgroups. Plain: every thread loads (cp.async) the next tile and one
 // __syncthreads per tile publishes it, so the two warpgroups run in lockstep. Ping-pong
 // (kPingpong, after FlashAttention-3's warp specialisation): one more warpgroup only loads, two
-// tiles ahead, and hands tiles over through named barriers (full: producer -> each warpgroup;
-// empty: every warpgroup -> producer), giving most of its registers to the consumers
-// (setmaxnreg); turn barriers make the warpgroups issue their products in turn, so one's
-// softmax runs while another's products use the tensor cores (three warpgroups: the turn goes
-// round, so two softmaxes hide behind one's products). Orthogonal to that, the
+// tiles ahead, and hands tiles over through mbarriers in shared memory (full: producer -> each
+// warpgroup, per stage; empty: every warpgroup -> producer), giving most of its registers to
+// the consumers (setmaxnreg); turn barriers (named) make the warpgroups issue their products in
+// turn, so one's softmax runs while another's products use the tensor cores (three warpgroups:
+// the turn goes round, so two softmaxes hide behind one's products). Orthogonal to that, the
 // optional overlap of a warpgroup's own P V with its next softmax (kOverlap, FlashAttention-3's
-// intra-warpgroup overlap). Which the GPU prefers is for its benchmarks.
+// intra-warpgroup overlap; with three warpgroups, FlashAttention-3's forward configuration for
+// head dims up to 64). Which the GPU prefers is for its benchmarks.
 #include <cmath>
 #include <cstring>
 #include <type_traits>
@@ -39,7 +40,8 @@ namespace {
 using namespace detail;
 
 // G consumer warpgroups per CTA, 64 query rows each: 2, or 3 (ping-pong only, head dims up to
-// kWgmma3MaxHeadDim; FlashAttention-3's tile for head dims up to 96 is 192 rows).
+// kWgmma3MaxHeadDim, with overlap up to kWgmma3OverlapMaxHeadDim; FlashAttention-3's tile for
+// head dims up to 96 is 192 rows).
 template <int G>
 constexpr int kConsumersOf = G * 128;
 template <int G>
@@ -47,56 +49,57 @@ constexpr int kBlockQOf = G * 64;
 template <bool kPingpong, int G>
 constexpr int kThreadsOf = kConsumersOf<G> + (kPingpong ? 128 : 0);  // ping-pong: + the producer warpgroup
 // Ping-pong registers per thread: launched at 65536 / threads (rounded down to 8) for every
-// warpgroup; the producer keeps 56 and the consumers share out the rest: 2 warpgroups launched
-// at 168 rise to 224, 3 launched at 128 rise to 152.
-constexpr int kProducerRegs = 56;
+// warpgroup; the producer keeps kProducerRegsOf and the consumers share out the rest: 2
+// warpgroups launched at 168 rise to 224 (the producer keeps 56), 3 launched at 128 rise to 160
+// (the producer keeps 32, FlashAttention-3's split; its copy loop peaks near R31).
+template <int G>
+constexpr int kProducerRegsOf = G == 2 ? 56 : 32;
 template <int G>
 constexpr int kLaunchRegsOf = 65536 / kThreadsOf<true, G> / 8 * 8;
 template <int G>
-constexpr int kConsumerRegsOf = (kLaunchRegsOf<G> * (G + 1) - kProducerRegs) / G / 8 * 8;
+constexpr int kConsumerRegsOf = (kLaunchRegsOf<G> * (G + 1) - kProducerRegsOf<G>) / G / 8 * 8;
 template <int G>
-constexpr bool kRegsShareOut = kProducerRegs + G * kConsumerRegsOf<G> <= (G + 1) * kLaunchRegsOf<G>;
+constexpr bool kRegsShareOut = kProducerRegsOf<G> + G * kConsumerRegsOf<G> <= (G + 1) * kLaunchRegsOf<G>;
 // setmaxnreg.inc waits until the pool holds the registers: asking for more than the producer
 // frees would hang.
-static_assert(kRegsShareOut<2> && kRegsShareOut<3> && kConsumerRegsOf<2> == 224 && kConsumerRegsOf<3> == 152,
+static_assert(kRegsShareOut<2> && kRegsShareOut<3> && kConsumerRegsOf<2> == 224 && kConsumerRegsOf<3> == 160,
               "the register file shared out");
 
-// The threads of each named-barrier phase of the ping-pong kernel (the ids are in Shape).
-enum NamedBarrierThreads : int {  // an enum, not constexpr ints: the sm_80 pass (a trap) uses none
-  kFullThreads = 128 + 128,  // the producer and one warpgroup
-  kTurnThreads = 2 * 128,    // a warpgroup and the one before it
-};
+// The threads of a turn barrier's phase (named barrier; the ids are in Shape): a warpgroup and
+// the one before it. An enum, not a constexpr int: the sm_80 pass (a trap) uses none.
+enum NamedBarrierThreads : int { kTurnThreads = 2 * 128 };
 
 template <int D, bool kOverlap, bool kPingpong, int G>
 struct Shape {
-  static_assert(G == 2 || (G == 3 && kPingpong && !kOverlap), "3 warpgroups: ping-pong without overlap");
+  static_assert(G == 2 || (G == 3 && kPingpong), "3 warpgroups: ping-pong only");
   static constexpr int kBlockQ = kBlockQOf<G>, kConsumers = kConsumersOf<G>;
   // Stages: the tile in use and the one loading; overlap: + the tile P V still reads; ping-pong:
   // + one, as the producer refills a stage only once every (staggered) warpgroup released it.
   static constexpr int kStages = (kOverlap ? 3 : 2) + (kPingpong ? 1 : 0);
-  // Named barrier ids (1 to 15; 0 is __syncthreads): full, + G stage + warpgroup (tile landed,
-  // producer -> warpgroup); empty, + stage (stage free, every warpgroup -> producer); turn,
-  // + warpgroup (its turn to issue, the warpgroup before it -> it); done (the consumers, before
-  // the output staging reuses shared memory) when an id is left, else the output gets its own
-  // shared memory (3 warpgroups: 9 + 3 + 3 ids).
-  static constexpr int kBarFull = 1, kBarEmpty = kBarFull + G * kStages, kBarTurn = kBarEmpty + kStages;
-  static constexpr int kBarDone = kBarTurn + G;
-  static constexpr bool kOwnOut = kPingpong && kBarDone > 15;
-  static_assert(!kPingpong || kBarTurn + G - 1 <= 15, "16 named barriers");
-  enum : int { kEmptyThreads = kConsumers + 128 };  // every warpgroup and the producer (an enum: see above)
+  // Ping-pong's named barrier ids (1 to 15; 0 is __syncthreads): turn, + warpgroup (its turn to
+  // issue, the warpgroup before it -> it); done (the consumers, before the output staging reuses
+  // shared memory). The stage hand-overs are mbarriers, any number of them: full, + G stage +
+  // warpgroup (tile landed: one arrival per producer warp); empty, + stage (stage free: one per
+  // consumer warp). Named barriers for those too would need 12 + 4 + 3 ids at 3 warpgroups
+  // with overlap, past the 15 there are.
+  enum : int { kBarTurn = 1, kBarDone = kBarTurn + G };  // an enum: see above
+  enum : int { kMbarFull = 0, kMbarEmpty = G * kStages, kMbars = kPingpong ? kMbarEmpty + kStages : 0 };
+  enum : unsigned { kFullArrivals = 4, kEmptyArrivals = 4 * G };  // warps (an enum: see above)
   static constexpr int DPAD = (D + 15) / 16 * 16;  // the QK^T reduction in k16 steps
   static constexpr int kBlockK = D <= 128 ? 128 : 64;  // keys per tile: S is kBlockK / 2 registers
   // Element counts of the shared-memory tiles, all in 8 x 8 core-matrix ("interleaved") order.
   static constexpr int kQ = kBlockQ * DPAD, kK = kBlockK * DPAD, kV = kBlockK * D;
   static constexpr int kStage = kK + kV;
   static constexpr int kOStride = D + 8;  // the output staging rows (+16 bytes: no bank conflicts)
-  static constexpr int kMain = kQ + kStages * kStage;  // the output staging's offset when kOwnOut
+  // Q and the stages, reused by the output staging at the end; then the mbarriers (8 bytes each).
   template <class T>
-  static constexpr size_t smem_bytes() {
-    const size_t main = static_cast<size_t>(kMain) * sizeof(T);
+  static constexpr size_t mbar_offset() {
+    const size_t main = static_cast<size_t>(kQ + kStages * kStage) * sizeof(T);
     const size_t out = static_cast<size_t>(kConsumers / 32) * 16 * kOStride * sizeof(T);
-    return kOwnOut ? main + out : main > out ? main : out;
+    return ((main > out ? main : out) + 15) / 16 * 16;
   }
+  template <class T>
+  static constexpr size_t smem_bytes() { return mbar_offset<T>() + kMbars * sizeof(uint64_t); }
   static_assert(smem_bytes<uint16_t>() <= 227 * 1024, "an sm_90 CTA has at most 227 KB of shared memory");
 };
 
@@ -114,13 +117,16 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
                                           int warp, int lane) {
   static_assert(ROWS % (8 * kWarps) == 0, "whole row groups per warp");
   const int r8 = lane & 7, cp = lane >> 3;
-  const int64_t r0 = row0 + warp * 8 + r8;
-  const T* s0 = src + r0 * stride_l + cp * 8;
+  const int r = warp * 8 + r8;  // the first row of this lane in the tile
+  // Rows of the tile inside L, so the row tests are 32-bit (the 32-register producer of three
+  // warpgroups spilled a 64-bit row index).
+  const int rows = L - row0 < ROWS ? static_cast<int>(L - row0) : ROWS;
+  const T* s0 = src + (row0 + r) * stride_l + cp * 8;
   T* d0 = dst + ((warp * C + cp) * 8 + r8) * 8;
   auto copy = [&](auto async) {
-#pragma unroll 1  // unrolled, the row groups' addresses would crowd the producer's 56 registers
+#pragma unroll 1  // unrolled, the row groups' addresses would crowd the producer's registers
     for (int g = 0; g < ROWS / (8 * kWarps); ++g) {
-      const bool row_ok = r0 + g * 8 * kWarps < L;
+      const bool row_ok = r + g * 8 * kWarps < rows;
       const T* s = s0 + g * 8 * kWarps * stride_l;
 #pragma unroll
       for (int j = 0; j < (C + 3) / 4; ++j) {
@@ -169,41 +175,49 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h;
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride_b + h * p.k_stride_h;
   const T* v = static_cast<const T*>(p.v) + b * p.v_stride_b + h * p.v_stride_h;
-  const int64_t ntiles = ceil_div(p.Lk, kBlockK);
+  const int ntiles = static_cast<int>(ceil_div(p.Lk, kBlockK));  // 32-bit tile indices: attention_wgmma checks Lk
   const int load_warp = kPingpong ? warp - kConsumers / 32 : warp;
-  auto stage_index = [&](int64_t t) { return static_cast<int>(t % S::kStages); };
+  auto stage_index = [&](int t) { return t % S::kStages; };
 
   auto load_q = [&] { load_tile<kBlockQ, CQ, DT, kLoadWarps>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, vec, load_warp, lane); };
-  auto load_kv = [&](int64_t t) {
+  auto load_kv = [&](int t) {
     T* st = stage0 + stage_index(t) * S::kStage;
-    load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, t * kBlockK, p.Lk, vec, load_warp, lane);
-    load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, t * kBlockK, p.Lk, vec, load_warp, lane);
+    load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, lane);
+    load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, lane);
   };
 
+  // Ping-pong's mbarriers: full[stage][warpgroup], then empty[stage]. Tile t is the (t / kStages)-th
+  // use of its stage, so its hand-over ends the phase of that parity on either barrier.
+  uint64_t* const mbar = reinterpret_cast<uint64_t*>(reinterpret_cast<unsigned char*>(smem_raw) + S::template mbar_offset<T>());
+  auto full = [&](int t, int g) { return mbar + S::kMbarFull + G * stage_index(t) + g; };
+  auto empty = [&](int t) { return mbar + S::kMbarEmpty + stage_index(t); };
+  auto parity = [&](int t) { return static_cast<uint32_t>(t / S::kStages) & 1u; };
   if constexpr (kPingpong) {
+    if (threadIdx.x < S::kMbars)
+      mbar_init(mbar + threadIdx.x, threadIdx.x < S::kMbarEmpty ? S::kFullArrivals : S::kEmptyArrivals);
+    __syncthreads();  // initialised before any thread uses them
     if (group == G) {
       // The producer: two tiles ahead (Q with the first), tile t handed to every warpgroup as
-      // soon as its copies landed, before waiting for a free stage for tile t + 2.
-      setmaxnreg_dec<kProducerRegs>();
+      // soon as its copies landed, before waiting for a free stage for tile t + 2. No drain at
+      // the end: an mbarrier may be left part-arrived.
+      setmaxnreg_dec<kProducerRegsOf<G>>();
       load_q();
       load_kv(0);
       cp_async_commit();
       if (ntiles > 1) load_kv(1);
       cp_async_commit();  // possibly empty: every step waits for all but the newest group
-      for (int64_t t = 0; t < ntiles; ++t) {
-        cp_async_wait<1>();   // tile t (and Q)
+      for (int t = 0; t < ntiles; ++t) {
+        cp_async_wait<1>();   // tile t (and Q), this thread's copies
         fence_proxy_async();  // ... made visible to the tensor cores' reads
+        __syncwarp();         // ... and the warp's: lane 0's arrival (a release) covers them
 #pragma unroll
-        for (int g = 0; g < G; ++g) bar_arrive(S::kBarFull + G * stage_index(t) + g, kFullThreads);
+        for (int g = 0; g < G; ++g) mbar_arrive_lane0(full(t, g), lane);
         if (t + 2 < ntiles) {
-          if (t + 2 >= S::kStages) bar_sync(S::kBarEmpty + stage_index(t + 2), S::kEmptyThreads);
+          if (t + 2 >= S::kStages) mbar_wait(empty(t + 2), parity(t + 2) ^ 1u);  // tile t + 2 - kStages released
           load_kv(t + 2);
         }
         cp_async_commit();
       }
-      // The releases of the stages it did not refill (the consumers release every tile).
-      for (int64_t u = ntiles > S::kStages ? ntiles - S::kStages : 0; u < ntiles; ++u)
-        bar_sync(S::kBarEmpty + stage_index(u), S::kEmptyThreads);
       return;
     }
   } else {
@@ -220,7 +234,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   const uint64_t desc_q = gmma_desc(smem_addr(sQ + group * 64 * S::DPAD), kCore, CQ * kCore);
   const uint64_t desc_k0 = gmma_desc(smem_addr(stage0), kCore, CQ * kCore);
   const uint64_t desc_v0 = gmma_desc(smem_addr(stage0 + S::kK), CV * kCore, kCore);
-  constexpr uint64_t kStageUnits = S::kStage * sizeof(T) / 16;
+  constexpr uint32_t kStageUnits = S::kStage * sizeof(T) / 16;
 
   // Accumulator element 4 j + c of a warp is row quad_row + 8 (c / 2) of its 16, column
   // 8 j + 2 quad_col + c % 2; m[i], l[i]: row quad_row + 8 i (l: this lane's part of the sum).
@@ -233,9 +247,9 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   // Tile t in shared memory for this warpgroup. Plain: from every thread, with tile t + 1 then
   // sent into the stage tile t + 1 - kStages used (every warpgroup has waited for its last
   // product on it). Ping-pong: the producer's hand-over.
-  auto acquire = [&](int64_t t) {
+  auto acquire = [&](int t) {
     if constexpr (kPingpong) {
-      bar_sync(S::kBarFull + G * stage_index(t) + group, kFullThreads);
+      mbar_wait(full(t, group), parity(t));
     } else {
       cp_async_wait_all();  // tile t (and Q) from this thread
       fence_proxy_async();  // ... made visible to the tensor cores' reads
@@ -246,10 +260,15 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
       }
     }
   };
-  // This warpgroup's products on tile t have completed: ping-pong hands the stage back. Every
-  // tile, so no branch sits in the loop (ptxas serialises the wgmma of a loop whose body has one).
-  auto release = [&](int64_t t) {
-    if constexpr (kPingpong) bar_arrive(S::kBarEmpty + stage_index(t), S::kEmptyThreads);
+  // This warpgroup's products on tile t have completed: ping-pong hands the stage back, one
+  // arrival per warp once all its lanes waited for them (the emulator reads a wgmma's shared
+  // memory at each thread's wait). Every tile, so no branch sits in the loop (ptxas serialises
+  // the wgmma of a loop whose body has one; lane 0's arrival is a predicated instruction).
+  auto release = [&](int t) {
+    if constexpr (kPingpong) {
+      __syncwarp();
+      mbar_arrive_lane0(empty(t), lane);
+    }
   };
   // Ping-pong: issues this warpgroup's products once the warpgroup before it (round robin)
   // issued its previous ones, then passes the turn on, always (no branch, as above: the turn the
@@ -264,37 +283,44 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
     if (group == G - 1) bar_arrive(S::kBarTurn, kTurnThreads);  // warpgroup 0 goes first
   }
 
-  auto stage_of = [&](int64_t t) { return static_cast<uint64_t>(stage_index(t)) * kStageUnits; };
-  auto issue_s = [&](float (&s)[kBlockK / 2], int64_t t) {
+  auto stage_of = [&](int t) { return static_cast<uint32_t>(stage_index(t)) * kStageUnits; };
+  auto issue_s = [&](float (&s)[kBlockK / 2], int t) {
     pin(s);  // the last softmax wrote them in place
+    // Q's per-step descriptors anew each tile (an add each) from an opaque start: hoisted out of
+    // the loop they would hold KC registers (spilled at 160 a thread with overlap).
+    uint32_t q_start = static_cast<uint32_t>(desc_q);
+    pin(q_start);
+    const uint64_t dq = (desc_q & 0xFFFFFFFF00000000ull) | q_start;
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
-      WgmmaSS<T, kBlockK>::run(s, desc_q + 2 * kc * kCore / 16, desc_k0 + stage_of(t) + 2 * kc * kCore / 16, kc > 0);
+      WgmmaSS<T, kBlockK>::run(s, desc_add(dq, 2 * kc * kCore / 16), desc_add(desc_k0, stage_of(t) + 2 * kc * kCore / 16), kc > 0);
     wgmma_commit();
   };
   // P is pinned before the fence with O: the rescale and the packing must not sink past it (a
   // register written between wgmma.fence and the wgmma reading it is undefined).
-  auto issue_pv = [&](uint32_t (&pa)[kBlockK / 16][4], int64_t t) {
+  auto issue_pv = [&](uint32_t (&pa)[kBlockK / 16][4], int t) {
     pin(o);
     pin(pa);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kBlockK / 16; ++kk)
-      WgmmaRS<T, D>::run(o, pa[kk], desc_v0 + stage_of(t) + 2 * kk * CV * kCore / 16, true);
+      WgmmaRS<T, D>::run(o, pa[kk], desc_add(desc_v0, stage_of(t) + 2 * kk * CV * kCore / 16), true);
     wgmma_commit();
   };
-  // Online softmax of tile t (mma.cuh; the accumulator layout is mma.sync's, n8 tile j being
-  // s[4 j ..]), then P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high
-  // half of k16 step j / 2; registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half.
-  auto softmax = [&](float (&s)[kBlockK / 2], int64_t t, float (&alpha)[2], uint32_t (&pa)[kBlockK / 16][4]) {
+  // Online softmax of tile t in place (mma.cuh; the accumulator layout is mma.sync's, n8 tile j
+  // being s[4 j ..]).
+  auto softmax = [&](float (&s)[kBlockK / 2], int t, float (&alpha)[2]) {
     pin(s);
-    auto& st = *reinterpret_cast<float(*)[NT][4]>(s);
-    softmax_tile(st, m, l, alpha, t * kBlockK, p.Lk, qscale, quad_col);
+    softmax_tile(*reinterpret_cast<float(*)[NT][4]>(s), m, l, alpha, static_cast<int64_t>(t) * kBlockK, p.Lk, qscale, quad_col);
+  };
+  // P as the A operand: key columns 8 j .. 8 j + 7 are the low (j even) or high half of k16 step
+  // j / 2; registers 0 and 1 (rows quad_row, quad_row + 8) hold the low half.
+  auto pack = [&](const float (&s)[kBlockK / 2], uint32_t (&pa)[kBlockK / 16][4]) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
-      pa[j / 2][2 * (j & 1)] = Mma<T>::pack(st[j][0], st[j][1]);
-      pa[j / 2][2 * (j & 1) + 1] = Mma<T>::pack(st[j][2], st[j][3]);
+      pa[j / 2][2 * (j & 1)] = Mma<T>::pack(s[4 * j], s[4 * j + 1]);
+      pa[j / 2][2 * (j & 1) + 1] = Mma<T>::pack(s[4 * j + 2], s[4 * j + 3]);
     }
   };
   auto rescale_o = [&](const float (&alpha)[2]) {
@@ -307,42 +333,41 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   uint32_t pa[kBlockK / 16][4];
   float alpha[2];
   if constexpr (!kOverlap) {
-    for (int64_t t = 0; t < ntiles; ++t) {
+    for (int t = 0; t < ntiles; ++t) {
       acquire(t);
       in_turn([&] { issue_s(s, t); });
       wgmma_wait<0>();
-      softmax(s, t, alpha, pa);
+      softmax(s, t, alpha);
+      pack(s, pa);
       rescale_o(alpha);
       issue_pv(pa, t);
       wgmma_wait<0>();
       release(t);
     }
   } else {
-    // P V of tile t - 1 goes out right after Q K_t^T and runs during the softmax of tile t; O is
-    // rescaled by tile t's alpha once it is back.
-    uint32_t pa_prev[kBlockK / 16][4];
+    // P V of tile t - 1 goes out right after Q K_t^T and runs during the softmax of tile t, which
+    // leaves P in s as floats; once that product is back, tile t's P goes into the registers it
+    // read (one set of P registers, as FlashAttention-3) and O is rescaled by tile t's alpha.
     acquire(0);
     in_turn([&] { issue_s(s, 0); });
     wgmma_wait<0>();
-    softmax(s, 0, alpha, pa_prev);  // O is still zero: no rescale
-    for (int64_t t = 1; t < ntiles; ++t) {
+    softmax(s, 0, alpha);  // O is still zero: no rescale
+    pack(s, pa);
+    for (int t = 1; t < ntiles; ++t) {
       acquire(t);
       in_turn([&] {
         issue_s(s, t);
-        issue_pv(pa_prev, t - 1);
+        issue_pv(pa, t - 1);
       });
       wgmma_wait<1>();  // Q K_t^T (groups complete in order); P V_{t-1} may still run
-      softmax(s, t, alpha, pa);
-      wgmma_wait<0>();
+      softmax(s, t, alpha);
+      wgmma_wait<0>();  // P V_{t-1}: its P registers and O are free again
       release(t - 1);
-      pin(pa_prev);
-#pragma unroll
-      for (int kk = 0; kk < kBlockK / 16; ++kk)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) pa_prev[kk][i] = pa[kk][i];
+      pin(pa);
+      pack(s, pa);
       rescale_o(alpha);
     }
-    issue_pv(pa_prev, ntiles - 1);
+    issue_pv(pa, ntiles - 1);
     wgmma_wait<0>();
     release(ntiles - 1);
   }
@@ -352,18 +377,15 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   }
 
   // Out through shared memory, 16 rows per warp, for 16-byte stores: over Q and the stages once
-  // every warpgroup is done with them (ping-pong: the producer's copies have all been consumed),
-  // or, kOwnOut, in memory of its own with no wait.
-  if constexpr (!S::kOwnOut) {
-    if constexpr (kPingpong) {
-      bar_sync(S::kBarDone, kConsumers);
-    } else {
-      __syncthreads();
-    }
+  // every warpgroup is done with them (ping-pong: the producer's copies have all been consumed;
+  // the mbarriers lie past the staging).
+  if constexpr (kPingpong) {
+    bar_sync(S::kBarDone, kConsumers);
+  } else {
+    __syncthreads();
   }
-  T* const staging = S::kOwnOut ? sQ + S::kMain : sQ;
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
-  finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, staging + warp * 16 * S::kOStride, out,
+  finish_16rows<D, S::kOStride>(*reinterpret_cast<const float(*)[DT][4]>(o), m, l, sQ + warp * 16 * S::kOStride, out,
                                 qb * kBlockQ + warp * 16, p.Lq, p.o_stride_l, vec_o,
                                 p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
 #else
@@ -400,9 +422,18 @@ int launch(const AttentionParams& p, cudaStream_t stream, bool overlap) {
   return with_head_dim(p.D, [&](auto d) { return launch_d<decltype(d)::value, T, false, kPingpong>(p, stream); });
 }
 
-// Ping-pong with 3 warpgroups: only the head dims whose registers fit in 152 a thread.
+// Ping-pong with 3 warpgroups: only the head dims whose registers fit in 160 a thread
+// (kWgmma3MaxHeadDim; with overlap, kWgmma3OverlapMaxHeadDim).
 template <class T>
-int launch3(const AttentionParams& p, cudaStream_t stream) {
+int launch3(const AttentionParams& p, cudaStream_t stream, bool overlap) {
+  if (overlap) {
+    switch (p.D) {
+      case 32: return launch_d<32, T, true, true, 3>(p, stream);
+      case 40: return launch_d<40, T, true, true, 3>(p, stream);
+      case 64: return launch_d<64, T, true, true, 3>(p, stream);
+    }
+    return static_cast<int>(cudaErrorInvalidValue);
+  }
   switch (p.D) {
     case 32: return launch_d<32, T, false, true, 3>(p, stream);
     case 40: return launch_d<40, T, false, true, 3>(p, stream);
@@ -415,7 +446,7 @@ int launch3(const AttentionParams& p, cudaStream_t stream) {
 
 template <class T>
 int launch(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong, int groups) {
-  if (groups == 3) return launch3<T>(p, stream);
+  if (groups == 3) return launch3<T>(p, stream, overlap);
   return pingpong ? launch<T, true>(p, stream, overlap) : launch<T, false>(p, stream, overlap);
 }
 
@@ -444,10 +475,11 @@ bool attention_wgmma_usable() {
 
 int attention_wgmma(const AttentionParams& p, cudaStream_t stream, bool overlap, bool pingpong, int groups) {
   if (!attention_mma_supports(p) || (overlap && p.D > kWgmmaOverlapMaxHeadDim)) return static_cast<int>(cudaErrorInvalidValue);
-  if ((groups != 2 && groups != 3) || (groups == 3 && (overlap || !pingpong || p.D > kWgmma3MaxHeadDim)))
+  if ((groups != 2 && groups != 3) ||
+      (groups == 3 && (!pingpong || p.D > (overlap ? kWgmma3OverlapMaxHeadDim : kWgmma3MaxHeadDim))))
     return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
-  if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);
+  if (p.Lk <= 0 || p.Lk > INT32_MAX) return static_cast<int>(cudaErrorInvalidValue);  // int key tile indices
   return p.dtype == DType::kFloat16 ? launch<__half>(p, stream, overlap, pingpong, groups)
                                     : launch<__nv_bfloat16>(p, stream, overlap, pingpong, groups);
 }

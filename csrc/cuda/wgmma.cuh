@@ -42,6 +42,14 @@ __host__ __device__ __forceinline__ uint64_t gmma_desc(uint32_t smem_byte_addr, 
          (static_cast<uint64_t>((sbo_bytes >> 4) & 0x3FFF) << 32);
 }
 
+// d with `units` (16-byte units) added to its start address, as a 32-bit add on the low word:
+// the field cannot carry out (shared addresses are below 2^18 bytes), and the high word (the
+// stride byte offset) stays a constant, so a kernel keeps one register per offset descriptor
+// instead of a pair (the pairs of a loop's k16 steps spilled at 160 registers a thread).
+__host__ __device__ __forceinline__ uint64_t desc_add(uint64_t d, uint32_t units) {
+  return (d & 0xFFFFFFFF00000000ull) | static_cast<uint32_t>(static_cast<uint32_t>(d) + units);
+}
+
 }  // namespace ldmfast::cuda::detail
 
 #if defined(LDMFAST_EMU)
@@ -59,6 +67,35 @@ __device__ __forceinline__ void wgmma_wait() {
 // Shared memory written through the generic proxy (ordinary stores, cp.async) is read by wgmma
 // through the async proxy: each writing thread fences before the barrier that publishes it.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// mbarriers: 8-byte barrier objects in shared memory that count arrivals (each arriving thread
+// once) and complete a phase when the count given to mbar_init has arrived; a wait names the
+// parity of the phase it waits out (PTX ISA "Parallel synchronization: mbarrier"). The arrival
+// releases and the wait acquires (.release.cta / .acquire.cta, their defaults), so what the
+// arriving threads wrote before is visible to the waiting ones after.
+__device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+// Lane 0 of the warp arrives, as one predicated instruction: a branch in a loop body makes
+// ptxas serialise the loop's wgmma.
+__device__ __forceinline__ void mbar_arrive_lane0(uint64_t* bar, int lane) {
+  asm volatile(
+      "{\n .reg .pred p;\n .reg .b64 state;\n setp.eq.s32 p, %1, 0;\n"
+      " @p mbarrier.arrive.shared::cta.b64 state, [%0];\n}\n" ::"r"(smem_addr(bar)),
+      "r"(lane)
+      : "memory");
+}
+// Returns once the phase of the given parity has completed (at once if the barrier is already
+// past it).
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile(
+        "{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}\n"
+        : "=r"(done)
+        : "r"(smem_addr(bar)), "r"(parity)
+        : "memory");
+  } while (done == 0);
+}
 // The executing warpgroup's registers per thread become N (warp-specialised kernels: a loading
 // warpgroup gives registers back, the computing ones take them). ptxas needs the starting count
 // from the kernel's __launch_bounds__; without it ptxas drops the instruction (advisory C7508,

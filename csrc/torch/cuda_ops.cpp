@@ -57,7 +57,7 @@ cuda::AttentionKernel attention_kernel_from_env() {
   return kernel_from_env<K>("LDMFAST_ATTENTION_KERNEL", "attention",
                             {{"simt", K::kSimt}, {"mma", K::kMma}, {"mma_sync", K::kMmaSync}, {"mma_wide", K::kMmaWide}, {"fast", K::kFast}, {"wgmma", K::kWgmma}, {"wgmma_overlap", K::kWgmmaOverlap},
                              {"wgmma_pingpong", K::kWgmmaPingpong}, {"wgmma_pingpong_overlap", K::kWgmmaPingpongOverlap},
-                             {"wgmma_pingpong3", K::kWgmmaPingpong3}});
+                             {"wgmma_pingpong3", K::kWgmmaPingpong3}, {"wgmma_pingpong3_overlap", K::kWgmmaPingpong3Overlap}});
 }
 
 // See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).

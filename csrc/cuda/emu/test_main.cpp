@@ -188,6 +188,9 @@ static const AttnMode kAttnModes[] = {
      [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpongOverlap); }},
     {"-wgmma-pingpong3", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, false, true, 3); }},  // 14
     {"-dispatch-pingpong3", [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong3); }},
+    {"-wgmma-pingpong3-overlap", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, true, true, 3); }},  // 16
+    {"-dispatch-pingpong3-overlap",
+     [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong3Overlap); }},
 };
 
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
@@ -393,8 +396,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 70, 300, 40, false, 0, true, 12);     // through attention()
     test_attn(DType::kFloat16, 1, 2, 70, 300, 80, false, 0, true, 13);
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 96, false, 0, true, 13);    // D = 96: ping-pong, not overlapped
-    // Ping-pong with 3 warpgroups (192 query rows a CTA; 3 stages; 15 named barriers, the output
-    // staged in shared memory of its own), the turn going round all three.
+    // Ping-pong with 3 warpgroups (192 query rows a CTA; 3 stages), the turn going round all three.
     for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80, 96}) {
       test_attn(dt, 1, 2, 250, 600, D, true, 0, true, 14);  // 2 query blocks (the last of 58 rows), 5 key tiles
       test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 14);     // one tile, scalar loads; warpgroups 1, 2 past Lq
@@ -409,6 +411,20 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 2, 1, 400, 77, 40, false, 0, true, 14);     // context 77
     test_attn(DType::kFloat16, 1, 2, 200, 300, 80, false, 0, true, 15);    // through attention()
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 128, false, 0, true, 15);   // D = 128: 2 warpgroups
+    // The same overlapped (4 stages; FlashAttention-3's configuration for head dims up to 64).
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64}) {
+      test_attn(dt, 1, 2, 250, 900, D, true, 0, true, 16);  // 2 query blocks, 8 key tiles: stages 0-3 twice
+      test_attn(dt, 1, 1, 5, 1, D, false, 1, true, 16);     // one tile: only the last P V
+    }
+    for (int n = 1; n <= 9; ++n)  // every stage count, plain stores, rows in all three warpgroups
+      test_attn(n % 2 ? DType::kBFloat16 : DType::kFloat16, 1, 1, 150, 128 * n - 3, n % 3 ? 40 : 64, false, 1, true, 16);
+    test_attn(DType::kFloat16, 1, 1, 70, 600, 64, false, 1, true, 16);     // warpgroup 2 wholly past Lq
+    test_attn(DType::kFloat16, 1, 1, 192, 512, 32, false, 0, false, 16);   // one full block, 4 full tiles
+    test_attn(DType::kBFloat16, 1, 2, 17, 600, 64, false, 0, true, 16, true, 128);  // first tile all -inf
+    test_attn(DType::kFloat16, 2, 1, 400, 77, 40, false, 0, true, 16);     // context 77
+    test_attn(DType::kFloat16, 1, 2, 200, 300, 64, false, 0, true, 17);    // through attention()
+    test_attn(DType::kBFloat16, 1, 1, 30, 200, 80, false, 0, true, 17);    // D = 80: not overlapped
+    test_attn(DType::kBFloat16, 1, 1, 30, 200, 160, false, 0, true, 17);   // D = 160: 2 warpgroups
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -454,6 +470,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 1, 140, 600, 40, true, 0, true, 10); // ping-pong: 5 key tiles (3 stages)
     test_attn(DType::kBFloat16, 1, 1, 70, 700, 64, true, 0, true, 11); // ping-pong overlapped: 6 key tiles (4 stages)
     test_attn(DType::kFloat16, 1, 1, 250, 600, 40, true, 0, true, 14); // ping-pong, 3 warpgroups: 2 blocks, 5 tiles
+    test_attn(DType::kBFloat16, 1, 1, 250, 700, 64, true, 0, true, 16); // the same overlapped: 6 tiles (4 stages)
   }
   printf("%d/%d checks passed\n", checks - failures, checks);
   return failures != 0;

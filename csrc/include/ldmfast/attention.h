@@ -43,10 +43,12 @@ bool attention_supports_head_dim(int64_t d);
 //   kWgmmaPingpongOverlap  both (head dims up to 80; else kWgmmaPingpong)
 //   kWgmmaPingpong3  kWgmmaPingpong with three computing warpgroups, 192 queries a CTA (head dims
 //                    up to 96; else kWgmmaPingpong)
+//   kWgmmaPingpong3Overlap  kWgmmaPingpong3 with the overlap, FlashAttention-3's forward
+//                    configuration for small head dims (up to 64; else kWgmmaPingpong3)
 // kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
 enum class AttentionKernel : int32_t {
   kDefault = 0, kSimt, kMma, kMmaSync, kFast, kMmaWide, kWgmma, kWgmmaOverlap, kWgmmaPingpong, kWgmmaPingpongOverlap,
-  kWgmmaPingpong3
+  kWgmmaPingpong3, kWgmmaPingpong3Overlap
 };
 // Launches on `stream`; returns 0 on success or a cudaError_t value.
 int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel = AttentionKernel::kDefault);

@@ -136,6 +136,20 @@ struct Barrier {
     if (order) __tsan_acquire(&sync[my & 1]);
 #endif
   }
+  // mbarrier.try_wait.parity in a loop: returns once the phase of that parity has ended (at
+  // once when the current phase has the other parity: the one before it ended). Waits only for
+  // the current phase, so a waiter two phases behind passes, as on the hardware.
+  void wait_parity(unsigned parity) {
+    const uint64_t my = phase.load(kRelaxed);
+    if ((my & 1) == parity) {
+      g_fiber->wait_phase = my;
+      g_fiber->waits_on = this;
+      to_scheduler();
+    }
+#ifdef EMU_TSAN
+    __tsan_acquire(&sync[parity]);
+#endif
+  }
   // bar.arrive: counts this thread and goes on; its accesses before are ordered before those of
   // the threads that wait for this phase (their acquire above). A thread that arrives again
   // before the phase ends would count twice: named_barrier() refuses that, which also keeps a
@@ -173,6 +187,7 @@ struct Block {
   Barrier* cluster_bar = nullptr;
   std::shared_ptr<void> wgmma;       // the wgmma operands each warpgroup issued (emu_wgmma.h)
   NamedBarrier named[16];            // 0 unused: __syncthreads is `bar`
+  std::map<const void*, std::unique_ptr<Barrier>> mbar;  // by shared-memory address (mbarrier_init)
 };
 inline Block* t_block = nullptr;  // the running fiber's CTA
 constexpr size_t kArenaBytes = 256 * 1024;
@@ -306,6 +321,49 @@ inline void check_named_barriers(const Block& b) {
       std::abort();
     }
   }
+}
+
+// mbarriers: a Barrier per shared-memory word that mbarrier_init made one, counting thread
+// arrivals (not warps). init writes a mark into the word and every use reads it back, so data
+// stored over a live barrier aborts, and ThreadSanitizer sees init as a write and the uses as
+// reads: a use that no barrier orders after the init is a race. A CTA may end with a phase
+// part-arrived (legal on the hardware, unlike a named barrier).
+constexpr uint64_t kMbarMark = 0x6d62617272696572ull;
+inline void mbarrier_check_word(const uint64_t* addr, const char* what) {
+  if (reinterpret_cast<uintptr_t>(addr) % 8 != 0) {
+    fprintf(stderr, "emu: %s at %p: an mbarrier is 8-byte aligned\n", what, static_cast<const void*>(addr));
+    std::abort();
+  }
+}
+inline void mbarrier_init(uint64_t* addr, unsigned count) {
+  mbarrier_check_word(addr, "mbarrier_init");
+  {
+    TsanIgnore hide;
+    if (count == 0 || count >= (1u << 20)) {
+      fprintf(stderr, "emu: mbarrier_init with count %u: 1 .. 2^20 - 1\n", count);
+      std::abort();
+    }
+    if (t_block->mbar.count(addr) != 0) {
+      fprintf(stderr, "emu: mbarrier at %p initialised twice in one CTA\n", static_cast<const void*>(addr));
+      std::abort();
+    }
+    t_block->mbar[addr] = std::make_unique<Barrier>(count);
+  }
+  std::memcpy(addr, &kMbarMark, 8);
+}
+inline Barrier& mbarrier(const uint64_t* addr, const char* what) {
+  mbarrier_check_word(addr, what);
+  uint64_t word;
+  std::memcpy(&word, addr, 8);
+  TsanIgnore hide;
+  const auto it = t_block->mbar.find(addr);
+  if (it == t_block->mbar.end() || word != kMbarMark) {
+    fprintf(stderr, "emu: %s (block %u, thread %u) at %p: %s\n", what, blockIdx.x, threadIdx.x,
+            static_cast<const void*>(addr), it == t_block->mbar.end() ? "no mbarrier_init made it a barrier"
+                                                                         : "the barrier was overwritten");
+    std::abort();
+  }
+  return *it->second;
 }
 }  // namespace emu
 namespace ldmfast::cuda::detail {

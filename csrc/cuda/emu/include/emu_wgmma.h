@@ -272,6 +272,11 @@ template <int N> inline void setmaxnreg_check() {
 }
 template <int N> inline void setmaxnreg_inc() { setmaxnreg_check<N>(); }
 template <int N> inline void setmaxnreg_dec() { setmaxnreg_check<N>(); }
+inline void mbar_init(uint64_t* bar, uint32_t count) { emu::mbarrier_init(bar, count); }
+inline void mbar_arrive_lane0(uint64_t* bar, int lane) {
+  if (lane == 0) emu::mbarrier(bar, "mbarrier.arrive").arrive();
+}
+inline void mbar_wait(uint64_t* bar, uint32_t parity) { emu::mbarrier(bar, "mbarrier.try_wait").wait_parity(parity & 1u); }
 
 template <class T, int N> struct WgmmaCheck {
   static_assert(N >= 8 && N <= 256 && N % 8 == 0, "wgmma m64nNk16: N a multiple of 8 in 8..256");
