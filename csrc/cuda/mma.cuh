@@ -212,6 +212,23 @@ __device__ __forceinline__ void pv_16keys(float (&o)[R][D / 8][4], const float (
 constexpr float kLog2e = 1.4426950408889634f;  // scores are kept in log2 units
 constexpr float kLn2 = 0.6931471805599453f;
 
+// 2^x as the one MUFU.EX2 instruction (ex2.approx.ftz.f32, the same approximation exp2f uses).
+// Without --use_fast_math, exp2f wraps it in a range test and two multiplies that keep results
+// below 2^-126 as denormals: three more instructions for each of the softmax's exponentials,
+// which share the issue slots with the rest of its work. Flushed to zero instead, they are
+// probabilities below 2^-126 of the row's largest (exponents are x - max <= 0), which change
+// no row sum (at least 1) and no output at float32 precision.
+__device__ __forceinline__ float exp2_ftz(float x) {
+#if defined(LDMFAST_EMU)
+  const float r = std::exp2(x);
+  return r < 1.17549435e-38f ? 0.0f : r;  // FLT_MIN: the denormals flushed
+#else
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(x));
+  return r;
+#endif
+}
+
 template <bool kMask, int NT>
 __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                                   int64_t k0, int64_t Lk, float qscale, int quad_col) {
@@ -230,7 +247,7 @@ __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 2));
     ref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
-    alpha[i] = exp2f(m[i] - ref[i]);
+    alpha[i] = exp2_ftz(m[i] - ref[i]);
     m[i] = mx[i];
     l[i] *= alpha[i];
   }
@@ -238,7 +255,7 @@ __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      s[j][c] = exp2f(s[j][c] - ref[c >> 1]);
+      s[j][c] = exp2_ftz(s[j][c] - ref[c >> 1]);
       l[c >> 1] += s[j][c];
     }
 }
