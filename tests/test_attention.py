@@ -103,6 +103,10 @@ EDGE = [
     pytest.param(1, 64, 400, 2, 40, {"scale": 3.0}, id="peaked-scale-3"),
     # Tiny scale: nearly uniform softmax, sums of many similar terms.
     pytest.param(1, 64, 400, 2, 40, {"scale": 1e-3}, id="flat-scale"),
+    # Negative and zero scales (the tensor-core kernels leave them to the SIMT kernel: their
+    # softmax takes the largest scaled score from the largest raw one).
+    pytest.param(1, 64, 400, 2, 64, {"scale": -0.5}, id="negative-scale"),
+    pytest.param(1, 64, 150, 2, 40, {"scale": 0.0}, id="zero-scale"),
     # Large activations, as in an unnormalised attention input.
     pytest.param(1, 48, 200, 2, 64, {"std": 8.0}, id="large-inputs"),
     # More batch than heads, and many heads.
@@ -211,6 +215,17 @@ def test_cuda_kernel_choice(monkeypatch, kernel, B, Lq, Lk, H, D, dtype):
     kv = torch.randn(n + 1, device="cuda", dtype=dtype)[1:].view(B, Lk, 3, H, D)
     assert kv.data_ptr() % 16 != 0
     _check(q, kv[:, :, 1], kv[:, :, 2], what=f"{kernel} strided unaligned k/v")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+@pytest.mark.parametrize("kernel", CUDA_KERNELS)
+def test_cuda_kernel_choice_nonpositive_scale(monkeypatch, kernel, scale):
+    # Every choice falls back to the SIMT kernel for these (see test_edge_cases).
+    monkeypatch.setenv("LDMFAST_ATTENTION_KERNEL", kernel)
+    q, k, v = _qkv(1, 200, 300, 2, 64, torch.float16, torch.device("cuda"))
+    _check(q, k, v, scale=scale, what=f"{kernel} scale={scale}")
 
 
 @pytest.mark.cuda

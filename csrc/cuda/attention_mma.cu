@@ -177,7 +177,10 @@ int launch_wide(const AttentionParams& p, cudaStream_t stream) {
 }  // namespace
 
 bool attention_mma_supports(const AttentionParams& p) {
-  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && attention_supports_head_dim(p.D);
+  // scale > 0: the softmax takes the largest scaled score from the largest raw one, and a masked
+  // key's -inf score times the scale stays -inf.
+  return (p.dtype == DType::kFloat16 || p.dtype == DType::kBFloat16) && attention_supports_head_dim(p.D) &&
+         p.scale > 0.0f;
 }
 
 bool attention_mma_wide_supports(const AttentionParams& p) {

@@ -27,7 +27,8 @@ int with_head_dim(int64_t d, F&& f) {
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
-// True when attention_mma can run `p` (float16 / bfloat16 and a supported head dim).
+// True when attention_mma can run `p` (float16 / bfloat16, a supported head dim, and a scale
+// above 0: a zero or negative one, which no LDM uses, runs the SIMT kernel).
 bool attention_mma_supports(const AttentionParams& p);
 // Same contract as attention(): launches on `stream`, returns 0 or a cudaError_t value.
 // `pipelined`: cp.async loads of K and V overlap the math (else synchronous loads).

@@ -182,8 +182,13 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   auto load_q = [&] { load_tile<kBlockQ, CQ, DT, kLoadWarps>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, vec, load_warp, lane); };
   auto load_kv = [&](int t) {
     T* st = stage0 + stage_index(t) * S::kStage;
-    load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, lane);
-    load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, lane);
+    // The lane's offsets derived anew each tile from an opaque lane index: hoisted out of the
+    // producer's loop, K's and V's would crowd its 32 registers (a spill at D = 40).
+    uint32_t ln = static_cast<uint32_t>(lane);
+    pin(ln);
+    const int opaque_lane = static_cast<int>(ln);
+    load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, opaque_lane);
+    load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, opaque_lane);
   };
 
   // Ping-pong's mbarriers: full[stage][warpgroup], then empty[stage]. Tile t is the (t / kStages)-th

@@ -233,12 +233,12 @@ template <bool kMask, int NT>
 __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[2], float (&l)[2], float (&alpha)[2],
                                                   int64_t k0, int64_t Lk, float qscale, int quad_col) {
   const int lim = Lk - k0 < NT * 8 ? static_cast<int>(Lk - k0) : NT * 8;
-  float mx[2] = {m[0], m[1]};
+  float mx[2] = {-INFINITY, -INFINITY};  // the tile's largest raw scores
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      s[j][c] = !kMask || j * 8 + quad_col * 2 + (c & 1) < lim ? s[j][c] * qscale : -INFINITY;
+      if (kMask && j * 8 + quad_col * 2 + (c & 1) >= lim) s[j][c] = -INFINITY;
       mx[c >> 1] = fmaxf(mx[c >> 1], s[j][c]);
     }
   float ref[2];
@@ -246,25 +246,29 @@ __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[
   for (int i = 0; i < 2; ++i) {  // the row's other values sit in the 3 other lanes of the quad
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 1));
     mx[i] = fmaxf(mx[i], __shfl_xor_sync(kFullMask, mx[i], 2));
-    ref[i] = mx[i] == -INFINITY ? 0.0f : mx[i];
+    // qscale > 0, so the largest scaled score is qscale times the largest raw one.
+    const float mnew = fmaxf(m[i], mx[i] * qscale);
+    ref[i] = mnew == -INFINITY ? 0.0f : mnew;
     alpha[i] = exp2_ftz(m[i] - ref[i]);
-    m[i] = mx[i];
+    m[i] = mnew;
     l[i] *= alpha[i];
   }
 #pragma unroll
   for (int j = 0; j < NT; ++j)
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      s[j][c] = exp2_ftz(s[j][c] - ref[c >> 1]);
+      // One FFMA an exponent (s qscale - max, rounded once), instead of a multiply and a
+      // subtract; a masked key's -inf stays -inf (qscale > 0) and its weight 0.
+      s[j][c] = exp2_ftz(fmaf(s[j][c], qscale, -ref[c >> 1]));
       l[c >> 1] += s[j][c];
     }
 }
 
 // One key tile (8 NT keys from k0) of the online softmax for the two rows a lane holds of an m16
 // accumulator tile (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j +
-// 2 quad_col + c % 2 of row c / 2): scores scaled to log2 units (qscale), keys at or past Lk
-// masked (the compares only on a tile that reaches past Lk), the running max m updated, s
-// replaced by exp2(s - max), the lane's part of the row sum l rescaled and added to; alpha is
+// 2 quad_col + c % 2 of row c / 2): scores scaled to log2 units (qscale > 0: see
+// attention_mma_supports), keys at or past Lk masked (the compares only on a tile that reaches
+// past Lk), the running max m (scaled) updated, s replaced by exp2(s qscale - max), the lane's part of the row sum l rescaled and added to; alpha is
 // the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0, meets
 // accumulators that are still zero. A max of -inf (every score so far overflowed to -inf: |q|,
 // |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.

@@ -193,6 +193,9 @@ static const AttnMode kAttnModes[] = {
      [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong3Overlap); }},
 };
 
+// The softmax scale of test_attn is this times D^-1/2 (negative and zero scales: see main).
+static float g_attn_scale = 1.0f;
+
 // q, k, v as views into one (B, L, 3, H, D) buffer when fused, else separate contiguous tensors.
 // mma: the index into kAttnModes.
 // overflow: lane 0 of every query is 1e20 and of the first ninf keys -1e20 (0 for the others), so
@@ -226,7 +229,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
   o.poison(B * Lq * H * D);
   p.o = o.ptr(); p.o_stride_b = Lq * H * D; p.o_stride_l = H * D; p.o_stride_h = D;
   p.lse = lse ? lsev.data() : nullptr;
-  p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = 1.0f / std::sqrt((float)D); p.dtype = dt;
+  p.B = B; p.Lq = Lq; p.Lk = Lk; p.H = H; p.D = D; p.scale = g_attn_scale / std::sqrt((float)D); p.dtype = dt;
   if (mma < 0 || mma >= static_cast<int>(std::size(kAttnModes))) {
     fprintf(stderr, "test_attn: no attention mode %d\n", mma);
     abort();
@@ -256,7 +259,7 @@ static void test_attn(DType dt, int64_t B, int64_t H, int64_t Lq, int64_t Lk, in
     if (lse) { double l = mx + std::log(sum); double got = lsev[(b * H + h) * Lq + i]; if (std::isnan(got)) nan = true; lerr = std::max(lerr, std::fabs(got - l)); }
   }
   char what[256];
-  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d rc=%d err=%.3g lse_err=%.3g nan=%d", kAttnModes[mma].label, (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, rc, maxerr, lerr, nan);
+  snprintf(what, sizeof what, "attn%s dt=%d B=%ld H=%ld Lq=%ld Lk=%ld D=%ld fused=%d off=%d lse=%d overflow=%d scale*%g rc=%d err=%.3g lse_err=%.3g nan=%d", kAttnModes[mma].label, (int)dt, B, H, Lq, Lk, D, fused, off, lse, overflow, g_attn_scale, rc, maxerr, lerr, nan);
   report(rc == 0 && !nan && maxerr <= tol(dt) && lerr <= 1e-4, what);
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
@@ -425,6 +428,14 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 200, 300, 64, false, 0, true, 17);    // through attention()
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 80, false, 0, true, 17);    // D = 80: not overlapped
     test_attn(DType::kBFloat16, 1, 1, 30, 200, 160, false, 0, true, 17);   // D = 160: 2 warpgroups
+    // The tensor-core softmax takes the largest scaled score from the largest raw one and keeps
+    // a masked key's -inf through the scale, so it needs a scale > 0: a negative or zero one
+    // (uniform weights) goes to the SIMT kernel through attention().
+    for (float sc : {-2.0f, 0.0f}) {
+      g_attn_scale = sc;
+      for (int mode : {5, 7, 15, 17}) test_attn(DType::kFloat16, 1, 2, 70, 300, 64, false, 0, true, mode);
+    }
+    g_attn_scale = 1.0f;
   }
   if (which == "all" || which == "short") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
