@@ -69,6 +69,8 @@ struct Params {
 template <class T> uint16_t bits(T v) { uint16_t u; std::memcpy(&u, &v, 2); return u; }
 
 // One warpgroup per 128 threads; each computes its own D = (C +) A B.
+constexpr int kMaxKSteps = 8;  // K up to 128 (run_case checks)
+
 template <class T, int N, bool kRS>
 __global__ void __launch_bounds__(256) wgmma_check_kernel(Params p) {
   extern __shared__ uint4 smem_raw[];
@@ -98,10 +100,13 @@ __global__ void __launch_bounds__(256) wgmma_check_kernel(Params p) {
     const uint32_t addr = smem_addr(smem + tile.at(r0, 16 * s));
     return p.mutate == kSwap ? gmma_desc(addr, tile.sbo, tile.lbo) : gmma_desc(addr, tile.lbo, tile.sbo);
   };
+  // RS: each k-step's A registers, kept until the wait that completes its op (the tensor core
+  // may read them until then; the emulator checks they are not written before).
+  uint32_t a_steps[kMaxKSteps][4];
   auto step = [&](float (&d)[N / 2], int s, bool accumulate) {
     const uint64_t db = desc(tb, 0, s);
     if constexpr (kRS) {
-      uint32_t a[4];  // ALayout_64x16: a[j] = row + 8 (j & 1), k 8 (j >> 1) + 2 (lane % 4) and k + 1
+      uint32_t(&a)[4] = a_steps[s];  // ALayout_64x16: a[j] = row + 8 (j & 1), k 8 (j >> 1) + 2 (lane % 4) and k + 1
       for (int j = 0; j < 4; ++j) {
         const T* e = &A[(16 * w + lane / 4 + 8 * (j & 1)) * K + 16 * s + 8 * (j >> 1) + 2 * (lane % 4)];
         a[j] = bits(e[0]) | uint32_t(bits(e[1])) << 16;
@@ -156,6 +161,10 @@ std::mt19937 rng(4321);
 
 template <class T, int N, bool kRS>
 bool run_case(int K, int groups, bool use_c, bool a_kfirst, bool b_kfirst, int mode, int mutate) {
+  if (K % 16 != 0 || K / 16 > kMaxKSteps) {
+    fprintf(stderr, "wgmma_check: K=%d: a multiple of 16 up to %d\n", K, 16 * kMaxKSteps);
+    std::abort();
+  }
   auto to_t = [](double x) { if constexpr (std::is_same_v<T, __half>) return __float2half_rn(float(x)); else return __float2bfloat16_rn(float(x)); };
   auto to_d = [](T x) { if constexpr (std::is_same_v<T, __half>) return double(__half2float(x)); else return double(__bfloat162float(x)); };
   std::uniform_real_distribution<double> u(-1, 1);

@@ -85,6 +85,8 @@ struct Op {
   Desc a, b;
   float (*to_float)(uint16_t);
   uint32_t afrag[4][4];      // RS: the A registers of lanes 4 (lane / 4) + q, [q][register]
+  const uint32_t* a_reg = nullptr;  // RS: this thread's A registers, and their values at issue
+  uint32_t a_at_issue[4] = {};
   std::vector<float> d_in;   // d at issue, unless chained
   std::vector<uint16_t> seen;  // the shared-memory operands at issue
 };
@@ -156,6 +158,11 @@ inline void gather(const Op& op, std::vector<uint16_t>& out) {
 
 inline std::atomic<int> g_changed{0};  // messages printed about operands changed in flight
 inline void complete(State& st, Op& op) {
+  // The tensor core may read A's registers any time before the wait (PTX: writing them while
+  // the wgmma is pending is undefined); the emulator took them at issue, so it checks instead.
+  if (op.rs && std::memcmp(op.a_reg, op.a_at_issue, sizeof op.a_at_issue) != 0)
+    fail("the A registers of a wgmma (B 0x%016llx) were written between its issue and the wait that completes it",
+         (unsigned long long)op.raw_b);
   std::vector<uint16_t> now;
   gather(op, now);
   if (now != op.seen && g_changed.fetch_add(1, std::memory_order_relaxed) < 8)
@@ -209,6 +216,8 @@ inline void issue(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t 
   op.b = decode(desc_b);
   op.to_float = emu_mma::b16_to_float<T>;
   if (rs) {  // the lanes' A registers, taken at issue (the exchange buffer stands in for the tensor core)
+    op.a_reg = a;
+    std::memcpy(op.a_at_issue, a, sizeof op.a_at_issue);
     emu::TsanIgnore hide;
     uint32_t* w = emu_mma::wbuf();
     const int lane = emu_mma::lane();
