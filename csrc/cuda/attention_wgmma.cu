@@ -149,8 +149,9 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
 }
 
 // kOverlap (FlashAttention-3's intra-warpgroup overlap): P V of tile t - 1 runs on the tensor
-// cores while the softmax of tile t runs on the other units, at the price of a second set of P
-// registers and one more shared-memory stage. Otherwise each product is waited for at once.
+// cores while the softmax of tile t runs on the other units, at the price of one more
+// shared-memory stage (P stays in the S registers as floats until that product is back, then
+// goes into the one set of P registers). Otherwise each product is waited for at once.
 // kPingpong: the producer warpgroup and the turn barriers described at the top.
 template <int D, class T, bool kOverlap, bool kPingpong, int G>
 __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
@@ -415,7 +416,7 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
 
 template <class T, bool kPingpong>
 int launch(const AttentionParams& p, cudaStream_t stream, bool overlap) {
-  if (overlap) {  // only the head dims whose second set of P registers still fits
+  if (overlap) {  // the head dims up to kWgmmaOverlapMaxHeadDim (see attention_mma.cuh)
     switch (p.D) {
       case 32: return launch_d<32, T, true, kPingpong>(p, stream);
       case 40: return launch_d<40, T, true, kPingpong>(p, stream);

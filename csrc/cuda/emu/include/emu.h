@@ -137,8 +137,9 @@ struct Barrier {
 #endif
   }
   // mbarrier.try_wait.parity in a loop: returns once the phase of that parity has ended (at
-  // once when the current phase has the other parity: the one before it ended). Waits only for
-  // the current phase, so a waiter two phases behind passes, as on the hardware.
+  // once when the current phase has the other parity: the one before it ended). Only the parity
+  // is known, as on the hardware: a waiter one phase behind passes, and one two phases behind
+  // waits for the current phase (the protocol must keep waiters within one phase).
   void wait_parity(unsigned parity) {
     const uint64_t my = phase.load(kRelaxed);
     if ((my & 1) == parity) {
