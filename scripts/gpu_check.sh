@@ -51,7 +51,7 @@ stage_test() {
     rc=$?
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
       printf "  %-24s HANG or too slow: killed after %s s; running: %s\n" "$k" "$kt" \
-        "$(grep -o 'test_cuda_kernel_choice\[[^]]*\]' "$log" | tail -1)"
+        "$(grep -o 'test_cuda_kernel_choice[a-z_]*\[[^]]*\]' "$log" | tail -1)"
     else
       printf "  %-24s %s\n" "$k" "$(tail -1 "$log" | tr -d '=')"
       grep -E "^(FAILED|ERROR)" "$log" | head -5 | sed 's/^/      /'

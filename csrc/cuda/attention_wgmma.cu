@@ -183,11 +183,9 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   auto load_q = [&] { load_tile<kBlockQ, CQ, DT, kLoadWarps>(sQ, q, p.q_stride_l, qb * kBlockQ, p.Lq, vec, load_warp, lane); };
   auto load_kv = [&](int t) {
     T* st = stage0 + stage_index(t) * S::kStage;
-    // The lane's offsets derived anew each tile from an opaque lane index: hoisted out of the
-    // producer's loop, K's and V's would crowd its 32 registers (a spill at D = 40).
-    uint32_t ln = static_cast<uint32_t>(lane);
-    pin(ln);
-    const int opaque_lane = static_cast<int>(ln);
+    // The lane's offsets derived anew each tile: hoisted out of the producer's loop, K's and V's
+    // would crowd its 32 registers (a spill at D = 40).
+    const int opaque_lane = static_cast<int>(opaque(static_cast<uint32_t>(lane)));
     load_tile<kBlockK, CQ, DT, kLoadWarps>(st, k, p.k_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, opaque_lane);
     load_tile<kBlockK, CV, DT, kLoadWarps>(st + S::kK, v, p.v_stride_l, static_cast<int64_t>(t) * kBlockK, p.Lk, vec, load_warp, opaque_lane);
   };
@@ -292,11 +290,9 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
   auto stage_of = [&](int t) { return static_cast<uint32_t>(stage_index(t)) * kStageUnits; };
   auto issue_s = [&](float (&s)[kBlockK / 2], int t) {
     pin(s);  // the last softmax wrote them in place
-    // Q's per-step descriptors anew each tile (an add each) from an opaque start: hoisted out of
-    // the loop they would hold KC registers (spilled at 160 a thread with overlap).
-    uint32_t q_start = static_cast<uint32_t>(desc_q);
-    pin(q_start);
-    const uint64_t dq = (desc_q & 0xFFFFFFFF00000000ull) | q_start;
+    // Q's per-step descriptors anew each tile (an add each), from Q's plus an opaque 0: hoisted
+    // out of the loop they would hold KC registers (spilled at 160 a thread with overlap).
+    const uint64_t dq = desc_add(desc_q, opaque(0u));
     wgmma_fence();
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)

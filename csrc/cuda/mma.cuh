@@ -268,8 +268,8 @@ __device__ __forceinline__ void softmax_tile_impl(float (&s)[NT][4], float (&m)[
 // accumulator tile (rows quad_row and quad_row + 8; element c of n8 tile j is key k0 + 8 j +
 // 2 quad_col + c % 2 of row c / 2): scores scaled to log2 units (qscale > 0: see
 // attention_mma_supports), keys at or past Lk masked (the compares only on a tile that reaches
-// past Lk), the running max m (scaled) updated, s replaced by exp2(s qscale - max), the lane's part of the row sum l rescaled and added to; alpha is
-// the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0, meets
+// past Lk), the running max m (scaled) updated, s replaced by exp2(s qscale - max), the lane's
+// part of the row sum l rescaled and added to; alpha is the factor the caller rescales O by. The first tile's alpha, exp2(-inf) = 0, meets
 // accumulators that are still zero. A max of -inf (every score so far overflowed to -inf: |q|,
 // |k| near the bf16 range) is taken as 0, so exponents are -inf (0), not NaN.
 template <int NT>

@@ -125,6 +125,13 @@ __device__ __forceinline__ void pin(uint32_t& r) { asm volatile("" : "+r"(r)::"m
 inline void pin(float&) {}
 inline void pin(uint32_t&) {}
 #endif
+// v through pin: a value the compiler cannot see through, so what is derived from it is
+// computed where it is used instead of hoisted out of a loop (and kept in registers there).
+template <class T>
+__device__ __forceinline__ T opaque(T v) {
+  pin(v);
+  return v;
+}
 // Every register of an array (of arrays).
 template <class T, int N>
 __device__ __forceinline__ void pin(T (&a)[N]) {
