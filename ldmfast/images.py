@@ -28,18 +28,30 @@ def to_tensor(image: ImageLike, device=None, dtype=torch.float32) -> torch.Tenso
     """An image or a batch of them as a (B, 3, H, W) tensor in [-1, 1].
 
     Accepts a PIL image, a list of equally sized PIL images, a uint8 array (H, W, 3) or
-    (B, H, W, 3), or a tensor (3, H, W) / (B, 3, H, W) already in [-1, 1] (returned as is,
-    moved and cast).
+    (B, H, W, 3), a uint8 tensor (3, H, W) / (B, 3, H, W) as torchvision reads images (scaled
+    like the arrays), or a floating tensor (3, H, W) / (B, 3, H, W) already in [-1, 1] (returned
+    as is, moved and cast).
     """
     if isinstance(image, torch.Tensor):
         x = image if image.dim() == 4 else image.unsqueeze(0)
         if x.dim() != 4:
             raise ValueError("an image tensor must be (3, H, W) or (B, 3, H, W), "
                              f"got {tuple(image.shape)}")
+        if image.dtype == torch.uint8:
+            return (x.to(dtype=torch.float32) / 127.5 - 1.0).to(device=device, dtype=dtype)
+        if not image.is_floating_point():
+            # Other integer ranges (16-bit PNGs, labels) have no one meaning as pixel values.
+            raise ValueError(f"an image tensor must be uint8 (0..255) or floating point in "
+                             f"[-1, 1], got {image.dtype}")
         return x.to(device=device, dtype=dtype)
     if isinstance(image, Image.Image):
         arr = _pil_to_array(image, "RGB")[None]
     elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            # A float array may hold [0, 1] or [0, 255]: guessing would silently wash the image
+            # out or blow it up, so the caller says which by converting.
+            raise ValueError(f"an image array must be uint8 (H, W, 3) or (B, H, W, 3), got "
+                             f"{image.dtype}; convert it (np.uint8) or pass a tensor in [-1, 1]")
         arr = image.astype(np.float32)
         arr = arr[None] if arr.ndim == 3 else arr
     else:

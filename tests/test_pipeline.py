@@ -9,6 +9,7 @@ import copy
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -444,6 +445,14 @@ def test_image_conversions_and_grid(tmp_path):
     back = im.to_tensor(pils)
     torch.testing.assert_close(back, x)  # exact round trip for 8-bit values
     assert torch.equal(im.to_tensor(x[0]), x[:1])
+    # uint8 tensors (torchvision's read_image) and arrays are scaled alike; other dtypes refused.
+    torch.testing.assert_close(im.to_tensor(arr), x)
+    torch.testing.assert_close(im.to_tensor(arr[1]), x[1:])
+    torch.testing.assert_close(im.to_tensor(arr.permute(0, 2, 3, 1).numpy()), x)
+    with pytest.raises(ValueError, match="uint8 .0..255. or floating point"):
+        im.to_tensor(arr.to(torch.int32))
+    with pytest.raises(ValueError, match="must be uint8 .H, W, 3.*float32"):
+        im.to_tensor(arr.permute(0, 2, 3, 1).numpy().astype(np.float32))
     grid = im.make_grid(pils + pils[:1], pad=1)
     assert grid.size == (2 * 7 + 3, 2 * 5 + 3)
     m = im.mask_to_tensor(Image.fromarray(((arr[0, 0] > 127).numpy() * 255).astype("uint8")))
