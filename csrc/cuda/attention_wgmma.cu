@@ -136,7 +136,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t stride_l
         if constexpr (decltype(async)::value) {
           cp_async16(d, fill ? s + 32 * j : src, fill);
         } else {
-          *reinterpret_cast<uint4*>(d) = fill ? read_chunk16(s + 32 * j, false) : make_uint4(0u, 0u, 0u, 0u);
+          store_chunk16(d, fill ? read_chunk16(s + 32 * j, false) : make_uint4(0u, 0u, 0u, 0u));
         }
       }
     }

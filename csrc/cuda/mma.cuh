@@ -52,6 +52,8 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 __device__ __forceinline__ void cp_async_wait_all() { cp_async_wait<0>(); }
+// A 16-byte store to shared memory (the emulator tracks these for the proxy fence wgmma needs).
+__device__ __forceinline__ void store_chunk16(void* dst, uint4 v) { *reinterpret_cast<uint4*>(dst) = v; }
 // Named barriers 1..15 (0 is __syncthreads'): `threads` (a multiple of 32) arrive per phase.
 // bar_arrive does not wait; it orders this thread's earlier memory accesses before whatever
 // the threads that wait at the same phase (bar_sync) do after it.
@@ -138,8 +140,8 @@ __device__ __forceinline__ void load_rows(T* dst, const T* src, int64_t stride_l
   for (int idx = tid; idx < rows * kChunks; idx += nthreads) {
     const int r = idx / kChunks, c = idx - r * kChunks;
     const bool fill = c < kDataChunks && row0 + r < L;
-    *reinterpret_cast<uint4*>(dst + r * kStride + c * 8) =
-        fill ? read_chunk16(src + (row0 + r) * stride_l + c * 8, vec) : make_uint4(0u, 0u, 0u, 0u);
+    store_chunk16(dst + r * kStride + c * 8,
+                  fill ? read_chunk16(src + (row0 + r) * stride_l + c * 8, vec) : make_uint4(0u, 0u, 0u, 0u));
   }
 }
 

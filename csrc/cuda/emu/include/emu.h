@@ -92,6 +92,7 @@ struct Fiber {
   std::vector<PendingCopy> pending;  // oldest first
   std::vector<size_t> groups;        // committed groups not landed: their ends in `pending`, oldest first
   std::shared_ptr<void> wgmma;  // this thread's wgmma.mma_async state (emu_wgmma.h), reset per launch
+  std::vector<size_t> unfenced;  // dynamic shared-memory chunks it wrote since its last fence.proxy.async
   void* tsan = nullptr;
 };
 inline Fiber* g_fiber = nullptr;  // the running fiber
@@ -189,6 +190,10 @@ struct Block {
   std::shared_ptr<void> wgmma;       // the wgmma operands each warpgroup issued (emu_wgmma.h)
   NamedBarrier named[16];            // 0 unused: __syncthreads is `bar`
   std::map<const void*, std::unique_ptr<Barrier>> mbar;  // by shared-memory address (mbarrier_init)
+  // Per 16-byte chunk of dynamic shared memory: 1 + the thread whose generic-proxy write (a store,
+  // a landed cp.async) its own fence.proxy.async has not yet covered, 0 when none; wgmma (the
+  // async proxy) refuses to read such a chunk (emu_wgmma.h).
+  std::vector<uint32_t> unfenced_by;
 };
 inline Block* t_block = nullptr;  // the running fiber's CTA
 constexpr size_t kArenaBytes = 256 * 1024;
@@ -414,9 +419,38 @@ inline std::unique_ptr<Block> make_block(unsigned nthreads, size_t smem) {
   // Shared memory starts as NaN floats, so reads of words nothing wrote show up.
   b->dsmem.resize(smem + 16);
   poison(b->dsmem);
+  b->unfenced_by.assign((smem + 16 + 15) / 16, 0u);
   b->arena.resize(kArenaBytes);
   poison(b->arena);
   return b;
+}
+
+// The proxies of shared memory: threads write it through the generic proxy (stores, cp.async),
+// wgmma reads it through the async proxy, and a write is visible to those reads only after the
+// writing thread's fence.proxy.async (then a barrier hands it over). Without the fence the tensor
+// cores may read stale bytes on the hardware; here the read aborts instead.
+inline uint32_t linear_tid() { return threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z); }
+inline void note_generic_write(const void* p, size_t bytes) {
+  TsanIgnore hide;  // bookkeeping shared by the block's fibers
+  Block& b = *t_block;
+  const auto at = reinterpret_cast<uintptr_t>(p), base = reinterpret_cast<uintptr_t>(b.dsmem.data());
+  if (at < base || at + bytes > base + b.dsmem.size()) return;  // static shared memory: no wgmma operand
+  for (size_t c = (at - base) / 16; c <= (at - base + bytes - 1) / 16; ++c) {
+    b.unfenced_by[c] = linear_tid() + 1;
+    g_fiber->unfenced.push_back(c);
+  }
+}
+inline void fence_proxy_async() {
+  TsanIgnore hide;
+  const uint32_t me = linear_tid() + 1;
+  for (size_t c : g_fiber->unfenced)
+    if (t_block->unfenced_by[c] == me) t_block->unfenced_by[c] = 0;  // not since rewritten by another
+  g_fiber->unfenced.clear();
+}
+// 1 + the thread whose unfenced generic write holds dynamic shared byte `offset`, or 0.
+inline uint32_t unfenced_writer(size_t offset) {
+  TsanIgnore hide;
+  return t_block->unfenced_by[offset / 16];
 }
 // Fibers live as long as the process and every cluster reuses them (a ThreadSanitizer fiber
 // costs a memory mapping): one per CUDA thread of the largest cluster so far. A fiber's

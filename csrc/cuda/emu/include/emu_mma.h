@@ -89,6 +89,7 @@ namespace ldmfast::cuda::detail {
 inline void cp_async16(void* dst, const void* src, bool fill) {
   if (emu_mma::g_cp_async_early) {
     if (fill) std::memcpy(dst, src, 16); else std::memset(dst, 0, 16);
+    emu::note_generic_write(dst, 16);
     return;
   }
   emu::PendingCopy c{dst, {}};
@@ -103,12 +104,19 @@ inline void cp_async_wait() {
   auto& f = *emu::g_fiber;
   if (f.groups.size() <= static_cast<size_t>(N)) return;
   const size_t k = f.groups.size() - N, n = f.groups[k - 1];
-  for (size_t i = 0; i < n; ++i) std::memcpy(f.pending[i].dst, f.pending[i].bytes, 16);
+  for (size_t i = 0; i < n; ++i) {
+    std::memcpy(f.pending[i].dst, f.pending[i].bytes, 16);
+    emu::note_generic_write(f.pending[i].dst, 16);
+  }
   f.pending.erase(f.pending.begin(), f.pending.begin() + static_cast<std::ptrdiff_t>(n));
   f.groups.erase(f.groups.begin(), f.groups.begin() + static_cast<std::ptrdiff_t>(k));
   for (size_t& e : f.groups) e -= n;
 }
 inline void cp_async_wait_all() { cp_async_wait<0>(); }
+inline void store_chunk16(void* dst, uint4 v) {
+  std::memcpy(dst, &v, 16);
+  emu::note_generic_write(dst, 16);
+}
 inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, false>(r, p); }
 inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { emu_mma::ldmatrix<4, true>(r, p); }
 inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { emu_mma::ldmatrix<2, true>(r, p); }

@@ -133,8 +133,9 @@ inline void check_uniform(State& st, const Sig& s) {
 
 // Reads, as this thread, the shared-memory elements its accumulators use: A's two rows over k16
 // (SS only), then B's columns 8 j + 2 (lane % 4) + e (j < N / 8, e < 2) over k16. Together the
-// warpgroup's threads read all of both operands.
-inline void gather(const Op& op, std::vector<uint16_t>& out) {
+// warpgroup's threads read all of both operands. At issue (`at_issue`) every byte must be visible
+// to the async proxy: a generic write not followed by its writer's fence.proxy.async aborts.
+inline void gather(const Op& op, std::vector<uint16_t>& out, bool at_issue) {
   const int lane = threadIdx.x % 32, w = threadIdx.x / 32 % 4;
   const unsigned char* base = emu::t_block->dsmem.data();
   const size_t limit = dsmem_bytes();
@@ -144,6 +145,11 @@ inline void gather(const Op& op, std::vector<uint16_t>& out) {
     if (at + 2 > limit)
       fail("%c descriptor 0x%016llx: element (%d, %d) at shared byte %u, past the %zu bytes of dynamic shared memory",
            which, (unsigned long long)raw, r, k, at, limit);
+    if (at_issue)
+      if (const uint32_t w = emu::unfenced_writer(at))
+        fail("%c descriptor 0x%016llx: element (%d, %d) at shared byte %u was written by thread %u through the generic "
+             "proxy (a store or cp.async) with no fence.proxy.async by that thread before this wgmma read it",
+             which, (unsigned long long)raw, r, k, at, w - 1);
     uint16_t v;
     std::memcpy(&v, base + at, 2);
     out.push_back(v);
@@ -164,7 +170,7 @@ inline void complete(State& st, Op& op) {
     fail("the A registers of a wgmma (B 0x%016llx) were written between its issue and the wait that completes it",
          (unsigned long long)op.raw_b);
   std::vector<uint16_t> now;
-  gather(op, now);
+  gather(op, now, false);
   if (now != op.seen && g_changed.fetch_add(1, std::memory_order_relaxed) < 8)
     fprintf(stderr, "emu: wgmma (block %u, thread %u): a shared-memory operand (A 0x%016llx, B 0x%016llx) changed between "
             "the issue and the wait; the op used the bytes at the wait\n", blockIdx.x, threadIdx.x,
@@ -232,7 +238,7 @@ inline void issue(float* d, int n, const uint32_t* a, uint64_t desc_a, uint64_t 
       fail("accumulator arrays of two pending wgmma overlap without being the same array: not emulated");
   }
   if (!op.chained) op.d_in.assign(d, d + op.nd);
-  gather(op, op.seen);
+  gather(op, op.seen, true);
   st.ops.push_back(std::move(op));
   ++st.uncommitted;
 }
@@ -271,8 +277,8 @@ template <int N> inline void wgmma_wait() {
   static_assert(N >= 0 && N <= 7, "wgmma.wait_group N: 0..7 (CUTLASS warpgroup_wait)");
   emu_wgmma::wait(N);
 }
-// Orders generic-proxy writes to shared memory before async-proxy reads; the emulator has one proxy.
-inline void fence_proxy_async() {}
+// Orders this thread's generic-proxy writes to shared memory before async-proxy reads (emu.h).
+inline void fence_proxy_async() { emu::fence_proxy_async(); }
 // setmaxnreg: registers are not modelled; the operand's rules are (a multiple of 8 in 24..256),
 // and the warpgroup must be whole.
 template <int N> inline void setmaxnreg_check() {
