@@ -79,20 +79,23 @@ def _static_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
 
 
-def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2):
-    """Captures ``fn(**static)`` in a CUDA graph allocating from ``pool``.
+def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2, stream=None):
+    """Captures ``fn(**static)`` in a CUDA graph allocating from ``pool``, on ``stream`` (a side
+    stream of the current device; a new one when None).
 
-    The warm-up runs on a side stream first (as torch.cuda.graph requires: lazy initialisation,
-    cuBLAS/cuDNN workspaces and algorithm choices happen outside the capture). Returns
-    (replay, static output)."""
-    side = torch.cuda.Stream()
+    The warm-up runs on that stream first (as torch.cuda.graph requires: lazy initialisation,
+    cuBLAS/cuDNN workspaces and algorithm choices happen outside the capture). The stream is
+    passed to the capture: torch.cuda.graph's own default is one stream made on whichever device
+    was current at its first use, wrong for a graph on another GPU. Returns (replay, static
+    output)."""
+    side = torch.cuda.Stream() if stream is None else stream
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(warmup):
             fn(**static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
+    with torch.cuda.graph(graph, pool=pool, stream=side):
         out = fn(**static)
     return graph.replay, out
 
@@ -111,12 +114,16 @@ def eager_capture(fn: Callable, static: dict, pool=None, warmup: int = 0):
 
 
 class _Entry:
-    __slots__ = ("static", "replay", "out", "watch", "watch_ids", "replays")
+    __slots__ = ("static", "replay", "out", "watch", "watch_ids", "replays", "fn")
 
-    def __init__(self, static, replay, out, watch, watch_ids):
+    def __init__(self, static, replay, out, watch, watch_ids, fn):
         self.static, self.replay, self.out, self.watch = static, replay, out, watch
         self.watch_ids = watch_ids
         self.replays = 0
+        # A graph holds no reference to what it reads: tensors fn's closure made before the
+        # capture (outside the pool) would be freed and their memory reused under later
+        # replays, so the entry keeps fn, and with it them, alive.
+        self.fn = fn
 
 
 class GraphCache:
@@ -137,6 +144,7 @@ class GraphCache:
         self.max_entries = max_entries
         self._entries: dict = {}
         self._pool = None
+        self._streams: dict = {}  # the capture stream per CUDA device index
         self.captures = 0  # graphs captured so far (recaptures included)
 
     def __len__(self) -> int:
@@ -157,6 +165,7 @@ class GraphCache:
         """Drops every graph and the pool (the memory returns to the caching allocator)."""
         self._entries.clear()
         self._pool = None
+        self._streams.clear()
 
     def pool(self):
         if self._pool is None and self.requires_cuda:
@@ -167,8 +176,21 @@ class GraphCache:
     def _addresses(watch):
         return tuple(t.data_ptr() for t in watch)
 
+    def _stream(self):
+        """One capture stream per device: the graphs sharing the pool are captured on one."""
+        index = torch.cuda.current_device()
+        if index not in self._streams:
+            self._streams[index] = torch.cuda.Stream()
+        return self._streams[index]
+
     def run(self, key, fn: Callable, inputs: dict, watch=()):
         if self.requires_cuda:
+            if torch.is_autocast_enabled("cuda"):
+                # Autocast caches the casts of parameters: captured, those copies are freed when
+                # the autocast region ends while the graph still reads them.
+                raise RuntimeError("CUDA graphs cannot be captured or replayed under "
+                                   "torch.autocast (its cast cache would be captured); leave "
+                                   "autocast or run without cuda_graph")
             # Capture, copies and replay on the inputs' GPU (its current stream), whichever
             # device is current: a graph records only the capturing device's stream.
             device = next((t.device for t in _tensors(inputs) if t.is_cuda), None)
@@ -210,11 +232,12 @@ class GraphCache:
             static[name] = _map(_static_like, value)
             for dst, src in zip(_tensors(static[name]), _tensors(value)):
                 dst.copy_(src)
-        replay, out = self.capture(fn, static, self.pool(), warmup=self.warmup)
+        extra = {"stream": self._stream()} if self.requires_cuda else {}
+        replay, out = self.capture(fn, static, self.pool(), warmup=self.warmup, **extra)
         if self.requires_cuda:
             # The capture itself computed nothing: run it once for these inputs.
             replay()
-        entry = _Entry(static, replay, out, addresses, ids)
+        entry = _Entry(static, replay, out, addresses, ids, fn)
         self._entries[key] = entry
         self.captures += 1
         log.debug("ldmfast graphs: captured %s (%d graphs)", key, len(self._entries))

@@ -423,7 +423,8 @@ class LatentDiffusion(nn.Module):
 
         z = z.to(next(fs.parameters()).device)
         scale = self.scale_factor
-        key = ("decode", tensor_spec(z), dtype, scale, graph_settings())
+        key = ("decode", tensor_spec(z), dtype, scale, graph_settings(),
+               torch.is_inference_mode_enabled())
 
         def body(z):
             return fs.decode_latent(z.to(dtype) / scale)
@@ -716,12 +717,17 @@ class LatentDiffusion(nn.Module):
         unet, abar = self.unet, self.schedule.alphas_cumprod
         param, key = self.parameterization, self.conditioning_key
 
-        def body(x_T, cond=None, uncond=None, guidance_scale=None, concat=None):
+        bound = schedule
+
+        def body(x_T, cond=None, uncond=None, guidance_scale=None, concat=None, schedule=None):
+            # schedule: (timesteps, alphas, alphas_prev) as graph inputs, so that a replay reads
+            # the graph's own static buffers (None: the schedule given to graph_body).
             model = EpsModel(unet, abar, param, key)
+            sched = bound if schedule is None else StepSchedule(*schedule)
             guided = guidance_scale is not None
             extra = {"cond": cond, "uncond": uncond if guided else None,
                      "guidance_scale": guidance_scale if guided else 1.0, "concat": concat}
-            return sampler_fn(model, x_T, schedule, extra_args=extra, disable=True, **opts)
+            return sampler_fn(model, x_T, sched, extra_args=extra, disable=True, **opts)
         return body
 
     def _sample_graphed(self, sampler_fn, schedule, opts, x, cond, uncond, guidance_scale,
@@ -733,10 +739,14 @@ class LatentDiffusion(nn.Module):
         if guidance_scale is not None:
             scale = torch.as_tensor(guidance_scale, dtype=torch.float32, device=self.device)
         inputs = {"x_T": x, "cond": cond, "uncond": uncond, "guidance_scale": scale,
-                  "concat": concat}
+                  "concat": concat,
+                  "schedule": (schedule.timesteps, schedule.alphas, schedule.alphas_prev)}
+        # Inference mode: static buffers made under it are inference tensors, which a later
+        # call outside it could not copy into.
         key = ("sample", sampler_fn.__name__, int(steps), int(start_step),
                tuple(sorted(opts.items())), self.parameterization, self.conditioning_key,
-               graph_settings()) + tuple((k, tensor_spec(v)) for k, v in inputs.items())
+               graph_settings(), torch.is_inference_mode_enabled()) + tuple(
+                   (k, tensor_spec(v)) for k, v in inputs.items())
         body = self.graph_body(sampler_fn, schedule, opts)
         return self.graph_cache().run(key, body, inputs, watch=tuple(self.unet.parameters()))
 

@@ -6,6 +6,8 @@ marker and are skipped, visibly, where there is no GPU.
 """
 from __future__ import annotations
 
+import weakref
+
 import pytest
 import torch
 
@@ -51,6 +53,23 @@ class CountingCapture:
     def __call__(self, fn, static, pool=None, warmup=0):
         self.calls += 1
         return eager_capture(fn, static, pool, warmup)
+
+
+class DetachedCapture:
+    """eager_capture that, like a real CUDA graph, keeps no reference to the captured function:
+    "replay" reaches it through a weak reference, so a body (with the tensors its closure made)
+    that only the caller held is gone, and the replay fails instead of reading freed memory."""
+
+    def __call__(self, fn, static, pool=None, warmup=0):
+        out = fn(**static)
+        ref = weakref.ref(fn)
+
+        def replay():
+            f = ref()
+            assert f is not None, "the captured body was freed while its graph was kept"
+            for dst, src in zip(graphs._tensors(out), graphs._tensors(f(**static))):
+                dst.copy_(src)
+        return replay, out
 
 
 def rel(a, b):
@@ -180,6 +199,53 @@ def test_cuda_graph_refusals(model):
             model.sample(mask=torch.ones_like(x_T), x0=x_T, **kw)
     finally:
         model.set_graph_cache(None)
+
+
+def test_graph_keeps_what_it_reads_alive(model):
+    """A graph reads memory it does not own: the step schedule made per call and the body's
+    closure must live as long as the entry (a real graph would read freed, reused memory)."""
+    model.set_graph_cache(GraphCache(capture=DetachedCapture()))
+    try:
+        x_T, cond, uncond = inputs(model)
+        kw = dict(cond=cond, uncond=uncond, guidance_scale=5.0, x_T=x_T, steps=3, progress=False)
+        model.sample(cuda_graph=True, **kw)
+        (entry,) = model.graph_cache()._entries.values()
+        sched = model.schedule.steps(3)
+        for static, made in zip(entry.static["schedule"], (sched.timesteps, sched.alphas,
+                                                           sched.alphas_prev)):
+            assert torch.equal(static, made)  # the schedule is a graph input, copied per replay
+        x2 = inputs(model, seed=2)[0]
+        assert rel(model.sample(cuda_graph=True, **dict(kw, x_T=x2)), model.sample(**dict(kw, x_T=x2))) < 1e-6
+        z = torch.randn(1, 4, 8, 8)
+        model.decode(z, cuda_graph=True)
+        assert rel(model.decode(z, cuda_graph=True), model.decode(z)) < 1e-6
+    finally:
+        model.set_graph_cache(None)
+
+
+def test_graphs_under_inference_mode_and_autocast(model, monkeypatch):
+    cap = CountingCapture()
+    model.set_graph_cache(GraphCache(capture=cap))
+    try:
+        x_T, cond, uncond = inputs(model)
+        kw = dict(cond=cond, uncond=uncond, guidance_scale=5.0, x_T=x_T, steps=2, progress=False)
+        with torch.inference_mode():
+            a = model.sample(cuda_graph=True, **kw)
+        # Static buffers made under inference mode cannot take copies outside it: its own key.
+        b = model.sample(cuda_graph=True, **kw)
+        assert cap.calls == 2 and rel(a, b) < 1e-6
+        z = torch.randn(1, 4, 8, 8)
+        with torch.inference_mode():
+            model.decode(z, cuda_graph=True)
+        model.decode(z, cuda_graph=True)
+        assert cap.calls == 4
+    finally:
+        model.set_graph_cache(None)
+    # Autocast's cast cache would be captured and freed under the graph: refused (checked
+    # before anything touches CUDA, so it shows here without a GPU).
+    monkeypatch.setattr(torch, "is_autocast_enabled", lambda *a: True)
+    with pytest.raises(RuntimeError, match="autocast"):
+        GraphCache().run("k", lambda a: a + 1, {"a": torch.ones(2)})
 
 
 def test_graph_cache_structures_and_eviction():
