@@ -59,7 +59,9 @@ def _compiled(fn, enabled):
     if not enabled:
         return None
     torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 256)
-    return torch.compile(fn)
+    # Static shapes: one specialised kernel per shape, as a user compiling for one resolution
+    # gets (by default the second shape would switch it to slower dynamic-shape kernels).
+    return torch.compile(fn, dynamic=False)
 
 
 # The issues' targets on the lent H100 (issue 5: group_norm_silu, ddim_step; issue 6: attention),
@@ -336,6 +338,8 @@ def main(argv=None):
         if d not in DTYPES:
             ap.error(f"--dtypes: unknown dtype {d!r} (choose from {', '.join(DTYPES)})")
     dev = torch.device(args.device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        torch.cuda.set_device(dev)  # events, streams and graphs use the current device
     if dev.type == "cuda" and not ops.cuda_available():
         ap.error("--device cuda: ldmfast was built without its CUDA kernels (build with LDMFAST_CUDA=1)")
     if dev.type == "cpu" and not args.quick:

@@ -178,7 +178,7 @@ def graphed(fn, *args):
             fn(*args)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    with torch.cuda.graph(g, stream=s):
         fn(*args)
     return lambda *_: g.replay()
 
@@ -192,10 +192,21 @@ def matmul_throughput(device, dtype):
     return 2 * n ** 3 / t
 
 
+def _attention_flops(q, k, v, scale=None, *, out_shape=None):
+    """ldmfast's attention op (shapes (B, L, H, D)): Q K^T and P V, 2 FLOP per multiply-add."""
+    b, lq, h, d = q
+    return 4 * b * h * lq * k[1] * d
+
+
 def count_flops(fn):
+    """FLOPs of fn as torch counts them, ldmfast's fused attention included (torch knows no
+    formula for a custom op: the floor would leave out every attention layer)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as fc:
+    mapping = {}
+    if hasattr(torch.ops, "ldmfast") and hasattr(torch.ops.ldmfast, "attention"):
+        mapping[torch.ops.ldmfast.attention] = _attention_flops
+    with FlopCounterMode(display=False, custom_mapping=mapping) as fc:
         fn()
     return fc.get_total_flops()
 
@@ -244,6 +255,9 @@ def main(argv=None):
         ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         ap.error(f"--device {args.device}: no such CUDA device is available")
+    if device.type == "cuda":
+        # Events, streams and graphs below use the current device: make it this one.
+        torch.cuda.set_device(device)
     preset_name = args.preset or default_preset(device)
     preset = dict(PRESETS[preset_name])
     dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]
@@ -342,6 +356,10 @@ def main(argv=None):
             print(f"built-in model: ldmfast vs diffusers U-Net relative error {err:.2e}")
             if err > (1e-3 if dtype == torch.float32 else 3e-2):
                 sys.exit("ldmfast and diffusers do not compute the same U-Net: no ratio would be fair")
+    # The diffusers providers are timed on what their pipeline passes: NCHW latents (their
+    # weights are NCHW) and a 0-d timestep (so torch.compile's U-Net is the one the pipeline
+    # runs, not a second compile for other input shapes).
+    lat_d, z1_d, t_d = lat, z1, tsteps[0]
     if device.type == "cuda":
         lat, z1 = lat.contiguous(memory_format=torch.channels_last), z1.contiguous(memory_format=torch.channels_last)
 
@@ -363,6 +381,7 @@ def main(argv=None):
         """One round of prov: its figures (seconds) and, if asked, its end-to-end image."""
         ref_ops = model_ops.use_reference_ops(prov == "ldmfast-ref")
         accelerated = False
+        orig = None  # diffusers-compile: the pipeline's own U-Net while the compiled one is in
         image = None
         try:
             with torch.no_grad():
@@ -390,8 +409,8 @@ def main(argv=None):
                         unet, vae_decode = torch.compile(pipe.unet), torch.compile(pipe.vae.decode)
                     else:
                         vae_decode = vae.decode
-                    step = lambda *_: unet(lat, tsteps, encoder_hidden_states=ctx, return_dict=False)  # noqa: E731
-                    decode = lambda *_: vae_decode(z1, return_dict=False)  # noqa: E731
+                    step = lambda *_: unet(lat_d, t_d, encoder_hidden_states=ctx, return_dict=False)  # noqa: E731
+                    decode = lambda *_: vae_decode(z1_d, return_dict=False)  # noqa: E731
 
                     def e2e(*_):
                         return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T,
@@ -402,6 +421,7 @@ def main(argv=None):
                     if prov == "diffusers-compile":
                         orig = pipe.unet
                         pipe.unet = unet
+                        pipe.vae.decode = vae_decode  # the pipeline's decode: the compiled one too
                 r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3),
                      "decode": C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1, repeats=5 if device.type == "cuda" else 3),
                      "e2e": C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)}
@@ -409,11 +429,12 @@ def main(argv=None):
                     image = e2e().float().cpu().clamp(-1 if prov.startswith("ldmfast") else 0, 1)
                     if not prov.startswith("ldmfast"):
                         image = image * 2 - 1  # diffusers' "pt" images are in [0, 1]
-                if prov == "diffusers-compile":
-                    pipe.unet = orig
             return r, image
         finally:
             ref_ops.__exit__()
+            if orig is not None:  # also when the compile failed: later providers get the originals
+                pipe.unet = orig
+                pipe.vae.__dict__.pop("decode", None)  # the class's method again
             if accelerated:
                 ldmfast.dropin.accelerate(pipe, restore=True)
 

@@ -143,3 +143,15 @@ def test_bad_configs():
         AutoencoderKL(tiny_dd(attn_type="linear"), embed_dim=4)
     with pytest.raises(ValueError, match="first_stage type"):
         build_first_stage({"type": "gan"})
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_posterior_sample_with_a_cpu_generator_on_cuda():
+    """The trainers (and diffusers users) pass a CPU generator with a CUDA model: the noise is
+    drawn on the generator's device, the same sample as on the CPU."""
+    params = torch.randn(2, 8, 4, 4, dtype=torch.float64)
+    cpu = DiagonalGaussianDistribution(params).sample(torch.Generator().manual_seed(3))
+    gpu = DiagonalGaussianDistribution(params.cuda()).sample(torch.Generator().manual_seed(3))
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), cpu)

@@ -170,3 +170,27 @@ def test_cuda_archs_are_checked_at_configure(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode != 0
     assert "LDMFAST_CUDA_ARCHS: 'sm_100'" in res.stderr
+
+
+def test_a_cuda_library_that_does_not_load_leaves_the_cpu_ops(monkeypatch, caplog):
+    """_C_cuda built against another torch fails to load (undefined symbols): a warning naming
+    it and how to rebuild, and `import ldmfast` keeps working on the CPU."""
+    import torch
+
+    from ldmfast.ops import _library
+
+    assert _library._state["cpu"] is not None  # the CPU library is loaded (import of ldmfast.ops)
+    loaded = []
+
+    def load_library(path):
+        if "_C_cuda" in path:
+            raise OSError(f"{path}: undefined symbol: _ZN3c104cuda9SetDeviceEa")
+        loaded.append(path)
+    monkeypatch.setattr(_library, "_state", {"cpu": None, "cuda": None})
+    monkeypatch.setattr(_library, "_find", lambda stem: f"/x/{stem}.so")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.ops, "load_library", load_library)
+    with caplog.at_level("WARNING", logger="ldmfast"):
+        _library.load()
+    assert loaded == ["/x/_C.so"] and not _library.cuda_loaded()
+    assert "could not load its CUDA kernels /x/_C_cuda.so" in caplog.text and "undefined symbol" in caplog.text

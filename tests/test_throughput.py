@@ -158,3 +158,16 @@ def test_append_results_refuses_another_header(monkeypatch, tmp_path):
         _common.append_results([{"bench": "b", "provider": "p"}], torch.device("cpu"), str(path))
     assert path.read_text() == "date,provider\n"
 
+
+
+def test_flop_count_includes_the_fused_attention(monkeypatch):
+    """The floor's FLOPs: torch has no formula for ldmfast's attention op, so throughput.py
+    gives one (4 B H Lq Lk D); without it every attention layer of the U-Net was left out."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import throughput
+    from ldmfast import ops
+
+    q, k, v = torch.randn(2, 64, 3, 40), torch.randn(2, 77, 3, 40), torch.randn(2, 77, 3, 40)
+    w = torch.randn(40, 40)
+    flops = throughput.count_flops(lambda: ops.attention(q @ w, k, v))
+    assert flops == 4 * 2 * 3 * 64 * 77 * 40 + 2 * (2 * 64 * 3) * 40 * 40

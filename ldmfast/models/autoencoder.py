@@ -222,9 +222,10 @@ class DiagonalGaussianDistribution:
             self.std = self.var = torch.zeros_like(self.mean)
 
     def sample(self, generator: torch.Generator | None = None):
-        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device,
-                            dtype=self.mean.dtype)
-        return self.mean + self.std * noise
+        # Drawn on the generator's device (a CPU generator with a CUDA model: the trainers'
+        # and diffusers' habit), so a seed gives the same sample on any device.
+        from ..diffusion.schedule import randn_like
+        return self.mean + self.std * randn_like(self.mean, generator)
 
     def mode(self):
         return self.mean

@@ -31,8 +31,15 @@ def load() -> None:
     # The CUDA library links libtorch_cuda; a CPU build of torch cannot load it, and loading it
     # without a CUDA torch would fail anyway, so it is only tried where CUDA torch is present.
     if cuda_path is not None and torch.version.cuda is not None:
-        torch.ops.load_library(cuda_path)
-        _state["cuda"] = cuda_path
+        try:
+            torch.ops.load_library(cuda_path)
+            _state["cuda"] = cuda_path
+        except (OSError, RuntimeError) as exc:
+            # Built against another torch or CUDA (an undefined symbol, a missing libcudart):
+            # the CPU ops still work, CUDA tensors get the "without CUDA kernels" error.
+            log.warning("ldmfast: could not load its CUDA kernels %s (%s); rebuild with "
+                        "LDMFAST_CUDA=1 `pip install --no-build-isolation -e .` against this "
+                        "torch", cuda_path, exc)
     elif cuda_path is None and torch.cuda.is_available():
         log.warning("ldmfast was built without CUDA kernels; CUDA tensors are not supported")
 

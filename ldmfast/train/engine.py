@@ -112,9 +112,11 @@ class EMA:
     def update(self, module: nn.Module):
         d = self.current_decay()
         self.num_updates += 1
-        for n, p in module.named_parameters():
-            if n in self.shadow:
-                self.shadow[n].lerp_(p.detach().float(), 1.0 - d)
+        pairs = [(self.shadow[n], p.detach().float()) for n, p in module.named_parameters()
+                 if n in self.shadow]
+        if pairs:  # one multi-tensor kernel, not two launches per parameter
+            shadow, params = zip(*pairs)
+            torch._foreach_lerp_(list(shadow), list(params), 1.0 - d)
 
     @torch.no_grad()
     def copy_to(self, module: nn.Module):
@@ -174,7 +176,9 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 def set_rng_state(state: dict, generator: torch.Generator | None = None):
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        # Saved on a machine with more (or fewer) GPUs: the devices both have.
+        for i, s in enumerate(state["cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(s, i)
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
 
