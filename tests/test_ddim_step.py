@@ -384,7 +384,23 @@ def test_samplers_follow_the_reference_switch():
     assert samplers._ddim_step_for(x) is ops.ddim_step
 
 
-# ---- input checks in the Python wrapper (a tensor scalar is never read on the host) -------------
+# ---- input checks, in the op (a tensor scalar is never read on the host) ------------------------
+
+def test_direct_op_callers_get_the_same_checks():
+    # torch.ops.ldmfast.ddim_step without the wrapper: a term asked for without its tensor was
+    # dropped silently (the kernel reads noise and eps_uncond only where they are given).
+    x, eps = _good()
+    op = torch.ops.ldmfast.ddim_step
+    with pytest.raises(ValueError, match="tensor sigma_t needs noise"):
+        op(x, eps, None, None, 0.5, 0.6, 0.0, 1.0, None, None, torch.tensor(0.1), None)
+    with pytest.raises(ValueError, match="tensor guidance_scale needs eps_uncond"):
+        op(x, eps, None, None, 0.5, 0.6, 0.0, 0.0, None, None, None, torch.tensor(7.5))
+    with pytest.raises(ValueError, match="guidance_scale=7.5 needs eps_uncond"):
+        op(x, eps, None, None, 0.5, 0.6, 0.0, 7.5, None, None, None, None)
+    with pytest.raises(ValueError, match=r"sigma_t=0.9 exceeds sqrt\(1 - alpha_prev\)"):
+        op(x, eps, None, torch.zeros_like(x), 0.5, 0.6, 0.9, 1.0, None, None, None, None)
+    got = op(x, eps, eps, None, 0.5, 0.6, 0.0, 7.5, None, None, None, None)[0]
+    torch.testing.assert_close(got, ops.ddim_step(x, eps, 0.5, 0.6)[0], rtol=0, atol=0)
 
 def test_rejects_tensor_sigma_without_noise():
     # A tensor sigma_t's value cannot be checked without a device sync, so it always needs noise;

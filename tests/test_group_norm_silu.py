@@ -377,7 +377,9 @@ def test_cuda_gn_kernel_choice_rejects_unknown(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_cuda_gn_cluster_split_is_deterministic(monkeypatch, dtype, channels_last):
-    monkeypatch.setenv("LDMFAST_GN_KERNEL", "groups")
+    # "cluster": the split itself, K >= 2 CTAs (with "groups" a K of 1 would pass unseen); an
+    # error where the device cannot launch it, as an H100 must.
+    monkeypatch.setenv("LDMFAST_GN_KERNEL", "cluster")
     shape, groups = (1, 64, 128, 128), 4  # 4 groups of 262144 elements
     first, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)
     again, _ = _check(shape, groups, dtype, "cuda", channels_last=channels_last, mean=3.0)

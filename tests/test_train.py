@@ -286,6 +286,27 @@ def test_ldm_resume_continues_identically(tmp_path):
     assert straight.opt.state_dict()["state"][0]["step"] == second.opt.state_dict()["state"][0]["step"]
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_both_trainers_step_on_cuda(precision):
+    """Both stages on the GPU (the trainers' CPU generator with CUDA tensors: the KL posterior's
+    sample crashed at step 1 there), fp32 and fp16 autocast with its gradient scaler."""
+    info = engine.DistInfo(device=torch.device("cuda"))
+    torch.manual_seed(0)
+    ae = build(tiny_config(first_stage="kl")).first_stage
+    loss = AutoencoderLoss("kl", disc_start=1, disc_layers=2, disc_channels=32)
+    cfg = AETrainConfig(steps=3, batch_size=4, lr=1e-3, progress=False, log_every=1, ckpt_every=0,
+                        precision=precision)
+    AutoencoderTrainer(ae, loss, data(), cfg, info).train()
+    assert all(torch.isfinite(p).all() for p in ae.parameters()) and next(ae.parameters()).is_cuda
+    tr = LDMTrainer(tiny_model(), data(), LDMTrainConfig(steps=3, batch_size=4, lr=1e-3, progress=False,
+                                                         log_every=1, ckpt_every=0, ema_decay=0.99,
+                                                         precision=precision), info)
+    tr.train()
+    assert all(torch.isfinite(p).all() for p in tr.model.unet.parameters())
+
+
 def test_checkpoint_write_is_atomic(tmp_path):
     path = tmp_path / "ck.pt"
     engine.save_checkpoint({"a": torch.ones(3)}, path)

@@ -129,14 +129,9 @@ int launch_d(const AttentionParams& p, cudaStream_t stream) {
   // shared memory allow: 2 at D = 160), but no CTA without a block: each CTA loads K and V once,
   // so more CTAs than run at once would only re-read them.
   if (smem > 48 * 1024) {
-    const cudaError_t err = cudaFuncSetAttribute(attention_short_kernel<D, T>,
-                                                 cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    if (!call_ok(err)) return static_cast<int>(err);
+    if (const int err = allow_dynamic_smem(attention_short_kernel<D, T>, smem)) return err;
   }
-  int resident = 0;
-  if (!call_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&resident, attention_short_kernel<D, T>, kThreads, smem)) ||
-      resident < 1)
-    resident = 1;
+  const int resident = blocks_per_sm(attention_short_kernel<D, T>, kThreads, smem);
   const int per_sm = ctas_per_sm() < resident ? ctas_per_sm() : resident;
   const int64_t bh = p.B * p.H;
   const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);

@@ -399,9 +399,7 @@ __global__ void __launch_bounds__(kThreadsOf<kPingpong, G>, 1)
 template <int D, class T, bool kOverlap, bool kPingpong, int G = 2>
 int launch_d(const AttentionParams& p, cudaStream_t stream) {
   constexpr size_t smem = Shape<D, kOverlap, kPingpong, G>::template smem_bytes<T>();
-  const cudaError_t err = cudaFuncSetAttribute(attention_wgmma_kernel<D, T, kOverlap, kPingpong, G>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (!call_ok(err)) return static_cast<int>(err);
+  if (const int err = allow_dynamic_smem(attention_wgmma_kernel<D, T, kOverlap, kPingpong, G>, smem)) return err;
   const int64_t blocks = ceil_div(p.Lq, kBlockQOf<G>) * p.B * p.H;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const bool vec = qkv_aligned16(p), vec_o = o_aligned16(p);

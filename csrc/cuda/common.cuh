@@ -6,6 +6,9 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <map>
+#include <mutex>
+#include <tuple>
 
 #include "ldmfast/common.h"
 
@@ -245,6 +248,60 @@ inline int device_attribute(cudaDeviceAttr attr, int fallback) {
   int dev = 0, n = 0;
   if (!call_ok(cudaGetDevice(&dev)) || !call_ok(cudaDeviceGetAttribute(&n, attr, dev))) return fallback;
   return n;
+}
+
+// Host queries about a kernel (occupancy, function attributes, raising its shared-memory limit)
+// cost microseconds each and the launch heuristics ask them on every op call, so each answer is
+// kept per device: a question is `what`, the kernel and up to two integers (threads, shared
+// memory, cluster size); `ask()` computes the answer (a fallback when its call failed, kept too:
+// the workspace size and the launch then agree). Thread-safe.
+enum class Query : int { kClusterCapable, kActiveClusters, kBlocksPerSm, kSmemLimit };
+struct QueryCache {
+  std::mutex mu;
+  std::map<std::tuple<int, int, const void*, int64_t, int64_t>, int> answers;
+};
+inline QueryCache& query_cache() {
+  static QueryCache c;
+  return c;
+}
+template <class F>
+int cached_query(Query what, const void* kernel, int64_t a, int64_t b, F ask) {
+  int dev = 0;
+  if (!call_ok(cudaGetDevice(&dev))) return ask();
+  const auto key = std::make_tuple(dev, static_cast<int>(what), kernel, a, b);
+  QueryCache& c = query_cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    const auto it = c.answers.find(key);
+    if (it != c.answers.end()) return it->second;
+  }
+  const int v = ask();  // outside the lock: a query may take a while
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.answers.emplace(key, v).first->second;
+}
+
+// CTAs of `kernel` resident per SM at `threads` and `smem` bytes of dynamic shared memory
+// (at least 1).
+template <class Kernel>
+int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
+  return cached_query(Query::kBlocksPerSm, reinterpret_cast<const void*>(kernel), threads,
+                      static_cast<int64_t>(smem), [&] {
+                        int n = 0;
+                        if (!call_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, threads, smem)) || n < 1)
+                          n = 1;
+                        return n;
+                      });
+}
+
+// Lets `kernel` take `smem` bytes of dynamic shared memory (needed above 48 KB); once per
+// device. Returns the cudaError_t of the attribute call.
+template <class Kernel>
+int allow_dynamic_smem(Kernel kernel, size_t smem) {
+  return cached_query(Query::kSmemLimit, reinterpret_cast<const void*>(kernel), static_cast<int64_t>(smem), 0, [&] {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    (void)call_ok(err);
+    return static_cast<int>(err);
+  });
 }
 
 inline int sm_count() {

@@ -264,14 +264,19 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
 // compiled for sm_90+ (PTX for an older arch JIT-compiled on Hopper has the cluster path cut out).
 template <class Kernel>
 bool cluster_capable(Kernel kernel) {
-  if (device_attribute(cudaDevAttrComputeCapabilityMajor, 0) < 9) return false;
-  cudaFuncAttributes attr{};
-  return call_ok(cudaFuncGetAttributes(&attr, kernel)) && attr.ptxVersion >= 90;
+  return cached_query(Query::kClusterCapable, reinterpret_cast<const void*>(kernel), 0, 0, [&] {
+    if (device_attribute(cudaDevAttrComputeCapabilityMajor, 0) < 9) return 0;
+    cudaFuncAttributes attr{};
+    return call_ok(cudaFuncGetAttributes(&attr, kernel)) && attr.ptxVersion >= 90 ? 1 : 0;
+  }) != 0;
 }
 
+// need_cluster (GroupNormKernel::kCluster): the groups kernel split over a cluster of at least
+// two CTAs, cudaErrorNotSupported where no such launch is possible.
 template <class T, class P, int V, bool CL>
-int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
+int launch(const GnArgs& a, int64_t N, cudaStream_t stream, bool need_cluster) {
   const int64_t ng = N * a.G;
+  if (need_cluster && a.E <= kFusedMaxElems) return static_cast<int>(cudaErrorNotSupported);
   if (a.E <= kFusedMaxElems) {
     if (ng > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
     const size_t smem = static_cast<size_t>(a.E) * sizeof(float);
@@ -279,13 +284,15 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
     return launch_status();
   }
   auto kernel = group_norm_silu_stream_kernel<T, P, V, CL>;
-  // Split a group over a cluster only while the grid is short of two CTAs per SM and each CTA
-  // keeps at least two items per thread.
+  // Split a group over a cluster only while the grid is short of one wave (as many CTAs as are
+  // resident at once: one per SM for the vector kernels at 79-114 registers, ptxas sm_90a, two
+  // for the scalar ones at 64) and each CTA keeps at least two items per thread.
   int K = 1;
   if (cluster_capable(kernel)) {
-    const int64_t target = 2 * static_cast<int64_t>(sm_count());
+    const int64_t target = static_cast<int64_t>(blocks_per_sm(kernel, kStreamThreads, 0)) * sm_count();
     const int64_t min_work = static_cast<int64_t>(kStreamThreads) * V * 2;
     while (K < kMaxCluster && ng * K < target && a.E / (2 * K) >= min_work) K *= 2;
+    if (need_cluster && K == 1 && a.E / 2 >= min_work) K = 2;
   }
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
@@ -301,10 +308,14 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
   while (K > 1) {
     cfg.gridDim = dim3(static_cast<unsigned>(imin(ng * K, INT32_MAX)));
     attr[0].val.clusterDim.x = static_cast<unsigned>(K);
-    int clusters = 0;
-    if (call_ok(cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg)) && clusters > 0) break;
+    const int clusters = cached_query(Query::kActiveClusters, reinterpret_cast<const void*>(kernel), K, 0, [&] {
+      int n = 0;
+      return call_ok(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg)) ? n : 0;
+    });
+    if (clusters > 0) break;
     K /= 2;
   }
+  if (need_cluster && K == 1) return static_cast<int>(cudaErrorNotSupported);
   if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const unsigned grid = static_cast<unsigned>(ng * K);
   if (K == 1) {
@@ -323,7 +334,7 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream) {
 // bias are then read as vectors too). NCHW takes 16-byte items or scalars; channels_last also 4-
 // and 8-byte items, as U-Net and VAE groups are often 4, 10, 20, 30 or 60 channels wide.
 template <class T, class P>
-int dispatch(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream) {
+int dispatch(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream, bool nc) {
   constexpr int V = kVec16<T>;
   if (p.channels_last) {
     auto fits = [&](int v) {
@@ -331,21 +342,21 @@ int dispatch(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream)
       return a.Cg % v == 0 && aligned_for(p.x, tb) && aligned_for(p.y, tb) && aligned_for(p.weight, pb) &&
              aligned_for(p.bias, pb) && (p.emb == nullptr || aligned_for(p.emb, tb));
     };
-    if (fits(V)) return launch<T, P, V, true>(a, p.N, stream);
+    if (fits(V)) return launch<T, P, V, true>(a, p.N, stream, nc);
     if constexpr (V >= 8) {
-      if (fits(V / 2)) return launch<T, P, V / 2, true>(a, p.N, stream);
+      if (fits(V / 2)) return launch<T, P, V / 2, true>(a, p.N, stream, nc);
     }
-    if (fits(2)) return launch<T, P, 2, true>(a, p.N, stream);
-    return launch<T, P, 1, true>(a, p.N, stream);
+    if (fits(2)) return launch<T, P, 2, true>(a, p.N, stream, nc);
+    return launch<T, P, 1, true>(a, p.N, stream, nc);
   }
   const bool vec = aligned16(p.x) && aligned16(p.y) && a.S % V == 0;
-  return vec ? launch<T, P, V, false>(a, p.N, stream) : launch<T, P, 1, false>(a, p.N, stream);
+  return vec ? launch<T, P, V, false>(a, p.N, stream, nc) : launch<T, P, 1, false>(a, p.N, stream, nc);
 }
 
 template <class T>
-int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream) {
-  if (p.param_dtype == DType::kFloat32) return dispatch<T, float>(p, a, stream);
-  if (p.param_dtype == p.dtype) return dispatch<T, T>(p, a, stream);
+int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t stream, bool nc) {
+  if (p.param_dtype == DType::kFloat32) return dispatch<T, float>(p, a, stream, nc);
+  if (p.param_dtype == p.dtype) return dispatch<T, T>(p, a, stream, nc);
   return static_cast<int>(cudaErrorInvalidValue);
 }
 
@@ -355,7 +366,7 @@ namespace {
 
 bool rows_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have_workspace) {
   if (!p.channels_last || p.G <= 0 || p.C % p.G != 0 || (p.C / p.G) * p.S <= kFusedMaxElems) return false;
-  if (kernel == GroupNormKernel::kGroups) return false;
+  if (kernel == GroupNormKernel::kGroups || kernel == GroupNormKernel::kCluster) return false;
   if (kernel == GroupNormKernel::kDefault && !have_workspace) return false;
   return rows_supported(p);
 }
@@ -391,10 +402,11 @@ int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* wor
     if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
     return group_norm_silu_rows(p, a, workspace, stream);
   }
+  const bool nc = kernel == GroupNormKernel::kCluster;
   switch (p.dtype) {
-    case DType::kFloat32: return dispatch_param<float>(p, a, stream);
-    case DType::kFloat16: return dispatch_param<__half>(p, a, stream);
-    case DType::kBFloat16: return dispatch_param<__nv_bfloat16>(p, a, stream);
+    case DType::kFloat32: return dispatch_param<float>(p, a, stream, nc);
+    case DType::kFloat16: return dispatch_param<__half>(p, a, stream, nc);
+    case DType::kBFloat16: return dispatch_param<__nv_bfloat16>(p, a, stream, nc);
   }
   return static_cast<int>(cudaErrorInvalidValue);
 }

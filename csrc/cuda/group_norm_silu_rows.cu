@@ -51,14 +51,9 @@ template <class T, class P>
 int occupancy(const RowShape& r, int64_t C, int64_t G) {
   constexpr int V = kVec16<T>;
   const int threads = r.rows * r.tpr;
-  int s = 0, ap = 0;
-  if (!call_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&s, rows_stats_kernel<T, V>, threads,
-                                                             stats_smem_bytes(r, C))) ||
-      !call_ok(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&ap, rows_apply_kernel<T, P, V>, threads,
-                                                             apply_smem_bytes(G))))
-    return 1;
-  const int m = s < ap ? s : ap;
-  return m < 1 ? 1 : m;
+  const int s = blocks_per_sm(rows_stats_kernel<T, V>, threads, stats_smem_bytes(r, C));
+  const int ap = blocks_per_sm(rows_apply_kernel<T, P, V>, threads, apply_smem_bytes(G));
+  return s < ap ? s : ap;
 }
 
 int ctas_per_sm(const GroupNormSiluParams& p, const RowShape& r) {

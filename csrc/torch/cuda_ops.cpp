@@ -21,8 +21,11 @@ class CudaScope {
     TORCH_CHECK(aoti_torch_create_cuda_guard(index, &guard_) == AOTI_TORCH_SUCCESS,
                 "ldmfast: could not set the current CUDA device to ", index);
     void* s = nullptr;
-    TORCH_CHECK(aoti_torch_get_current_cuda_stream(index, &s) == AOTI_TORCH_SUCCESS,
-                "ldmfast: could not get the current CUDA stream of device ", index);
+    if (aoti_torch_get_current_cuda_stream(index, &s) != AOTI_TORCH_SUCCESS) {
+      // A throwing constructor runs no destructor: restore the device before the error.
+      aoti_torch_delete_cuda_guard(guard_);
+      TORCH_CHECK(false, "ldmfast: could not get the current CUDA stream of device ", index);
+    }
     stream_ = static_cast<cudaStream_t>(s);
   }
   ~CudaScope() { aoti_torch_delete_cuda_guard(guard_); }
@@ -63,7 +66,7 @@ cuda::AttentionKernel attention_kernel_from_env() {
 // See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).
 cuda::GroupNormKernel group_norm_kernel_from_env() {
   using K = cuda::GroupNormKernel;
-  return kernel_from_env<K>("LDMFAST_GN_KERNEL", "group_norm_silu", {{"groups", K::kGroups}, {"rows", K::kRows}});
+  return kernel_from_env<K>("LDMFAST_GN_KERNEL", "group_norm_silu", {{"groups", K::kGroups}, {"rows", K::kRows}, {"cluster", K::kCluster}});
 }
 
 void check_launch(int err, const char* op) {

@@ -158,7 +158,8 @@ inline AttentionCall prepare_attention(const at::Tensor& q_in, const at::Tensor&
   TORCH_CHECK_VALUE(Lk >= 1, "ldmfast.attention: k and v must hold at least one token (Lk >= 1), got Lk=0");
   TORCH_CHECK_VALUE(D >= 1, "ldmfast.attention: head dim D must be >= 1, got 0");
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
-  TORCH_CHECK_VALUE(std::isfinite(s), "ldmfast.attention: scale must be finite, got ", s);
+  // The kernels take it as a float: finite there too (1e39 would be inf, the output NaN).
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(s)), "ldmfast.attention: scale must be finite as a float32, got ", s);
   c.q = unit_last_stride(q_in);
   c.k = unit_last_stride(k_in);
   c.v = unit_last_stride(v_in);
@@ -242,6 +243,22 @@ inline DdimStepCall prepare_ddim_step(const at::Tensor& x_in, const at::Tensor& 
     TORCH_CHECK_VALUE(sigma_t >= 0, "ldmfast.ddim_step: sigma_t must be >= 0, got ", sigma_t);
   TORCH_CHECK_VALUE(noise_in.has_value() || tensors[2]->has_value() || sigma_t == 0,
                     "ldmfast.ddim_step: sigma_t=", sigma_t, " > 0 needs noise (eta > 0 samples fresh noise)");
+  // The kernel reads noise only where it is given and eps_uncond only where it is given: a step
+  // that asks for either term without its tensor would silently be another step.
+  TORCH_CHECK_VALUE(noise_in.has_value() || !tensors[2]->has_value(),
+                    "ldmfast.ddim_step: a tensor sigma_t needs noise (its value is not read on the host): "
+                    "pass noise=torch.zeros_like(x) for a deterministic step, or sigma_t=0.0");
+  if (!eps_uncond_in.has_value()) {
+    TORCH_CHECK_VALUE(!tensors[3]->has_value(), "ldmfast.ddim_step: a tensor guidance_scale needs eps_uncond, the "
+                      "unconditional prediction it guides away from; without it pass guidance_scale=1.0");
+    TORCH_CHECK_VALUE(guidance_scale == 1.0, "ldmfast.ddim_step: guidance_scale=", guidance_scale, " needs eps_uncond, "
+                      "the unconditional prediction it guides away from; without it pass guidance_scale=1.0");
+  }
+  // A little slack: a sigma computed in float32 from the same alphas at eta = 1 must pass.
+  if (!tensors[1]->has_value() && !tensors[2]->has_value() && sigma_t > 0 && alpha_prev <= 1)
+    TORCH_CHECK_VALUE(sigma_t * sigma_t <= (1 - alpha_prev) * (1 + 1e-5), "ldmfast.ddim_step: sigma_t=", sigma_t,
+                      " exceeds sqrt(1 - alpha_prev) = ", std::sqrt(1 - alpha_prev), " (alpha_prev=", alpha_prev,
+                      "); the DDIM direction term would be negative");
   c.x_prev = at::empty(x_in.sizes(), x_in.options().memory_format(fmt));
   c.pred_x0 = at::empty(x_in.sizes(), x_in.options().memory_format(fmt));
   maybe_poison(c.x_prev);

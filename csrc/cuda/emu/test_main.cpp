@@ -319,6 +319,21 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
     test_gn(DType::kFloat16, true, false, true, true, 1, 16, 2048, 1, 1, 0);      // stream, K = 8 on "sm_90"
     test_gn(DType::kBFloat16, false, true, true, true, 1, 16, 2048, 1, 0, 0);
+    // kCluster: a split of at least 2 on "sm_90" (many groups: the heuristic alone keeps K = 1),
+    // refused below it and for groups that fit one CTA.
+    const auto clu = cuda::GroupNormKernel::kCluster;
+    if (getenv("EMU_SM90")) {
+      for (bool cl : {false, true}) test_gn(DType::kFloat16, true, cl, true, true, 2, 32, 8192, 8, 0, 0, clu);
+    } else {
+      GroupNormSiluParams q{};
+      q.N = 1; q.C = 16; q.S = 2048; q.G = 1; q.dtype = q.param_dtype = DType::kFloat32;
+      report(cuda::group_norm_silu(q, nullptr, nullptr, clu) == cudaErrorNotSupported, "gn kCluster before sm_90: not supported");
+    }
+    {
+      GroupNormSiluParams q{};
+      q.N = 1; q.C = 16; q.S = 16; q.G = 1; q.dtype = q.param_dtype = DType::kFloat32;
+      report(cuda::group_norm_silu(q, nullptr, nullptr, clu) == cudaErrorNotSupported, "gn kCluster, a group that fits one CTA");
+    }
   }
   if (which == "all" || which == "attn") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
