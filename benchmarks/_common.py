@@ -45,6 +45,18 @@ def git_sha() -> str:
         return "unknown"
 
 
+def use_device(device: torch.device) -> torch.device:
+    """Makes a CUDA `device` current (events, streams and graphs use the current device) and
+    returns it with its index ("cuda" is the current one: set_device refuses a device without
+    an index)."""
+    if device.type != "cuda":
+        return device
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    torch.cuda.set_device(device)
+    return device
+
+
 def copies_for(nbytes: int, device: torch.device) -> int:
     """How many input copies to rotate through so one sweep exceeds the L2 cache."""
     if device.type != "cuda" or nbytes <= 0:

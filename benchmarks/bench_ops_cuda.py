@@ -339,7 +339,7 @@ def main(argv=None):
             ap.error(f"--dtypes: unknown dtype {d!r} (choose from {', '.join(DTYPES)})")
     dev = torch.device(args.device)
     if dev.type == "cuda" and torch.cuda.is_available():
-        torch.cuda.set_device(dev)  # events, streams and graphs use the current device
+        dev = C.use_device(dev)
     if dev.type == "cuda" and not ops.cuda_available():
         ap.error("--device cuda: ldmfast was built without its CUDA kernels (build with LDMFAST_CUDA=1)")
     if dev.type == "cpu" and not args.quick:

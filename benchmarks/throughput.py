@@ -255,9 +255,7 @@ def main(argv=None):
         ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
         ap.error(f"--device {args.device}: no such CUDA device is available")
-    if device.type == "cuda":
-        # Events, streams and graphs below use the current device: make it this one.
-        torch.cuda.set_device(device)
+    device = C.use_device(device)
     preset_name = args.preset or default_preset(device)
     preset = dict(PRESETS[preset_name])
     dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]

@@ -223,7 +223,7 @@ def test_graph_path_keys_replays_and_recaptures(tmp_path, caplog):
     eager = run(p)
     cache = GraphCache(capture=eager_capture)
     # a shared cache: accelerate must leave another user's graph alone
-    cache._entries["someone else's"] = graphs_mod._Entry(None, None, None, (), ())
+    cache._entries["someone else's"] = graphs_mod._Entry(None, None, None, (), (), None)
     ldmfast.accelerate(p, cuda_graph=cache)  # switches graphs on for the accelerated pipeline
     unet, vae = p.unet, p.vae
     try:

@@ -52,6 +52,10 @@ def test_cuda_kernels_on_the_cpu_emulator(tmp_path):
         _check(subprocess.run([exe, which], capture_output=True, text=True, env={**env, "EMU_CP_ASYNC": "early"}), 30)
     # The sm_90 group_norm_silu path: one group's statistics gathered across a cluster's CTAs.
     _check(subprocess.run([exe, "gn"], capture_output=True, text=True, env={**env, "EMU_SM90": "1"}), 100)
+    # The proxy check fires: operands staged with no fence.proxy.async before the wgmma reads
+    # them abort the run (on the hardware the tensor cores may read stale bytes).
+    res = subprocess.run([exe, "wgmma"], capture_output=True, text=True, env={**env, "EMU_WGMMA_MUTATE": "no_proxy_fence"})
+    assert res.returncode != 0 and "no fence.proxy.async by that thread" in res.stderr, (res.stdout + res.stderr)[-3000:]
 
 
 def test_cuda_kernels_have_no_unordered_accesses(tmp_path):

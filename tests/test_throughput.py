@@ -171,3 +171,18 @@ def test_flop_count_includes_the_fused_attention(monkeypatch):
     w = torch.randn(40, 40)
     flops = throughput.count_flops(lambda: ops.attention(q @ w, k, v))
     assert flops == 4 * 2 * 3 * 64 * 77 * 40 + 2 * (2 * 64 * 3) * 40 * 40
+
+
+def test_use_device_gives_set_device_an_index(monkeypatch):
+    """The benchmarks' default --device is "cuda": torch.cuda.set_device refuses a device with
+    no index, so it is made the current one's first (the bench and throughput stages died there)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import _common as C
+    from torch.cuda._utils import _get_device_index
+
+    seen = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: seen.append(_get_device_index(d)))
+    assert C.use_device(torch.device("cuda")) == torch.device("cuda", 0) and seen == [0]
+    assert C.use_device(torch.device("cuda", 1)) == torch.device("cuda", 1) and seen == [0, 1]
+    assert C.use_device(torch.device("cpu")) == torch.device("cpu") and seen == [0, 1]

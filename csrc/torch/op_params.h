@@ -158,8 +158,10 @@ inline AttentionCall prepare_attention(const at::Tensor& q_in, const at::Tensor&
   TORCH_CHECK_VALUE(Lk >= 1, "ldmfast.attention: k and v must hold at least one token (Lk >= 1), got Lk=0");
   TORCH_CHECK_VALUE(D >= 1, "ldmfast.attention: head dim D must be >= 1, got 0");
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(D));
-  // The kernels take it as a float: finite there too (1e39 would be inf, the output NaN).
-  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(s)), "ldmfast.attention: scale must be finite as a float32, got ", s);
+  // The kernels take it as a float and the tensor-core ones multiply it by log2(e): finite there
+  // too (1e39 would be inf, the output NaN).
+  TORCH_CHECK_VALUE(std::isfinite(static_cast<float>(s) * 1.4426950408889634f),
+                    "ldmfast.attention: scale must be finite as a float32 (times log2(e)), got ", s);
   c.q = unit_last_stride(q_in);
   c.k = unit_last_stride(k_in);
   c.v = unit_last_stride(v_in);

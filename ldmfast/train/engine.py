@@ -114,7 +114,7 @@ class EMA:
         self.num_updates += 1
         pairs = [(self.shadow[n], p.detach().float()) for n, p in module.named_parameters()
                  if n in self.shadow]
-        if pairs:  # one multi-tensor kernel, not two launches per parameter
+        if pairs:  # multi-tensor kernels, not a lerp per parameter (fp16/bf16 ones cast first)
             shadow, params = zip(*pairs)
             torch._foreach_lerp_(list(shadow), list(params), 1.0 - d)
 

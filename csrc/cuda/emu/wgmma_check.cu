@@ -15,6 +15,8 @@
 // points A's descriptor at its own rows), swap (LBO and SBO exchanged); and two that only
 // ThreadSanitizer reports (EMU_TSAN=1): no_barrier (staging not ordered before the issue), reuse
 // (B rewritten after the wait with no barrier, while other warps may still be reading it).
+// no_proxy_fence (staging not followed by fence.proxy.async: the emulator aborts) runs in CI
+// (tests/test_cuda_emulator.py).
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -32,7 +34,7 @@
 namespace {
 using namespace ldmfast::cuda::detail;
 
-enum Mutation { kNone, kEarlyRead, kNoWait, kNoCommit, kNoFence, kOverwrite, kNoBarrier, kWarpDesc, kSwap, kReuse };
+enum Mutation { kNone, kEarlyRead, kNoWait, kNoCommit, kNoFence, kOverwrite, kNoBarrier, kWarpDesc, kSwap, kReuse, kNoProxyFence };
 enum Mode { kPlain, kGroups, kStepWait };  // see the kernel
 
 // A (rows x K) operand tile in shared memory: element (r, k) at `base` + (r / 8) sbo + (k / 8) lbo
@@ -67,6 +69,11 @@ struct Params {
 };
 
 template <class T> uint16_t bits(T v) { uint16_t u; std::memcpy(&u, &v, 2); return u; }
+// One staged element: a generic-proxy store the emulator tracks until this thread's proxy fence.
+template <class T> void stage(unsigned char* dst, const T* src) {
+  std::memcpy(dst, src, 2);
+  emu::note_generic_write(dst, 2);
+}
 
 // One warpgroup per 128 threads; each computes its own D = (C +) A B.
 constexpr int kMaxKSteps = 8;  // K up to 128 (run_case checks)
@@ -83,9 +90,9 @@ __global__ void __launch_bounds__(256) wgmma_check_kernel(Params p) {
   tb.base += g * p.region;
   // Stage with plain stores, then the proxy fence and a barrier before any wgmma reads them.
   if (!kRS)
-    for (int i = t; i < 64 * K; i += 128) std::memcpy(smem + ta.at(i / K, i % K), &A[i], 2);
-  for (int i = t; i < K * N; i += 128) std::memcpy(smem + tb.at(i % N, i / N), &B[i], 2);  // B[k][n]: row n of the operand
-  fence_proxy_async();
+    for (int i = t; i < 64 * K; i += 128) stage(smem + ta.at(i / K, i % K), &A[i]);
+  for (int i = t; i < K * N; i += 128) stage(smem + tb.at(i % N, i / N), &B[i]);  // B[k][n]: row n of the operand
+  if (p.mutate != kNoProxyFence) fence_proxy_async();
   if (p.mutate != kNoBarrier) __syncthreads();
 
   // Accumulator v of this thread: row 16 w + lane / 4 + 8 ((v >> 1) & 1), column 8 (v >> 2) + 2 (lane % 4) + (v & 1).
@@ -212,8 +219,9 @@ bool run_case(int K, int groups, bool use_c, bool a_kfirst, bool b_kfirst, int m
 int parse_mutation() {
   const char* e = getenv("EMU_WGMMA_MUTATE");
   if (e == nullptr || *e == 0) return kNone;
-  const char* names[] = {"", "early_read", "no_wait", "no_commit", "no_fence", "overwrite", "no_barrier", "warp_desc", "swap", "reuse"};
-  for (int i = 1; i < 10; ++i)
+  const char* names[] = {"", "early_read", "no_wait", "no_commit", "no_fence", "overwrite", "no_barrier", "warp_desc", "swap", "reuse",
+                         "no_proxy_fence"};
+  for (int i = 1; i < 11; ++i)
     if (std::strcmp(e, names[i]) == 0) return i;
   fprintf(stderr, "EMU_WGMMA_MUTATE=%s: unknown\n", e);
   std::exit(2);

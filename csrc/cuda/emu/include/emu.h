@@ -539,6 +539,7 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
         f.done = false;
         f.pending.clear();
         f.groups.clear();
+        f.unfenced.clear();  // chunk indices of the block this fiber ran before
         f.wgmma.reset();
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = f.stack->top_region();
