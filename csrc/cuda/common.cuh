@@ -253,26 +253,13 @@ inline int device_attribute(cudaDeviceAttr attr, int fallback) {
 // Host queries about a kernel (occupancy, function attributes, raising its shared-memory limit)
 // cost microseconds each and the launch heuristics ask them on every op call, so each answer is
 // kept per device: a question is `what`, the kernel and up to two integers (threads, shared
-// memory, cluster size); `ask()` computes the answer (a fallback when its call failed, kept too:
-// the workspace size and the launch then agree). Thread-safe.
+// memory, cluster size); `ask()` computes the answer. An answer >= 0 is kept (a fallback when
+// its call failed too: the workspace size and the launch then agree); a negative one is not,
+// so the next call asks again. Thread-safe.
 enum class Query : int { kClusterCapable, kActiveClusters, kBlocksPerSm, kSmemLimit };
 struct QueryCache {
-  using Key = std::tuple<int, int, const void*, int64_t, int64_t>;
   std::mutex mu;
-  std::map<Key, int> answers;
-  // The kept answer for `key` in *v, if any.
-  bool find(const Key& key, int* v) {
-    std::lock_guard<std::mutex> lock(mu);
-    const auto it = answers.find(key);
-    if (it == answers.end()) return false;
-    *v = it->second;
-    return true;
-  }
-  // Keeps v unless another thread kept an answer first; returns the kept one.
-  int keep(const Key& key, int v) {
-    std::lock_guard<std::mutex> lock(mu);
-    return answers.emplace(key, v).first->second;
-  }
+  std::map<std::tuple<int, int, const void*, int64_t, int64_t>, int> answers;
 };
 inline QueryCache& query_cache() {
   static QueryCache c;
@@ -280,11 +267,19 @@ inline QueryCache& query_cache() {
 }
 template <class F>
 int cached_query(Query what, const void* kernel, int64_t a, int64_t b, F ask) {
-  int dev = 0, v = 0;
+  int dev = 0;
   if (!call_ok(cudaGetDevice(&dev))) return ask();
-  const QueryCache::Key key{dev, static_cast<int>(what), kernel, a, b};
-  if (query_cache().find(key, &v)) return v;
-  return query_cache().keep(key, ask());  // asked outside the lock: a query may take a while
+  const auto key = std::make_tuple(dev, static_cast<int>(what), kernel, a, b);
+  QueryCache& c = query_cache();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    const auto it = c.answers.find(key);
+    if (it != c.answers.end()) return it->second;
+  }
+  const int v = ask();  // outside the lock: a query may take a while
+  if (v < 0) return v;
+  std::lock_guard<std::mutex> lock(c.mu);
+  return c.answers.emplace(key, v).first->second;
 }
 
 // CTAs of `kernel` resident per SM at `threads` and `smem` bytes of dynamic shared memory
@@ -306,15 +301,11 @@ int blocks_per_sm(Kernel kernel, int threads, size_t smem) {
 // not kept, so the next call tries again.
 template <class Kernel>
 int allow_dynamic_smem(Kernel kernel, size_t smem) {
-  int dev = 0, done = 0;
-  const bool have_dev = call_ok(cudaGetDevice(&dev));
-  const QueryCache::Key key{dev, static_cast<int>(Query::kSmemLimit), reinterpret_cast<const void*>(kernel),
-                            static_cast<int64_t>(smem), 0};
-  if (have_dev && query_cache().find(key, &done)) return 0;
-  const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-  if (!call_ok(err)) return static_cast<int>(err);
-  if (have_dev) query_cache().keep(key, 1);
-  return 0;
+  const int r = cached_query(Query::kSmemLimit, reinterpret_cast<const void*>(kernel), static_cast<int64_t>(smem), 0, [&] {
+    const cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+    return call_ok(err) ? 0 : -static_cast<int>(err);
+  });
+  return r < 0 ? -r : 0;
 }
 
 inline int sm_count() {

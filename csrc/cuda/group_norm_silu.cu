@@ -276,8 +276,8 @@ bool cluster_capable(Kernel kernel) {
 template <class T, class P, int V, bool CL>
 int launch(const GnArgs& a, int64_t N, cudaStream_t stream, bool need_cluster) {
   const int64_t ng = N * a.G;
-  if (need_cluster && a.E <= kFusedMaxElems) return static_cast<int>(cudaErrorNotSupported);
   if (a.E <= kFusedMaxElems) {
+    if (need_cluster) return static_cast<int>(cudaErrorNotSupported);
     if (ng > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
     const size_t smem = static_cast<size_t>(a.E) * sizeof(float);
     group_norm_silu_fused_kernel<T, P, V, CL><<<static_cast<unsigned>(ng), kFusedThreads, smem, stream>>>(a);

@@ -322,18 +322,17 @@ int main(int argc, char** argv) {
     // kCluster: a split of at least 2 on "sm_90" (many groups: the heuristic alone keeps K = 1),
     // refused below it and for groups that fit one CTA.
     const auto clu = cuda::GroupNormKernel::kCluster;
+    auto refused = [&](int64_t S, const char* what) {  // one fp32 group of 16 channels
+      GroupNormSiluParams q{};
+      q.N = 1; q.C = 16; q.S = S; q.G = 1; q.dtype = q.param_dtype = DType::kFloat32;
+      report(cuda::group_norm_silu(q, nullptr, nullptr, clu) == cudaErrorNotSupported, what);
+    };
     if (getenv("EMU_SM90")) {
       for (bool cl : {false, true}) test_gn(DType::kFloat16, true, cl, true, true, 2, 32, 8192, 8, 0, 0, clu);
     } else {
-      GroupNormSiluParams q{};
-      q.N = 1; q.C = 16; q.S = 2048; q.G = 1; q.dtype = q.param_dtype = DType::kFloat32;
-      report(cuda::group_norm_silu(q, nullptr, nullptr, clu) == cudaErrorNotSupported, "gn kCluster before sm_90: not supported");
+      refused(2048, "gn kCluster before sm_90: not supported");
     }
-    {
-      GroupNormSiluParams q{};
-      q.N = 1; q.C = 16; q.S = 16; q.G = 1; q.dtype = q.param_dtype = DType::kFloat32;
-      report(cuda::group_norm_silu(q, nullptr, nullptr, clu) == cudaErrorNotSupported, "gn kCluster, a group that fits one CTA");
-    }
+    refused(16, "gn kCluster, a group that fits one CTA");
   }
   if (which == "all" || which == "attn") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
