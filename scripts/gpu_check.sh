@@ -8,47 +8,96 @@
 #   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
-# Every stage builds first if csrc/ changed since the last build (the machine keeps the build
-# while it stays warm). Each stage has its own time limit (STAGE_TIMEOUT, default 540 s), so a
-# stage that runs long still leaves its logs and results under $OUT.
+# BENCH_ARGS and THROUGHPUT_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes fp16").
+#
+# What comes back: the device tool returns at most 8 files from $OUT, so the script leaves five:
+#   console.txt     everything printed here
+#   logs.tar.gz     every log (repacked after each stage, so a killed call keeps the finished ones)
+#   build.tar.gz    the built extension and its source stamp, when this call built it
+#   bench_ops_cuda.csv, throughput.csv   results
+# Put build.tar.gz in .gpu_build/ here and carry it (carry: [".whl", ".gpu_build"]): a fresh
+# machine then skips the build while csrc/, setup.py, CMakeLists.txt, torch and nvcc are the same.
+#
+# Time: the tool kills a command at its limit, and then nothing more is written, so the whole
+# script keeps to DEADLINE seconds (default 570) and every stage's time limit (STAGE_TIMEOUT,
+# default 540 s) is cut to what is left.
 set -uo pipefail
 OUT=${OUT:-/tmp/ldmfast-gpu}
 mkdir -p "$OUT"
+LOGS=$(mktemp -d /tmp/ldmfast-logs.XXXXXX)
 export PYTHONUNBUFFERED=1
+start=$SECONDS
+deadline=${DEADLINE:-570}
 limit=${STAGE_TIMEOUT:-540}
 if ls .whl/*.whl >/dev/null 2>&1 && [ ! -d /tmp/site ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
 fi
-[ -d /tmp/site ] && export PYTHONPATH=/tmp/site
+# The repo root first: with a carried build there is no editable install to find the package.
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+[ -d /tmp/site ] && export PYTHONPATH=$PYTHONPATH:/tmp/site
 export LDMFAST_CUDA=1 LDMFAST_CUDA_ARCHS=${LDMFAST_CUDA_ARCHS:-90a} MAX_JOBS=${MAX_JOBS:-16}
 
+# Seconds a step may take: at most $1, and no more than is left before the deadline (less 15 s
+# to pack the logs).
+budget() {
+  local left=$((deadline - (SECONDS - start) - 15))
+  [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"
+}
+
+pack() {
+  tar -czf "$OUT/logs.tar.tmp" -C "$LOGS" . && mv "$OUT/logs.tar.tmp" "$OUT/logs.tar.gz"
+}
+
+# What the extension is built from: its sources, the torch and nvcc it builds against, the archs.
+source_stamp() {
+  local nvcc
+  nvcc=$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)
+  {
+    python3 -c "import sys, torch; print(sys.version, torch.__version__, torch.version.cuda)"
+    "$nvcc" --version | tail -2
+    echo "$LDMFAST_CUDA_ARCHS"
+    find csrc setup.py CMakeLists.txt -type f ! -path 'csrc/cuda/emu/*' | LC_ALL=C sort | xargs sha256sum
+  } | sha256sum | cut -c1-16
+}
+
 build() {
-  local so
+  local want so
+  want=$(source_stamp)
   so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
-  if [ -n "$so" ] && [ -z "$(find csrc setup.py CMakeLists.txt -newer "$so" -type f | head -1)" ]; then
-    echo "== build: up to date"; return 0
+  if [ -n "$so" ] && [ "$(cat ldmfast/.build_stamp 2>/dev/null)" = "$want" ]; then
+    echo "== build: up to date ($want)"
+  elif [ -f .gpu_build/build.tar.gz ] && [ "$(tar -xzOf .gpu_build/build.tar.gz ldmfast/.build_stamp 2>/dev/null)" = "$want" ]; then
+    tar -xzf .gpu_build/build.tar.gz && echo "== build: the carried .gpu_build/build.tar.gz ($want)"
+  else
+    echo "== build ($want)"
+    local t0=$SECONDS
+    if ! timeout "$(budget 480)" python3 -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
+      tail -50 "$LOGS/build.log"; return 1
+    fi
+    echo "built in $((SECONDS - t0)) s"
+    echo "$want" > ldmfast/.build_stamp
+    tar -czf "$OUT/build.tar.gz" ldmfast/_C*.so ldmfast/.build_stamp
   fi
-  echo "== build"
-  local t0=$SECONDS
-  if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    tail -50 "$OUT/build.log"; return 1
-  fi
-  echo "built in $((SECONDS - t0)) s"
   python3 -c "import ldmfast.ops as o; assert o.cuda_available(), 'CUDA kernels not loaded'; print('cuda ops loaded')"
 }
 
 stage_test() {
-  # Each attention kernel in a process of its own with a short limit, so a kernel that hangs costs
-  # KERNEL_TIMEOUT seconds and names itself (-v writes each test's id as it starts) instead of
-  # taking the whole stage; then every other CUDA test in one run.
-  local t0=$SECONDS kt=${KERNEL_TIMEOUT:-60} kernels k rc log
+  # Each attention kernel in a process of its own with a time limit, all at once, so a kernel that
+  # hangs costs KERNEL_TIMEOUT seconds and names itself (-v writes each test's id as it starts)
+  # instead of taking the whole stage; then every other CUDA test in one run.
+  local kt kernels k rc log
+  kt=$(budget "${KERNEL_TIMEOUT:-150}")
   kernels=$(python3 -m pytest --collect-only -q tests/test_attention.py -k test_cuda_kernel_choice 2>/dev/null \
     | sed -n 's/.*test_cuda_kernel_choice\[\([a-z0-9_]*\)-.*/\1/p' | uniq)
-  echo "== pytest -m cuda: each attention kernel (limit ${kt} s each)"
+  echo "== pytest -m cuda: each attention kernel, side by side (limit ${kt} s each)"
   for k in $kernels; do
-    log="$OUT/pytest_cuda_$k.log"
-    timeout -k 10 "$kt" python3 -m pytest -v -m cuda tests/test_attention.py -k "test_cuda_kernel_choice and [$k-" > "$log" 2>&1
-    rc=$?
+    ( timeout -k 10 "$kt" python3 -m pytest -v -m cuda tests/test_attention.py -k "test_cuda_kernel_choice and [$k-" \
+        > "$LOGS/pytest_cuda_$k.log" 2>&1
+      echo $? > "$LOGS/pytest_cuda_$k.rc" ) &
+  done
+  wait
+  for k in $kernels; do
+    log="$LOGS/pytest_cuda_$k.log"; rc=$(cat "$LOGS/pytest_cuda_$k.rc")
     if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
       printf "  %-24s HANG or too slow: killed after %s s; running: %s\n" "$k" "$kt" \
         "$(grep -o 'test_cuda_kernel_choice[a-z_]*\[[^]]*\]' "$log" | tail -1)"
@@ -57,16 +106,17 @@ stage_test() {
       grep -E "^(FAILED|ERROR)" "$log" | head -5 | sed 's/^/      /'
     fi
   done
+  pack
   echo "== pytest -m cuda: the rest"
-  timeout -k 10 $((limit - (SECONDS - t0) > 60 ? limit - (SECONDS - t0) : 60)) \
+  timeout -k 10 "$(budget "$limit")" \
     python3 -m pytest -v -m cuda tests -k "not test_cuda_kernel_choice[ and not test_cuda_kernel_choice_nonpositive_scale[" \
-    > "$OUT/pytest_cuda.log" 2>&1
+    > "$LOGS/pytest_cuda.log" 2>&1
   rc=$?
   echo "pytest exit code $rc"
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    echo "time limit; the test running then: $(grep -o 'tests/[^ ]*::[^ ]*' "$OUT/pytest_cuda.log" | tail -1)"
+    echo "time limit; the test running then: $(grep -o 'tests/[^ ]*::[^ ]*' "$LOGS/pytest_cuda.log" | tail -1)"
   fi
-  grep -E "^(FAILED|ERROR)" "$OUT/pytest_cuda.log" | head -30; tail -1 "$OUT/pytest_cuda.log"
+  grep -E "^(FAILED|ERROR)" "$LOGS/pytest_cuda.log" | head -30; tail -1 "$LOGS/pytest_cuda.log"
 }
 
 stage_sass() {
@@ -75,40 +125,48 @@ stage_sass() {
   so=$(ls ldmfast/_C_cuda*.so 2>/dev/null | head -1)
   cuobjdump=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
   if [ -z "$so" ] || [ ! -x "$cuobjdump" ]; then echo "no _C_cuda library or cuobjdump found"; return 0; fi
-  "$cuobjdump" -sass "$so" > "$OUT/sass.txt" 2>&1
+  # The whole listing stays on the machine (tens of MB); the per-kernel counts go in the logs.
+  "$cuobjdump" -sass "$so" > /tmp/ldmfast-sass.txt 2>&1
   # Per kernel function (mangled name): count of HMMA (mma.sync) and HGMMA (wgmma) lines; the mma
   # and short kernels need HMMA, the wgmma kernel HGMMA.
   awk '/Function :/ {f = $3; n[f] += 0; g[f] += 0} /HMMA/ {n[f]++} /HGMMA/ {g[f]++}
-       END {for (k in n) print n[k], g[k], k}' "$OUT/sass.txt" \
-    | grep -E "attention_(mma|short|simt|wgmma)_kernel" | sort -k3 > "$OUT/sass_hmma.txt"
+       END {for (k in n) print n[k], g[k], k}' /tmp/ldmfast-sass.txt \
+    | grep -E "attention_(mma|short|simt|wgmma)_kernel" | sort -k3 > "$LOGS/sass_hmma.txt"
   awk '{split($3, a, "attention_"); sub(/_kernel.*/, "", a[2]); c[a[2]] += ($1 > 0); w[a[2]] += ($2 > 0); t[a[2]]++}
-       END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA, %d HGMMA\n", k, c[k], t[k], w[k]}' "$OUT/sass_hmma.txt"
+       END {for (k in t) printf "  %-6s %d of %d instantiations use HMMA, %d HGMMA\n", k, c[k], t[k], w[k]}' "$LOGS/sass_hmma.txt"
 }
 
 stage_sanitize() {
-  local cs
+  local cs tool t
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [ ! -x "$cs" ]; then echo "compute-sanitizer not found"; return 0; fi
-  # synccheck: barriers reached by only part of a block, and invalid warp-sync masks.
-  # SANITIZE_TOOLS=memcheck gives one tool the whole stage limit.
+  # memcheck, racecheck and synccheck (barriers reached by part of a block, bad warp-sync masks)
+  # side by side, each with the whole stage limit; big CUDA cases are skipped under the sanitizer
+  # (tests/conftest.py).
   local tools=(${SANITIZE_TOOLS:-memcheck racecheck synccheck})
+  t=$(budget "$limit")
+  echo "== compute-sanitizer ${tools[*]}, side by side (limit $t s each)"
   for tool in "${tools[@]}"; do
-    echo "== compute-sanitizer $tool"
-    # Big CUDA cases are skipped under the sanitizer (tests/conftest.py); the limit is shared.
-    LDMFAST_SANITIZER_SHAPES=1 timeout $((limit / ${#tools[@]})) "$cs" --tool "$tool" --error-exitcode 9 \
-      python3 -m pytest -q -x -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
-      > "$OUT/sanitizer_$tool.log" 2>&1
-    echo "$tool exit code $? (124: time limit; log: sanitizer_$tool.log)"; tail -3 "$OUT/sanitizer_$tool.log"
+    ( LDMFAST_SANITIZER_SHAPES=1 timeout -k 10 "$t" "$cs" --tool "$tool" --error-exitcode 9 \
+        python3 -m pytest -q -x -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
+        > "$LOGS/sanitizer_$tool.log" 2>&1
+      echo $? > "$LOGS/sanitizer_$tool.rc" ) &
+  done
+  wait
+  for tool in "${tools[@]}"; do
+    echo "$tool exit code $(cat "$LOGS/sanitizer_$tool.rc") (9: errors found, 124: time limit; log: sanitizer_$tool.log)"
+    tail -3 "$LOGS/sanitizer_$tool.log"
   done
 }
 
 stage_bench() {
+  local b name csv rc
   for b in benchmarks/bench_*_cuda.py; do
+    name=$(basename "$b" .py); csv="$OUT/$name.csv"
     echo "== $b"
-    local csv="$OUT/$(basename "$b" .py).csv" rc
-    timeout "$limit" python3 "$b" --csv "$csv" > "$OUT/$(basename "$b" .py).log" 2>&1
+    timeout "$(budget "$limit")" python3 "$b" --csv "$csv" ${BENCH_ARGS:-} > "$LOGS/$name.log" 2>&1
     rc=$?
-    echo "exit code $rc"; tail -60 "$OUT/$(basename "$b" .py).log"
+    echo "exit code $rc"; tail -60 "$LOGS/$name.log"
     # Cut by the time limit: the targets on what it measured (a finished run prints them last).
     if [ "$rc" = 124 ] && [ -s "$csv" ]; then python3 "$b" --judge "$csv"; fi
   done
@@ -116,18 +174,32 @@ stage_bench() {
 
 stage_throughput() {
   echo "== benchmarks/throughput.py"
-  timeout "$limit" python3 benchmarks/throughput.py --csv "$OUT/throughput.csv" > "$OUT/throughput.log" 2>&1
-  echo "exit code $?"; tail -40 "$OUT/throughput.log"
+  timeout "$(budget "$limit")" python3 benchmarks/throughput.py --csv "$OUT/throughput.csv" ${THROUGHPUT_ARGS:-} \
+    > "$LOGS/throughput.log" 2>&1
+  echo "exit code $?"; tail -40 "$LOGS/throughput.log"
 }
 
-stages=("$@")
-[ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput)
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
-build || exit 1
-for s in "${stages[@]}"; do
-  case "$s" in
-    build) ;;
-    test|sass|sanitize|bench|throughput) t0=$SECONDS; "stage_$s"; echo "($s: $((SECONDS - t0)) s)" ;;
-    *) echo "unknown stage '$s' (build test sass sanitize bench throughput all)"; exit 2 ;;
-  esac
-done
+main() {
+  local stages=("$@") s t0
+  [ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput)
+  [ "${stages[0]:-}" = stamp ] && { source_stamp; return 0; }  # what a carried build must match
+  for s in "${stages[@]}"; do
+    case "$s" in
+      build|test|sass|sanitize|bench|throughput) ;;
+      *) echo "unknown stage '$s' (build test sass sanitize bench throughput all)"; return 2 ;;
+    esac
+  done
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "(nvidia-smi failed)"
+  build || { pack; return 1; }
+  pack
+  for s in "${stages[@]}"; do
+    [ "$s" = build ] && continue
+    if [ $((deadline - (SECONDS - start))) -lt 30 ]; then echo "(deadline: stage $s not started)"; continue; fi
+    t0=$SECONDS; "stage_$s"; echo "($s: $((SECONDS - t0)) s)"
+    pack
+  done
+  echo "(all: $((SECONDS - start)) s)"
+}
+
+main "$@" 2>&1 | tee "$OUT/console.txt"
+exit "${PIPESTATUS[0]}"
