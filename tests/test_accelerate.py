@@ -31,7 +31,8 @@ def pipe(tmp_path_factory):
 
 def run(pipe, steps=2):
     cond, uncond, x_T = _embeds(b=1)
-    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T.clone(),
+    # Latents in the U-Net's dtype: diffusers moves given latents to the device but keeps their dtype.
+    return pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=x_T.to(pipe.unet.dtype, copy=True),
                 num_inference_steps=steps, guidance_scale=7.5, output_type="pt").images
 
 
@@ -353,3 +354,19 @@ def test_cuda_graphs_replay_what_eager_computes(tmp_path):
             assert rel(after, first) > 1e-3 and rel(after, expected) < 1e-3
         finally:
             acc.accelerate(p, restore=True)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_cuda_fp16_pipeline_agrees_with_diffusers(tmp_path):
+    # Issue 7's parity on the GPU: the accelerated fp16 pipeline (ldmfast's CUDA kernels) against
+    # the same pipeline unpatched, from the same latents, within fp16 tolerance.
+    p = make_sd_pipeline(str(tmp_path)).to("cuda", torch.float16)
+    ref = run(p, steps=3)
+    acc.accelerate(p)
+    try:
+        out = run(p, steps=3)
+    finally:
+        acc.accelerate(p, restore=True)
+    assert out.dtype == ref.dtype and out.device.type == "cuda"
+    assert torch.isfinite(out).all() and rel(out, ref) < 1e-2
