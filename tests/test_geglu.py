@@ -118,6 +118,24 @@ def test_empty(device):
     assert ops.geglu(torch.empty(0, 8, device=device)).shape == (0, 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+def test_error_pending_from_earlier_cuda_work_is_not_blamed_on_the_launch():
+    import ctypes
+
+    h = _h((4, 64), torch.float16, "cuda")
+    # The CUDA runtime the process loaded (torch's and the kernels' are one library by soname).
+    libs = {line.split()[-1] for line in open("/proc/self/maps") if "libcudart.so" in line}
+    if len(libs) != 1:
+        pytest.skip(f"expected one CUDA runtime library loaded, found {sorted(libs)}")
+    rt = ctypes.CDLL(libs.pop())
+    assert rt.cudaSetDevice(ctypes.c_int(1 << 20)) != 0  # an invalid device: leaves a pending error
+    with pytest.raises(RuntimeError, match="ldmfast.geglu: a CUDA error from earlier work was pending "
+                                           "before this call \\(cudaErrorInvalidDevice"):
+        ops.geglu(h)
+    _check(h, torch.float16)  # taken, not left behind: the next call runs
+
+
 def test_deterministic_across_thread_counts():
     threads = torch.get_num_threads()
     h = _h((37, 2 * 9000), torch.float32, "cpu")

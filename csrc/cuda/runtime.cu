@@ -26,4 +26,6 @@ int device_compute_capability() {
 
 const char* built_archs() { return LDMFAST_BUILT_ARCHS; }
 
+int take_last_error() { return static_cast<int>(cudaGetLastError()); }
+
 }  // namespace ldmfast::cuda

@@ -13,17 +13,23 @@
 namespace ldmfast::binding {
 namespace {
 
-// Makes x's device current for the call and yields its current stream.
+// Makes x's device current for the call and yields its current stream. An error that earlier
+// CUDA work left pending is raised here, named as such: read after the launch, it would be
+// reported as the launch's failure.
 class CudaScope {
  public:
-  explicit CudaScope(const at::Tensor& t) {
+  CudaScope(const at::Tensor& t, const char* op) {
     const int32_t index = t.device().index();
     TORCH_CHECK(aoti_torch_create_cuda_guard(index, &guard_) == AOTI_TORCH_SUCCESS,
                 "ldmfast: could not set the current CUDA device to ", index);
     void* s = nullptr;
-    if (aoti_torch_get_current_cuda_stream(index, &s) != AOTI_TORCH_SUCCESS) {
+    const int pending = cuda::take_last_error();
+    if (pending != 0 || aoti_torch_get_current_cuda_stream(index, &s) != AOTI_TORCH_SUCCESS) {
       // A throwing constructor runs no destructor: restore the device before the error.
       aoti_torch_delete_cuda_guard(guard_);
+      TORCH_CHECK(pending == 0, "ldmfast.", op, ": a CUDA error from earlier work was pending before this ",
+                  "call (", cuda::error_string(pending), "); a kernel's fault shows at a later call, and ",
+                  "CUDA_LAUNCH_BLOCKING=1 finds the kernel that made it");
       TORCH_CHECK(false, "ldmfast: could not get the current CUDA stream of device ", index);
     }
     stream_ = static_cast<cudaStream_t>(s);
@@ -90,7 +96,7 @@ void check_launch(int err, const char* op) {
 at::Tensor group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
                                 int64_t num_groups, double eps, bool silu,
                                 const std::optional<at::Tensor>& emb) {
-  CudaScope scope(x);
+  CudaScope scope(x, "group_norm_silu");
   const cuda::GroupNormKernel kernel = group_norm_kernel_from_env();
   auto c = prepare_group_norm_silu(x, weight, bias, num_groups, eps, silu, emb);
   if (x.numel() == 0) return c.y;
@@ -106,7 +112,7 @@ at::Tensor group_norm_silu_cuda(const at::Tensor& x, const at::Tensor& weight, c
 
 at::Tensor attention_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                           std::optional<double> scale) {
-  CudaScope scope(q);
+  CudaScope scope(q, "attention");
   auto c = prepare_attention(q, k, v, scale);
   TORCH_CHECK_NOT_IMPLEMENTED(cuda::attention_supports_head_dim(c.p.D), "ldmfast.attention: head dim D=",
                               c.p.D, " is not supported by the CUDA kernel (supported: 32, 40, 64, 80, "
@@ -122,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
     double guidance_scale, const std::optional<at::Tensor>& alpha_t_t,
     const std::optional<at::Tensor>& alpha_prev_t, const std::optional<at::Tensor>& sigma_t_t,
     const std::optional<at::Tensor>& guidance_scale_t) {
-  CudaScope scope(x);
+  CudaScope scope(x, "ddim_step");
   auto c = prepare_ddim_step(x, eps, eps_uncond, noise, alpha_t, alpha_prev, sigma_t, guidance_scale,
                              alpha_t_t, alpha_prev_t, sigma_t_t, guidance_scale_t);
   if (x.numel() > 0) check_launch(cuda::ddim_step(c.p, scope.stream()), "ddim_step");
@@ -130,7 +136,7 @@ std::tuple<at::Tensor, at::Tensor> ddim_step_cuda(
 }
 
 at::Tensor geglu_cuda(const at::Tensor& h) {
-  CudaScope scope(h);
+  CudaScope scope(h, "geglu");
   auto c = prepare_geglu(h);
   if (c.out.numel() > 0) check_launch(cuda::geglu(c.p, scope.stream()), "geglu");
   return c.out;

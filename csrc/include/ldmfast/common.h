@@ -30,6 +30,10 @@ const char* error_string(int err);
 int device_compute_capability();
 // The archs the kernels were compiled for, as given to the build (e.g. "80,90a,90-virtual").
 const char* built_archs();
+// The runtime's last error on this thread, cleared (0 if none). The ops read it before they
+// launch: a launch's status is read the same way, and an error left by earlier work must not be
+// reported as the launch's own.
+int take_last_error();
 }  // namespace cuda
 
 }  // namespace ldmfast
