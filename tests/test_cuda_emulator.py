@@ -46,7 +46,7 @@ def _check(res, least):
 def test_cuda_kernels_on_the_cpu_emulator(tmp_path):
     _toolchain()
     env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "0"}
-    _check(subprocess.run(["bash", RUN_SH, "all"], capture_output=True, text=True, env=env), 552)
+    _check(subprocess.run(["bash", RUN_SH, "all"], capture_output=True, text=True, env=env), 553)
     exe = str(tmp_path / "emu_test")
     for which in ("mma", "short"):  # the cp.async kernels, copies landing at issue
         _check(subprocess.run([exe, which], capture_output=True, text=True, env={**env, "EMU_CP_ASYNC": "early"}), 30)

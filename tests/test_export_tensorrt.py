@@ -217,7 +217,12 @@ def trt_env():
     pytest.importorskip("tensorrt")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT tests need a CUDA GPU")
-    return torch.device("cuda")
+    # The fp32 engines are built without TF32; PyTorch's cuDNN convolutions use it by default,
+    # which alone would move the reference by about FP32_RTOL.
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield torch.device("cuda")
+    torch.backends.cudnn.allow_tf32 = tf32
 
 
 @pytest.fixture(scope="module")

@@ -141,6 +141,28 @@ static void test_ddim(DType dt, int64_t N, int64_t M, int off, bool unc, bool no
   if (getenv("VERBOSE")) printf("%s\n", what);
 }
 
+// The GELU's negative tail, where 1 + erf cancels: a = 1 and gates from -3 down to where the
+// exact value leaves float32's normal range, each within 1e-6 relative of g/2 erfc(-g/sqrt 2)
+// (the float64 value of the float32 gate).
+static void test_geglu_tail() {
+  const int64_t n = 4001;
+  Buf h(DType::kFloat32, 2 * n, 0), out(DType::kFloat32, n, 0);
+  for (int64_t j = 0; j < n; ++j) { h.set(j, 1.0); h.set(n + j, -3.0 - 10.0 * j / (n - 1)); }
+  out.poison(n);
+  GegluParams p;
+  p.h = h.ptr(); p.out = out.ptr(); p.rows = 1; p.n = n; p.h_row_stride = 2 * n; p.dtype = DType::kFloat32;
+  const int rc = cuda::geglu(p, nullptr);
+  double worst = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const double g = h.get(n + j), want = 0.5 * g * std::erfc(-g / std::sqrt(2.0));
+    if (std::fabs(want) > 1e-36) worst = std::max(worst, std::fabs(out.get(j) - want) / std::fabs(want));
+  }
+  char what[96];
+  snprintf(what, sizeof what, "geglu negative tail g in [-13, -3] rc=%d max rel err=%.3g", rc, worst);
+  report(rc == 0 && worst < 1e-6, what);
+  if (getenv("VERBOSE")) printf("%s\n", what);
+}
+
 // rows x n outputs from rows of h `stride` elements apart (>= 2n); off shifts both pointers.
 static void test_geglu(DType dt, int64_t rows, int64_t n, int64_t stride, int off) {
   Buf h(dt, rows * stride, off), out(dt, rows * n, off);
@@ -277,6 +299,7 @@ int main(int argc, char** argv) {
     }
   }
   if (which == "all" || which == "geglu") {
+    test_geglu_tail();
     for (DType dt : dts) for (int off : {0, 1}) {
       test_geglu(dt, 5, 640, 1280, off);     // vector when off == 0, two column blocks
       test_geglu(dt, 3, 37, 80, off);        // odd n, row stride past 2n: scalar

@@ -402,6 +402,9 @@ inline float __fsub_rn(float a, float b) { return a - b; }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __fmaf_rn(float a, float b, float c) { return std::fma(a, b, c); }
+// CUDA's scaled complementary error function exp(x^2) erfc(x), which <cmath> lacks; in double
+// it is exact enough for the kernels' arguments (0 <= x <= 15; exp(x^2) overflows past 26).
+inline float erfcxf(float x) { const double d = x; return static_cast<float>(std::exp(d * d) * std::erfc(d)); }
 [[noreturn]] inline void __trap() { std::abort(); }
 inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
 inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
