@@ -25,10 +25,15 @@ ldmfast-ref (the model layer on the plain-PyTorch reference ops), diffusers (eag
 diffusers+ldmfast (the same diffusers pipeline after `ldmfast.accelerate(pipe)`: ldmfast's U-Net
 and decoder over diffusers' own weight tensors, restored afterwards), diffusers+ldmfast-graph (the
 same with `accelerate(pipe, cuda_graph=True)`: its U-Net calls and decodes replayed from CUDA
-graphs, GPU only), diffusers-graph (U-Net step replayed from a CUDA graph, GPU only) and
-diffusers-compile (torch.compile of the U-Net and decoder; opt-in with --compile, slow to build).
-Without diffusers installed the ldmfast providers run on an ldmfast model built from the same
-architecture, and the diffusers ones are skipped.
+graphs, GPU only), diffusers-graph (U-Net step replayed from a CUDA graph, GPU only; it has no
+decode or end-to-end figure) and diffusers-compile (torch.compile of the U-Net and decoder; opt-in
+with --compile, slow to build). Without diffusers installed the ldmfast providers run on an
+ldmfast model built from the same architecture, and the diffusers ones are skipped. On a GPU
+ldmfast's own model runs channels_last, the diffusers pipelines (accelerated too) NCHW.
+
+Each provider's figures are printed as they are measured and its rows appended to the results
+after its last round, so a run stopped by a time limit keeps what it finished. A provider that
+fails is reported with its traceback and left out; the others go on, and the run exits non-zero.
 """
 from __future__ import annotations
 
@@ -38,6 +43,7 @@ import math
 import os
 import statistics
 import sys
+import traceback
 
 import torch
 
@@ -211,10 +217,9 @@ def count_flops(fn):
     return fc.get_total_flops()
 
 
-def parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width):
-    """ldmfast's sampler and decoder (CUDA graphs on a GPU, as timed) against the diffusers
-    pipeline from the same x_T: relative error of the final latents, PSNR of the decoded images."""
-    graphs = x_T.device.type == "cuda"
+def parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width, graphs):
+    """ldmfast's sampler and decoder (from CUDA graphs if graphs) against the diffusers pipeline
+    from the same x_T: relative error of the final latents, PSNR of the decoded images."""
     z = model.sample(cond=cond, uncond=uncond, steps=steps, guidance_scale=guidance, x_T=x_T,
                      progress=False, cuda_graph=graphs)
     img = model.decode(z, cuda_graph=graphs).float().clamp(-1, 1)
@@ -420,10 +425,14 @@ def main(argv=None):
                         orig = pipe.unet
                         pipe.unet = unet
                         pipe.vae.decode = vae_decode  # the pipeline's decode: the compiled one too
-                r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3),
-                     "decode": C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1, repeats=5 if device.type == "cuda" else 3),
-                     "e2e": C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)}
-                if want_image:
+                r = {"step": C.time_fn(step, device, inner=inner_step, repeats=7 if device.type == "cuda" else 3)}
+                # diffusers-graph graphs the U-Net step only: its decode and image would be
+                # diffusers eager's again, under a name that says graph
+                if prov != "diffusers-graph":
+                    r["decode"] = C.time_fn(decode, device, inner=3 if device.type == "cuda" else 1,
+                                            repeats=5 if device.type == "cuda" else 3)
+                    r["e2e"] = C.time_fn(e2e, device, inner=1, repeats=e2e_repeats, warmup=1)
+                if want_image and "e2e" in r:
                     image = e2e().float().cpu().clamp(-1 if prov.startswith("ldmfast") else 0, 1)
                     if not prov.startswith("ldmfast"):
                         image = image * 2 - 1  # diffusers' "pt" images are in [0, 1]
@@ -436,67 +445,126 @@ def main(argv=None):
             if accelerated:
                 ldmfast.dropin.accelerate(pipe, restore=True)
 
+    def layout(prov):
+        # ldmfast's own model runs channels_last on a GPU; the diffusers pipelines (accelerated or
+        # not) run on diffusers' NCHW weights and latents, as their users call them
+        return "channels_last" if device.type == "cuda" and prov.startswith("ldmfast") else "NCHW"
+
+    dt = str(dtype).split(".")[-1]
+    shape = f"{height}x{width}_b{args.batch}"
+    ops = {"step": "unet_step", "decode": "vae_decode_b1", "e2e": f"ddim{steps}_cfg_decode"}
+
+    def rows_of(p, r, note):
+        return [{"bench": "throughput", "op": ops[m], "shape": shape, "dtype": dt,
+                 "layout": layout(p) if p != "floor" else "", "provider": p, "time_us": t * 1e6,
+                 "steps_per_s": 1 / t if m == "step" else "", "note": note} for m, t in r.items()]
+
+    # The floor's rows go out with the first provider's: a run in which every provider fails
+    # appends nothing.
+    pending = rows_of("floor", floor, f"preset={preset_name}")
+    written = []
+
+    def write(new_rows):
+        nonlocal pending
+        written.append(C.append_results(pending + new_rows, device, args.csv))
+        pending = []
+
     # Every provider once per round, rounds one after another: a machine whose speed drifts
     # (a shared CPU, clocks) then slows all providers alike, and the medians over rounds are
-    # compared; the spread of the step figure over rounds is printed beside it.
-    samples = {p: {"step": [], "decode": [], "e2e": []} for p in providers}
+    # compared; the spread of the step figure over rounds is printed beside it. Each provider's
+    # figures are printed as they are measured and its rows appended after its last round, so a
+    # run cut short (a time limit) keeps what it measured; a provider that fails is reported with
+    # its traceback and left out of later rounds, and the others go on.
+    samples = {p: {} for p in providers}
+    failed = {}
     with tqdm(total=rounds * len(providers), desc="providers x rounds", disable=not sys.stderr.isatty()) as bar:
         for rnd in range(rounds):
             for prov in providers:
-                r, image = measure(prov, want_image=rnd == 0 and bool(preset.get("builtin")))
+                bar.update()
+                if prov in failed:
+                    continue
+                try:
+                    r, image = measure(prov, want_image=rnd == 0 and bool(preset.get("builtin")))
+                except Exception as e:  # noqa: BLE001 - reported, and the run exits non-zero
+                    traceback.print_exc()
+                    failed[prov] = (f"{type(e).__name__}: {e}".strip().splitlines() or ["?"])[0][:300]
+                    tqdm.write(f"provider {prov} FAILED, left out: {failed[prov]}")
+                    samples.pop(prov)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # a sticky error shows here, not in the next provider
+                        torch.cuda.empty_cache()
+                    continue
                 for metric, t in r.items():
-                    samples[prov][metric].append(t)
+                    samples[prov].setdefault(metric, []).append(t)
                 if image is not None:
                     images[prov] = image
-                bar.update()
+                tqdm.write(f"{prov} (round {rnd + 1}/{rounds}): " + "  ".join(
+                    f"{m} {t * 1e3:.4g} ms" for m, t in r.items()))
+                sys.stdout.flush()
+                if rnd == rounds - 1:
+                    write(rows_of(prov, {m: statistics.median(v) for m, v in samples[prov].items()},
+                                  f"preset={preset_name} rounds={rounds}"
+                                 ))
     results = {p: {m: statistics.median(v) for m, v in s.items()} for p, s in samples.items()}
     spread = {p: (min(s["step"]), max(s["step"])) for p, s in samples.items()}
 
-    rows = []
-    if have_diffusers and any(p.startswith("ldmfast") for p in providers) and "diffusers" in providers:
-        with torch.no_grad():
-            err, psnr = parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width)
-        print(f"\nparity, ldmfast (as timed) vs diffusers eager from the same noise: final latents relative "
-              f"error {err:.2e} (target < 1e-2), decoded images {psnr:.1f} dB PSNR (target > 35)")
-        rows.append({"bench": "throughput", "op": "parity", "shape": f"{height}x{width}",
-                     "dtype": str(dtype).split(".")[-1], "layout": "", "provider": "ldmfast",
-                     "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}"})
+    # Parity of the first ldmfast provider that ran, configured as it was timed, against
+    # diffusers eager. The issue's target (1e-2) is fp16's; bf16 keeps 3 fewer mantissa bits.
+    par = next((p for p in ("ldmfast", "ldmfast-eager", "ldmfast-ref") if p in results), None)
+    if have_diffusers and par and "diffusers" in results:
+        target = 8e-2 if dtype == torch.bfloat16 else 1e-2
+        try:
+            with torch.no_grad(), model_ops.use_reference_ops(par == "ldmfast-ref"):
+                err, psnr = parity(model, pipe, cond, uncond, x_T, steps, guidance, height, width,
+                                   graphs=par == "ldmfast" and device.type == "cuda")
+        except Exception as e:  # noqa: BLE001
+            traceback.print_exc()
+            failed["parity"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+        else:
+            print(f"\nparity, {par} (as timed) vs diffusers eager from the same noise: final latents relative "
+                  f"error {err:.2e} (target < {target:g} in {dt}), decoded images {psnr:.1f} dB PSNR (target > 35)")
+            write([{"bench": "throughput", "op": "parity", "shape": f"{height}x{width}", "dtype": dt,
+                    "layout": layout(par), "provider": par,
+                    "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}"}])
     base = results.get("diffusers")
+
+    def ratio(p, m):
+        r = results[p]
+        return base[m] / r[m] if base and m in base and m in r else ""
+
     print()
     if rounds > 1:
         print(f"medians of {rounds} rounds; step_range_ms: the U-Net step's lowest and highest round")
+    print("layout: ldmfast's own model " + ("channels_last" if device.type == "cuda" else "NCHW")
+          + ", the diffusers pipelines NCHW (accelerated ones too)"
+          + ("; diffusers-graph graphs the U-Net step only" if "diffusers-graph" in results else ""))
     C.print_table(
         [{"provider": p, "unet_steps_per_s": 1 / r["step"], "step_ms": r["step"] * 1e3,
           "step_range_ms": f"{spread[p][0] * 1e3:.3g}-{spread[p][1] * 1e3:.3g}",
-          "decode_ms": r["decode"] * 1e3, "e2e_s": r["e2e"],
-          "x_step_vs_diffusers": base["step"] / r["step"] if base else "",
-          "x_e2e_vs_diffusers": base["e2e"] / r["e2e"] if base else ""} for p, r in results.items()]
+          "decode_ms": r["decode"] * 1e3 if "decode" in r else "", "e2e_s": r.get("e2e", ""),
+          "x_step_vs_diffusers": ratio(p, "step"), "x_e2e_vs_diffusers": ratio(p, "e2e")}
+         for p, r in results.items()]
         + [{"provider": "floor", "unet_steps_per_s": 1 / floor["step"], "step_ms": floor["step"] * 1e3,
             "decode_ms": floor["decode"] * 1e3, "e2e_s": floor["e2e"]}],
         ["provider", "unet_steps_per_s", "step_ms", "step_range_ms", "decode_ms", "e2e_s", "x_step_vs_diffusers",
          "x_e2e_vs_diffusers"])
-    shape = f"{height}x{width}_b{args.batch}"
-    for p, r in list(results.items()) + [("floor", floor)]:
-        for metric, t in r.items():
-            rows.append({"bench": "throughput", "op": {"step": "unet_step", "decode": "vae_decode_b1",
-                                                        "e2e": f"ddim{steps}_cfg_decode"}[metric],
-                         "shape": shape, "dtype": str(dtype).split(".")[-1], "layout": "", "provider": p,
-                         "time_us": t * 1e6, "steps_per_s": 1 / t if metric == "step" else "",
-                         "note": f"preset={preset_name} rounds={rounds}" if p != "floor" else f"preset={preset_name}"})
     if images:
         from ldmfast.data import shapes
         from ldmfast.images import save_png, to_pil
         print(f"\n{preset['prompt']!r}, judged from the pixels of each provider's end-to-end image:")
         for p, img in images.items():
-            colour, shape = shapes.judge(img[0])
+            colour, form = shapes.judge(img[0])
             saved = ""
             if args.images:
                 # this script's own outputs, named per preset and provider: each run renews them
                 saved = "  " + save_png(to_pil(img)[0], os.path.join(args.images, f"{preset_name}-{p}.png"),
                                         overwrite=True)
-            print(f"  {p:<18} {colour} {shape}{saved}")
-    path = C.append_results(rows, device, args.csv)
-    print(f"\nresults appended to {path}")
+            print(f"  {p:<18} {colour} {form}{saved}")
+    if written:
+        print(f"\nresults appended to {written[-1]}")
+    if failed:
+        sys.exit("failed, so left out of the table and the results: "
+                 + "; ".join(f"{p}: {why}" for p, why in failed.items()))
 
 
 if __name__ == "__main__":

@@ -186,3 +186,56 @@ def test_use_device_gives_set_device_an_index(monkeypatch):
     assert C.use_device(torch.device("cuda")) == torch.device("cuda", 0) and seen == [0]
     assert C.use_device(torch.device("cuda", 1)) == torch.device("cuda", 1) and seen == [0, 1]
     assert C.use_device(torch.device("cpu")) == torch.device("cpu") and seen == [0, 1]
+
+
+# ---- a provider that fails costs only its own figures ----------------------------------------
+
+def _run_real(monkeypatch, capsys, *args):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    import throughput
+    try:
+        throughput.main(["--device", "cpu", "--steps", "2", "--rounds", "1", *args])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
+def test_a_failing_provider_is_reported_and_the_others_kept(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    import ldmfast.dropin
+
+    def boom(*a, **k):
+        if not k.get("restore"):
+            raise RuntimeError("boom in accelerate")
+    monkeypatch.setattr(ldmfast.dropin, "accelerate", boom)
+    out = tmp_path / "r.csv"
+    code, stdout, stderr = _run_real(monkeypatch, capsys, "--preset", "shapes", "--providers",
+                                     "ldmfast,diffusers+ldmfast,diffusers", "--csv", str(out))
+    assert code != 0 and "diffusers+ldmfast: RuntimeError: boom in accelerate" in str(code)
+    assert "provider diffusers+ldmfast FAILED" in stdout and "Traceback" in stderr
+    assert "ldmfast (round 1/1): step" in stdout and "diffusers (round 1/1): step" in stdout
+    rows = list(csv.DictReader(open(out)))
+    assert {row["provider"] for row in rows} == {"ldmfast", "diffusers", "floor"}
+    assert all(row["layout"] == "NCHW" for row in rows if row["provider"] != "floor")
+    # the parity line still ran, between the providers that did
+    assert [row["provider"] for row in rows if row["op"] == "parity"] == ["ldmfast"]
+
+
+@pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
+def test_a_run_in_which_every_provider_fails_appends_nothing(monkeypatch, capsys, tmp_path):
+    pytest.importorskip("diffusers")
+    import ldmfast.dropin
+
+    def boom(*a, **k):
+        if not k.get("restore"):
+            raise RuntimeError("no accelerating today")
+    monkeypatch.setattr(ldmfast.dropin, "accelerate", boom)
+    out = tmp_path / "r.csv"
+    code, stdout, _ = _run_real(monkeypatch, capsys, "--preset", "shapes", "--providers", "diffusers+ldmfast",
+                                "--csv", str(out))
+    assert code != 0 and "diffusers+ldmfast: RuntimeError: no accelerating today" in str(code)
+    assert not out.exists() and "results appended" not in stdout
