@@ -72,12 +72,19 @@ def time_fn(fn, device: torch.device, n_inputs: int = 1, inner: int = 20, repeat
     GPU's time without Python and dispatcher overhead, which would otherwise dominate kernels
     of a few microseconds. The graph holds at least `inner` calls and every input set (a
     replay of fewer sets than the rotation asks for would find them in the L2 cache). A
-    function that cannot be captured is timed eagerly instead.
+    function that cannot be captured is timed eagerly instead (time_fn_graphed says which).
     """
+    return time_fn_graphed(fn, device, n_inputs, inner, repeats, warmup, graph)[0]
+
+
+def time_fn_graphed(fn, device: torch.device, n_inputs: int = 1, inner: int = 20, repeats: int = 15,
+                    warmup: int = 3, graph: bool = False) -> tuple[float, bool]:
+    """time_fn's figure and whether it came from graph replays (False: timed eagerly, with the
+    launch overhead in it, because fn was not asked to be or could not be captured)."""
     if device.type == "cuda" and graph:
         t = _time_graph(fn, device, n_inputs, inner, repeats, warmup)
         if t is not None:
-            return t
+            return t, True
     for i in range(warmup):
         fn(i % n_inputs)
     samples = []
@@ -97,7 +104,7 @@ def time_fn(fn, device: torch.device, n_inputs: int = 1, inner: int = 20, repeat
             for i in range(inner):
                 fn((r * inner + i) % n_inputs)
             samples.append((time.perf_counter() - t0) / inner)
-    return statistics.median(samples)
+    return statistics.median(samples), False
 
 
 def _time_graph(fn, device, n_inputs, inner, repeats, warmup):

@@ -143,8 +143,36 @@ def print_target_checks(rows, device: str) -> None:
         C.print_table(checks, ["op", "shape", "dtype", "layout", "provider", "time_us", "figure", "target", "met"])
 
 
+FAILED = []  # "provider at what: error" of this run: reported at the end, and the run exits 1
+
+
+def _time_all(provs, dev, what, k=1):
+    """{provider: (seconds, graphed)} for each provider that ran (graphed: timed from CUDA graph
+    replays as asked, always true on CPU). One that raises is reported and left out, and the
+    others go on; a sticky CUDA error (an illegal address: every later call would fail too)
+    ends the run."""
+    times = {}
+    for p, f in provs.items():
+        try:
+            t, graphed = C.time_fn_graphed(f, dev, k, graph=True)
+            times[p] = (t, graphed or dev.type != "cuda")
+        except RuntimeError as e:
+            if dev.type == "cuda":
+                try:
+                    torch.cuda.synchronize(dev)
+                except RuntimeError:
+                    raise e from None
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            print(f"  {p} at {what} failed, left out: {why}", file=sys.stderr, flush=True)
+            FAILED.append(f"{p} at {what}: {why}")
+    return times
+
+
 def _rows(times, base, nbytes=None, bw=None, flops=None):
-    """One result row per provider; the ldmfast row notes its speed ratio to each peer."""
+    """One result row per provider; the ldmfast row notes its speed ratio to each peer, and a
+    row timed eagerly (the provider could not be captured in a CUDA graph) says so."""
+    graphed = {p: g for p, (t, g) in times.items()}
+    times = {p: t for p, (t, g) in times.items()}
     out = []
     for p, t in times.items():
         r = {**base, "provider": p, "time_us": t * 1e6}
@@ -152,8 +180,11 @@ def _rows(times, base, nbytes=None, bw=None, flops=None):
             r.update(gbps=nbytes / t / 1e9, frac_copy=nbytes / t / bw)
         if flops:
             r["tflops"] = flops / t / 1e12
-        if p.startswith("ldmfast"):
-            r["note"] = " ".join(f"x{times[q] / t:.2f}_vs_{q}" for q in times if not q.startswith("ldmfast"))
+        note = [f"x{times[q] / t:.2f}_vs_{q}" for q in times if not q.startswith("ldmfast")] \
+            if p.startswith("ldmfast") else []
+        if not graphed[p]:
+            note.append("timed_eagerly_not_capturable")
+        r["note"] = " ".join(note)
         out.append(r)
     return out
 
@@ -186,7 +217,7 @@ def bench_gn(args, dev, bw):
                             "LDMFAST_GN_KERNEL", "groups", ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
-                    times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
+                    times = _time_all(provs, dev, f"gn {shape} {dname} {layout}{' +emb' if with_emb else ''}", k)
                     yield _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
                                           "shape": "x".join(map(str, shape)), "dtype": dname,
                                           "layout": layout}, nbytes, bw)
@@ -260,7 +291,7 @@ def bench_attn(args, dev, bw):
                 except RuntimeError:
                     continue  # this backend does not take this shape/dtype
                 provs["sdpa_" + name] = run
-            times = {p: C.time_fn(f, dev, graph=True) for p, f in provs.items()}
+            times = _time_all(provs, dev, f"attention B{B} H{H} {Lq}x{Lk} d{D} {dname}")
             flops = 4 * B * H * Lq * Lk * D
             yield _rows(times, {"bench": "attention", "op": "self" if Lq == Lk else "cross",
                                   "shape": f"B{B}_H{H}_{Lq}x{Lk}_d{D}", "dtype": dname,
@@ -285,7 +316,7 @@ def bench_ddim(args, dev, bw):
                      "eager": lambda i: ref.ddim_step(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)}
             if comp is not None:
                 provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
-            times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
+            times = _time_all(provs, dev, f"ddim {shape} {dname}", k)
             yield _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
                                   "shape": "x".join(map(str, shape)), "dtype": dname,
                                   "layout": "nchw"}, nbytes, bw)
@@ -309,7 +340,7 @@ def bench_geglu(args, dev, bw):
             provs = {"ldmfast": lambda i: ops.geglu(hs[i]), "eager": lambda i: _geglu_eager(hs[i])}
             if comp is not None:
                 provs["compile"] = lambda i: comp(hs[i])
-            times = {p: C.time_fn(f, dev, k, graph=True) for p, f in provs.items()}
+            times = _time_all(provs, dev, f"geglu {shape} {dname}", k)
             yield _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
                                   "dtype": dname, "layout": "rows"}, nbytes, bw)
 
@@ -364,6 +395,8 @@ def main(argv=None):
             print(f"results appended to {path}\n")
         everything += part
     print_target_checks(everything, C.device_name(dev))
+    if FAILED:
+        sys.exit(f"{len(FAILED)} provider runs failed and are not in the results:\n  " + "\n  ".join(FAILED))
 
 
 if __name__ == "__main__":

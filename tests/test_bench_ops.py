@@ -99,3 +99,36 @@ def test_judge_reads_the_newest_rows_of_the_last_commit(tmp_path):
     r = subprocess.run([sys.executable, script, "--judge", str(tmp_path / "none.csv")], capture_output=True,
                        text=True, timeout=120, cwd=ROOT, env=env)
     assert r.returncode != 0 and "--judge: no such file" in r.stderr
+
+
+def test_a_failing_provider_is_left_out_and_the_run_exits_non_zero(monkeypatch, capsys, tmp_path):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_ops_cuda as b
+
+    def boom(h):
+        raise RuntimeError("geglu kernel refused\nsecond line")
+    monkeypatch.setattr(b.ops, "geglu", boom)
+    monkeypatch.setattr(b, "FAILED", [])
+    out = tmp_path / "r.csv"
+    try:
+        b.main(["--quick", "--device", "cpu", "--no-compile", "--ops", "geglu,ddim", "--csv", str(out)])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    assert code != 0 and "provider runs failed" in str(code) and "ldmfast at geglu" in str(code)
+    assert "geglu kernel refused" in capsys.readouterr().err
+    rows = list(csv.DictReader(open(out)))
+    # the peer of the failing provider, and the next op, were still measured
+    assert {(r["bench"], r["provider"]) for r in rows} == {("geglu", "eager"), ("ddim_step", "ldmfast"),
+                                                           ("ddim_step", "eager")}
+
+
+def test_a_row_timed_without_its_graph_says_so():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_ops_cuda as b
+    finally:
+        sys.path.pop(0)
+    rows = b._rows({"ldmfast": (1e-6, False), "eager": (2e-6, True)}, {"bench": "geglu"})
+    notes = {r["provider"]: r["note"] for r in rows}
+    assert notes == {"ldmfast": "x2.00_vs_eager timed_eagerly_not_capturable", "eager": ""}
