@@ -1,14 +1,17 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (through the device tool) from the repo root, with .whl carried
 # (see ../shared/GPU.md):
-#   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput, or all
+#   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput profile,
+#                                             or all (every stage but profile)
 # A device command may run 10 minutes, so a session takes the stages in a few calls, e.g.
 #   1. build test sass       (build for sm_90a, pytest -m cuda: each attention kernel apart, then the
 #                            rest; HMMA count of the attention kernels)
 #   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
-# BENCH_ARGS and THROUGHPUT_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes fp16").
+#   5. profile               (ncu on the targets' kernels and their peers: benchmarks/profile_kernels.py)
+# BENCH_ARGS, THROUGHPUT_ARGS and PROFILE_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes
+# fp16", PROFILE_ARGS="--cases attn --variants").
 #
 # What comes back: the device tool returns at most 8 files from $OUT, so the script leaves five:
 #   console.txt     everything printed here
@@ -184,14 +187,33 @@ stage_throughput() {
   echo "exit code $?"; tail -40 "$LOGS/throughput.log"
 }
 
+stage_profile() {
+  # Nsight Compute on the issue targets' kernels, each beside its peer (benchmarks/profile_kernels.py
+  # marks the profiled range, so warm-up calls are not profiled); clocks left as they are
+  # (METHOD.md). The full details go in the logs, one line per kernel here.
+  local ncu t
+  ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+  if [ ! -x "$ncu" ]; then echo "ncu not found"; return 0; fi
+  t=$(budget "$limit")
+  echo "== ncu on benchmarks/profile_kernels.py ${PROFILE_ARGS:-} (limit $t s)"
+  python3 benchmarks/profile_kernels.py --list ${PROFILE_ARGS:-} | tee "$LOGS/profile_cases.txt"
+  timeout -k 10 "$t" "$ncu" --profile-from-start off --clock-control none --target-processes all \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section ComputeWorkloadAnalysis --section WarpStateStats --csv --page details \
+    --log-file "$LOGS/ncu_details.csv" python3 benchmarks/profile_kernels.py ${PROFILE_ARGS:-} \
+    > "$LOGS/profile.log" 2>&1
+  echo "ncu exit code $? (124: time limit)"; tail -5 "$LOGS/profile.log"
+  python3 benchmarks/profile_kernels.py --summarize "$LOGS/ncu_details.csv" || head -20 "$LOGS/ncu_details.csv"
+}
+
 main() {
   local stages=("$@") s t0
   [ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput)
   [ "${stages[0]:-}" = stamp ] && { source_stamp; return 0; }  # what a carried build must match
   for s in "${stages[@]}"; do
     case "$s" in
-      build|test|sass|sanitize|bench|throughput) ;;
-      *) echo "unknown stage '$s' (build test sass sanitize bench throughput all)"; return 2 ;;
+      build|test|sass|sanitize|bench|throughput|profile) ;;
+      *) echo "unknown stage '$s' (build test sass sanitize bench throughput profile all)"; return 2 ;;
     esac
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "(nvidia-smi failed)"
