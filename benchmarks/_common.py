@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from ldmfast.graphs import capturing
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 L2_FLUSH_BYTES = 256 << 20  # several times the 50 MB L2 of an H100
 
@@ -117,7 +119,7 @@ def _time_graph(fn, device, n_inputs, inner, repeats, warmup):
     calls = n_inputs * -(-inner // n_inputs)  # whole sweeps of the input sets, >= inner
     g = torch.cuda.CUDAGraph()
     try:
-        with torch.cuda.graph(g, stream=side):
+        with capturing(g, side):  # restores the stream and the allocator if the capture fails
             for i in range(calls):
                 fn(i % n_inputs)
     except RuntimeError:

@@ -135,7 +135,9 @@ def summarize(path):
 
 def _short(name, width=70):
     """A kernel's demangled name without its return type and parameter list, cut to width."""
-    name = name.removeprefix("void ")
+    # ldmfast's kernels (and many of torch's) live in an anonymous namespace, whose "(" is no
+    # parameter list
+    name = name.removeprefix("void ").replace("(anonymous namespace)::", "")
     depth, cut = 0, len(name)
     for i, ch in enumerate(name):  # the parameter list: the first '(' outside template brackets
         depth += ch == "<"
@@ -170,6 +172,9 @@ def main(argv=None):
         ap.error("--device cuda: ldmfast was built without its CUDA kernels (build with LDMFAST_CUDA=1)")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if args.list:
+        if args.variants:
+            ap.error("--list does not know which kernels --variants adds (that depends on the GPU): "
+                     "the profiled run prints its cases as it goes")
         for i, (name, provs) in enumerate(cases(which, torch.device("meta"), dtype, args.quick, False)):
             print(f"case {i}: {name}: {', '.join(p for p, _ in provs)}")
         return None

@@ -38,7 +38,6 @@ fails is reported with its traceback and left out; the others go on, and the run
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import statistics
@@ -49,6 +48,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
+
+from ldmfast.graphs import capturing  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers+ldmfast",
@@ -184,7 +185,7 @@ def graphed(fn, *args):
             fn(*args)
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, stream=s):
+    with capturing(g, s):  # a failed capture leaves the next provider the caller's stream
         fn(*args)
     return lambda *_: g.replay()
 
@@ -285,6 +286,7 @@ def main(argv=None):
         [p for p in ALL_PROVIDERS if p != "diffusers-compile"]
     if args.compile and "diffusers-compile" not in providers:
         providers.append("diffusers-compile")
+    providers = list(dict.fromkeys(providers))  # each once: a repeat would append its rows twice
     for p in providers:
         if p not in ALL_PROVIDERS:
             ap.error(f"--providers: unknown provider {p!r} (choose from {', '.join(ALL_PROVIDERS)})")
@@ -490,6 +492,7 @@ def main(argv=None):
                     failed[prov] = (f"{type(e).__name__}: {e}".strip().splitlines() or ["?"])[0][:300]
                     tqdm.write(f"provider {prov} FAILED, left out: {failed[prov]}")
                     samples.pop(prov)
+                    images.pop(prov, None)  # left out: its image too
                     if device.type == "cuda":
                         torch.cuda.synchronize(device)  # a sticky error shows here, not in the next provider
                         torch.cuda.empty_cache()
@@ -568,5 +571,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    with contextlib.suppress(KeyboardInterrupt):
+    try:
         main()
+    except KeyboardInterrupt:  # what was measured so far is already in the results file
+        sys.exit("interrupted")

@@ -22,6 +22,7 @@ are tested without a GPU, and a debugging aid on one.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Callable, Optional
 
@@ -29,7 +30,7 @@ import torch
 
 log = logging.getLogger("ldmfast")
 
-__all__ = ["GraphCache", "cuda_capture", "eager_capture", "tensor_spec"]
+__all__ = ["GraphCache", "capturing", "cuda_capture", "eager_capture", "tensor_spec"]
 
 
 def _map(fn, obj):
@@ -79,6 +80,39 @@ def _static_like(t: torch.Tensor) -> torch.Tensor:
     return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=fmt)
 
 
+@contextlib.contextmanager
+def capturing(graph, stream, pool=None):
+    """``torch.cuda.graph(graph, pool=pool, stream=stream)``, undone cleanly when the capture
+    fails. When an op in the body cannot be captured, torch.cuda.graph's exit raises from
+    ``capture_end`` before it restores the caller's stream and before the caching allocator stops
+    sending that stream's allocations to the graph's pool: the caller would go on running on the
+    capture stream, allocating into a pool nothing frees. Here the stream is restored however the
+    capture ends, the pool routing is ended, and a pool of the graph's own (``pool=None``) is
+    released; the error is raised unchanged."""
+    with torch.cuda.stream(stream):  # the outer context restores the caller's stream
+        try:
+            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                yield
+        except BaseException:
+            _end_pool(graph, release=pool is None)
+            raise
+
+
+def _end_pool(graph, release: bool) -> None:
+    device = torch.cuda.current_device()
+    try:
+        pool = graph.pool()
+    except RuntimeError:  # capture never began: nothing was routed
+        return
+    for name in ("_cuda_endAllocateToPool",) + (("_cuda_releasePool",) if release else ()):
+        fn = getattr(torch._C, name, None)
+        try:
+            if fn is not None:
+                fn(device, pool)
+        except RuntimeError:  # capture_end got as far as ending it itself
+            pass
+
+
 def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2, stream=None):
     """Captures ``fn(**static)`` in a CUDA graph allocating from ``pool``, on ``stream`` (a side
     stream of the current device; a new one when None).
@@ -95,7 +129,7 @@ def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2, stream=None)
             fn(**static)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool, stream=side):
+    with capturing(graph, side, pool):
         out = fn(**static)
     return graph.replay, out
 

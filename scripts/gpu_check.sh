@@ -9,9 +9,10 @@
 #   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
-#   5. profile               (ncu on the targets' kernels and their peers: benchmarks/profile_kernels.py)
+#   5. profile               (ncu on the targets' kernels and their peers: benchmarks/profile_kernels.py,
+#                            one ncu per op group of PROFILE_OPS, default "attn gn ddim,geglu")
 # BENCH_ARGS, THROUGHPUT_ARGS and PROFILE_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes
-# fp16", PROFILE_ARGS="--cases attn --variants").
+# fp16", PROFILE_OPS=attn PROFILE_ARGS=--variants).
 #
 # What comes back: the device tool returns at most 8 files from $OUT, so the script leaves five:
 #   console.txt     everything printed here
@@ -190,20 +191,25 @@ stage_throughput() {
 stage_profile() {
   # Nsight Compute on the issue targets' kernels, each beside its peer (benchmarks/profile_kernels.py
   # marks the profiled range, so warm-up calls are not profiled); clocks left as they are
-  # (METHOD.md). The full details go in the logs, one line per kernel here.
-  local ncu t
+  # (METHOD.md). ncu prints its details page when the program ends, so each op runs under an ncu
+  # of its own: a time limit loses one op's report, not all. One line per kernel here, the full
+  # details in the logs; the case lines (printed by the profiled run) give the kernels' order.
+  local ncu t ops
   ncu=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
   if [ ! -x "$ncu" ]; then echo "ncu not found"; return 0; fi
-  t=$(budget "$limit")
-  echo "== ncu on benchmarks/profile_kernels.py ${PROFILE_ARGS:-} (limit $t s)"
-  python3 benchmarks/profile_kernels.py --list ${PROFILE_ARGS:-} | tee "$LOGS/profile_cases.txt"
-  timeout -k 10 "$t" "$ncu" --profile-from-start off --clock-control none --target-processes all \
-    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
-    --section ComputeWorkloadAnalysis --section WarpStateStats --csv --page details \
-    --log-file "$LOGS/ncu_details.csv" python3 benchmarks/profile_kernels.py ${PROFILE_ARGS:-} \
-    > "$LOGS/profile.log" 2>&1
-  echo "ncu exit code $? (124: time limit)"; tail -5 "$LOGS/profile.log"
-  python3 benchmarks/profile_kernels.py --summarize "$LOGS/ncu_details.csv" || head -20 "$LOGS/ncu_details.csv"
+  for ops in ${PROFILE_OPS:-attn gn ddim,geglu}; do
+    t=$(budget "$limit")
+    echo "== ncu: benchmarks/profile_kernels.py --cases $ops ${PROFILE_ARGS:-} (limit $t s)"
+    timeout -k 10 "$t" "$ncu" --profile-from-start off --clock-control none --target-processes all \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+      --section ComputeWorkloadAnalysis --section WarpStateStats --csv --page details \
+      --log-file "$LOGS/ncu_$ops.csv" python3 benchmarks/profile_kernels.py --cases "$ops" ${PROFILE_ARGS:-} \
+      > "$LOGS/profile_$ops.log" 2>&1
+    echo "ncu exit code $? (124: time limit)"
+    grep "^case " "$LOGS/profile_$ops.log"; grep -v "^case " "$LOGS/profile_$ops.log" | tail -3
+    python3 benchmarks/profile_kernels.py --summarize "$LOGS/ncu_$ops.csv" || head -20 "$LOGS/ncu_$ops.csv"
+    pack
+  done
 }
 
 main() {

@@ -132,3 +132,24 @@ def test_a_row_timed_without_its_graph_says_so():
     rows = b._rows({"ldmfast": (1e-6, False), "eager": (2e-6, True)}, {"bench": "geglu"})
     notes = {r["provider"]: r["note"] for r in rows}
     assert notes == {"ldmfast": "x2.00_vs_eager timed_eagerly_not_capturable", "eager": ""}
+    rows = b._rows({"ldmfast": (1e-6, True), "eager": (2e-6, False)}, {"bench": "geglu"})
+    notes = {r["provider"]: r["note"] for r in rows}
+    assert notes == {"ldmfast": "x2.00_vs_eager(eager)", "eager": "timed_eagerly_not_capturable"}
+
+
+def test_targets_without_an_ldmfast_row_or_with_an_eager_peer_are_not_judged():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_ops_cuda as b
+    finally:
+        sys.path.pop(0)
+    rows = [r for r in _target_rows() if not (r["shape"] == "B2_H8_4096x77_d40" and r["provider"].startswith("ldmfast"))]
+    # every ldmfast kernel failed on 4096x77: no figure (this used to be min() of nothing)
+    got = {c["shape"]: (c["figure"], c["met"]) for c in b.target_checks(rows)}
+    assert got["B2_H8_4096x77_d40"] == ("no ldmfast row", "?")
+    # cuDNN's SDPA timed eagerly (it could not be captured): its time holds launch overhead
+    for r in rows:
+        if r["provider"] == "sdpa_cudnn":
+            r["note"] = b.EAGER_NOTE
+    got = {c["shape"]: (c["figure"], c["met"]) for c in b.target_checks(rows)}
+    assert got["B2_H8_4096x4096_d64"] == ("x0.89 vs sdpa_cudnn (eager timing)", "?")

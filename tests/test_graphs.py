@@ -6,6 +6,7 @@ marker and are skipped, visibly, where there is no GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import pytest
@@ -344,3 +345,55 @@ def test_cuda_graph_fp16():
               steps=4, progress=False)
     g, e = m.sample(cuda_graph=True, **kw), m.sample(**kw)
     assert torch.isfinite(g).all() and rel(g, e) < 1e-3
+
+
+def test_a_failed_capture_gives_back_the_stream_and_the_pool(monkeypatch):
+    # torch.cuda.graph's exit raises from capture_end before it restores the caller's stream
+    # (torch's own order, mimicked here without a GPU); `capturing` must restore it, end the
+    # allocator's routing to the graph's pool and release a pool of the graph's own.
+    from ldmfast.graphs import capturing
+
+    current = ["caller"]
+    calls = []
+
+    @contextlib.contextmanager
+    def stream(s):  # torch's StreamContext restores the stream on any exit
+        before = current[0]
+        current[0] = s
+        try:
+            yield
+        finally:
+            current[0] = before
+
+    class Graph:
+        def pool(self):
+            return (1, 7)
+
+    class graph:  # noqa: N801 - torch's name
+        def __init__(self, g, pool=None, stream=None):
+            self.s = stream
+
+        def __enter__(self):
+            self.before = current[0]
+            current[0] = self.s
+
+        def __exit__(self, *exc):
+            raise RuntimeError("operation not permitted when stream is capturing")  # before restoring
+
+    monkeypatch.setattr(torch.cuda, "stream", stream)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: calls.append(("end", d, p)), raising=False)
+    monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: calls.append(("release", d, p)), raising=False)
+    with pytest.raises(RuntimeError, match="not permitted"):
+        with capturing(Graph(), "side"):
+            assert current[0] == "side"
+            torch.ones(1).item()  # an op that cannot be captured
+    assert current[0] == "caller"
+    assert calls == [("end", 0, (1, 7)), ("release", 0, (1, 7))]
+    # a shared pool (a GraphCache's) is ended but not released: other graphs live in it
+    calls.clear()
+    with pytest.raises(RuntimeError):
+        with capturing(Graph(), "side", pool=(1, 3)):
+            pass
+    assert current[0] == "caller" and calls == [("end", 0, (1, 7))]

@@ -30,6 +30,9 @@ def test_cases_run_on_cpu_in_the_order_listed():
 def test_bad_cases_are_usage_errors():
     r = _run("--cases", "attn,conv", "--list")
     assert r.returncode == 2 and "--cases: unknown op 'conv'" in r.stderr
+    # which kernels --variants adds depends on the GPU: a list without them would misorder ncu's
+    r = _run("--cases", "attn", "--variants", "--list")
+    assert r.returncode == 2 and "--list does not know which kernels --variants adds" in r.stderr
 
 
 HEADER = ('"ID","Process ID","Process Name","Host Name","Kernel Name","Context","Stream","Block Size",'
@@ -43,7 +46,8 @@ def _row(i, kernel, section, metric, unit, value):
 
 
 def test_summary_has_one_line_per_kernel(tmp_path):
-    attn = "void ldmfast::cuda::attention_wgmma_kernel<cutlass::half_t, 48, (int)2>(ldmfast::AttentionArgs)"
+    attn = ("void ldmfast::cuda::(anonymous namespace)::attention_wgmma_kernel<cutlass::half_t, 48, (int)2>"
+            "(ldmfast::AttentionArgs)")
     log = tmp_path / "ncu.csv"
     log.write_text(
         "==PROF== Connected to process 77\ncase 0: attention B2 H8 4096x4096 d40: ldmfast, sdpa\n" + HEADER
