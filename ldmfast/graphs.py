@@ -267,7 +267,12 @@ class GraphCache:
             for dst, src in zip(_tensors(static[name]), _tensors(value)):
                 dst.copy_(src)
         extra = {"stream": self._stream()} if self.requires_cuda else {}
-        replay, out = self.capture(fn, static, self.pool(), warmup=self.warmup, **extra)
+        try:
+            replay, out = self.capture(fn, static, self.pool(), warmup=self.warmup, **extra)
+        except RuntimeError as e:  # torch's words name the CUDA call, not what to do about it
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise RuntimeError(f"ldmfast: this work could not be captured in a CUDA graph ({first}); "
+                               f"run it without cuda_graph=True. Graph key: {key!r}") from e
         if self.requires_cuda:
             # The capture itself computed nothing: run it once for these inputs.
             replay()

@@ -268,6 +268,16 @@ def test_graph_cache_structures_and_eviction():
         cache.run("k4", f, {"a": 1.0})
 
 
+def test_a_capture_that_fails_says_what_to_do_and_caches_nothing():
+    def refuse(fn, static, pool=None, warmup=0):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+    cache = GraphCache(capture=refuse)
+    with pytest.raises(RuntimeError, match=r"could not be captured in a CUDA graph \(CUDA error: operation "
+                       r"not permitted when stream is capturing\); run it without cuda_graph=True"):
+        cache.run(("sample", 8), lambda a: a + 1, {"a": torch.ones(2)})
+    assert len(cache) == 0 and cache.captures == 0
+
+
 def test_moved_watch_drops_every_graph_captured_on_it():
     cache = GraphCache(capture=CountingCapture())
     w = torch.nn.Parameter(torch.ones(3))
