@@ -203,15 +203,20 @@ def _run_real(monkeypatch, capsys, *args):
     return code, out.out, out.err
 
 
-@pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
-def test_a_failing_provider_is_reported_and_the_others_kept(monkeypatch, capsys, tmp_path):
+def _failing_accelerate(monkeypatch, message):
+    """accelerate(pipe) raises `message` (restoring still works): the diffusers+ldmfast provider fails."""
     pytest.importorskip("diffusers")
     import ldmfast.dropin
 
     def boom(*a, **k):
         if not k.get("restore"):
-            raise RuntimeError("boom in accelerate")
+            raise RuntimeError(message)
     monkeypatch.setattr(ldmfast.dropin, "accelerate", boom)
+
+
+@pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
+def test_a_failing_provider_is_reported_and_the_others_kept(monkeypatch, capsys, tmp_path):
+    _failing_accelerate(monkeypatch, "boom in accelerate")
     out = tmp_path / "r.csv"
     code, stdout, stderr = _run_real(monkeypatch, capsys, "--preset", "shapes", "--providers",
                                      "ldmfast,diffusers+ldmfast,diffusers", "--csv", str(out))
@@ -227,13 +232,7 @@ def test_a_failing_provider_is_reported_and_the_others_kept(monkeypatch, capsys,
 
 @pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
 def test_a_run_in_which_every_provider_fails_appends_nothing(monkeypatch, capsys, tmp_path):
-    pytest.importorskip("diffusers")
-    import ldmfast.dropin
-
-    def boom(*a, **k):
-        if not k.get("restore"):
-            raise RuntimeError("no accelerating today")
-    monkeypatch.setattr(ldmfast.dropin, "accelerate", boom)
+    _failing_accelerate(monkeypatch, "no accelerating today")
     out = tmp_path / "r.csv"
     code, stdout, _ = _run_real(monkeypatch, capsys, "--preset", "shapes", "--providers", "diffusers+ldmfast",
                                 "--csv", str(out))
