@@ -144,7 +144,36 @@ def rows_to_judge(path) -> list[dict]:
     return list(newest.values())
 
 
+def best_attention_kernels(rows) -> list[dict]:
+    """Per attention shape and dtype: the fastest and second-fastest ldmfast kernel, the default
+    kernel's time, and the fastest SDPA backend: what choosing the default per shape
+    (csrc/cuda/attention.cu) is decided on."""
+    groups = {}
+    for r in rows:
+        if r["bench"] == "attention":
+            groups.setdefault((r["shape"], r["dtype"]), {})[r["provider"]] = float(r["time_us"])
+    out = []
+    for (shape, dtype), t in groups.items():
+        ours = sorted((v, p) for p, v in t.items() if p.startswith("ldmfast"))
+        peers = sorted((v, p) for p, v in t.items() if p.startswith("sdpa"))
+        if not ours:
+            continue
+        line = {"shape": shape, "dtype": dtype, "best": ours[0][1], "best_us": ours[0][0],
+                "default_us": t.get("ldmfast", "")}
+        if len(ours) > 1:
+            line.update(second=ours[1][1], x_best_vs_second=ours[1][0] / ours[0][0])
+        if peers:
+            line.update(sdpa_best=peers[0][1], x_best_vs_sdpa=peers[0][0] / ours[0][0])
+        out.append(line)
+    return out
+
+
 def print_target_checks(rows, device: str) -> None:
+    best = best_attention_kernels(rows)
+    if best:
+        print(f"fastest ldmfast attention kernel per shape ({device}):")
+        C.print_table(best, ["shape", "dtype", "best", "best_us", "second", "x_best_vs_second", "default_us",
+                             "sdpa_best", "x_best_vs_sdpa"])
     checks = target_checks(rows)
     if checks:
         print(f"issue targets (meant for the lent H100; these rows: {device}): "

@@ -94,7 +94,9 @@ def test_judge_reads_the_newest_rows_of_the_last_commit(tmp_path):
                        timeout=120, cwd=ROOT, env=env)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "2 of 6 met" in r.stdout, r.stdout  # 11.5 us replaced by 13: no longer met
-    line = next(x for x in r.stdout.splitlines() if "B2_H8_4096x77_d40" in x)
+    targets = r.stdout[r.stdout.index("issue targets"):]
+    line = next(x for x in targets.splitlines() if "B2_H8_4096x77_d40" in x)
+    assert "fastest ldmfast attention kernel per shape" in r.stdout
     assert "13 us" in line and line.rstrip().endswith("NO"), line
     r = subprocess.run([sys.executable, script, "--judge", str(tmp_path / "none.csv")], capture_output=True,
                        text=True, timeout=120, cwd=ROOT, env=env)
@@ -153,3 +155,18 @@ def test_targets_without_an_ldmfast_row_or_with_an_eager_peer_are_not_judged():
             r["note"] = b.EAGER_NOTE
     got = {c["shape"]: (c["figure"], c["met"]) for c in b.target_checks(rows)}
     assert got["B2_H8_4096x4096_d64"] == ("x0.89 vs sdpa_cudnn (eager timing)", "?")
+
+
+def test_fastest_attention_kernel_per_shape():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_ops_cuda as b
+    finally:
+        sys.path.pop(0)
+    best = {(r["shape"], r["dtype"]): r for r in b.best_attention_kernels(_target_rows())}
+    cross = best[("B2_H8_4096x77_d40", "fp16")]
+    assert (cross["best"], cross["best_us"], cross["second"], cross["default_us"]) == ("ldmfast_fast", 11.5, "ldmfast", 200.0)
+    assert round(cross["x_best_vs_second"], 3) == round(200 / 11.5, 3) and cross["sdpa_best"] == "sdpa"
+    d64 = best[("B2_H8_4096x4096_d64", "bf16")]  # the fastest SDPA backend, whichever it is
+    assert d64["sdpa_best"] == "sdpa" and d64["default_us"] == "" and "second" not in d64
+    assert ("1x128x512x512", "fp16") not in best  # attention rows only
