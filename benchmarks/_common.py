@@ -66,6 +66,11 @@ def copies_for(nbytes: int, device: torch.device) -> int:
     return max(1, min(64, -(-L2_FLUSH_BYTES // nbytes)))
 
 
+def first_line(e: BaseException, width: int = 300) -> str:
+    """An exception as one short line (type and the first line of its message), for reports."""
+    return (f"{type(e).__name__}: {e}".strip().splitlines() or [type(e).__name__])[0][:width]
+
+
 def time_fn(fn, device: torch.device, n_inputs: int = 1, inner: int = 20, repeats: int = 15,
             warmup: int = 3, graph: bool = False) -> float:
     """Median seconds per call of fn(i), i cycling over n_inputs prepared input sets.

@@ -200,7 +200,7 @@ def _time_all(provs, dev, what, k=1):
                     torch.cuda.synchronize(dev)
                 except RuntimeError:
                     raise e from None
-            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            why = C.first_line(e, 200)
             print(f"  {p} at {what} failed, left out: {why}", file=sys.stderr, flush=True)
             FAILED.append(f"{p} at {what}: {why}")
     return times

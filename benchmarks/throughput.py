@@ -489,7 +489,7 @@ def main(argv=None):
                     r, image = measure(prov, want_image=rnd == 0 and bool(preset.get("builtin")))
                 except Exception as e:  # noqa: BLE001 - reported, and the run exits non-zero
                     traceback.print_exc()
-                    failed[prov] = (f"{type(e).__name__}: {e}".strip().splitlines() or ["?"])[0][:300]
+                    failed[prov] = C.first_line(e)
                     tqdm.write(f"provider {prov} FAILED, left out: {failed[prov]}")
                     samples.pop(prov)
                     images.pop(prov, None)  # left out: its image too
@@ -506,8 +506,7 @@ def main(argv=None):
                 sys.stdout.flush()
                 if rnd == rounds - 1:
                     write(rows_of(prov, {m: statistics.median(v) for m, v in samples[prov].items()},
-                                  f"preset={preset_name} rounds={rounds}"
-                                 ))
+                                  f"preset={preset_name} rounds={rounds}"))
     results = {p: {m: statistics.median(v) for m, v in s.items()} for p, s in samples.items()}
     spread = {p: (min(s["step"]), max(s["step"])) for p, s in samples.items()}
 
@@ -522,7 +521,7 @@ def main(argv=None):
                                    graphs=par == "ldmfast" and device.type == "cuda")
         except Exception as e:  # noqa: BLE001
             traceback.print_exc()
-            failed["parity"] = f"{type(e).__name__}: {e}".strip().splitlines()[0][:300]
+            failed["parity"] = C.first_line(e)
         else:
             print(f"\nparity, {par} (as timed) vs diffusers eager from the same noise: final latents relative "
                   f"error {err:.2e} (target < {target:g} in {dt}), decoded images {psnr:.1f} dB PSNR (target > 35)")
