@@ -14,7 +14,10 @@ selects) vs SDPA (torch's default choice and each available backend) on SD-1.x a
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
 replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_step with guidance and noise vs the
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
-a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. On CPU (--device cpu --quick) it checks itself on small shapes.
+a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. The torch.compile
+peers are timed in a second pass after every other row (compiling each shape takes minutes in all),
+with the ratio to ldmfast's first-pass time in their note. On CPU (--device cpu --quick) it checks
+itself on small shapes.
 """
 from __future__ import annotations
 
@@ -206,6 +209,28 @@ def _time_all(provs, dev, what, k=1):
     return times
 
 
+# The benches with a torch.compile peer. Compiling builds kernels for every shape (minutes over the
+# GroupNorm shapes on the GPU machine), so those peers are timed in a second pass after every
+# other row: a run cut by its time limit then loses compile rows only.
+COMPILED = ("gn", "ddim", "geglu")
+
+
+def _this_pass(provs, args):
+    """The providers this pass times: all of them, or in the compile pass the compile peer only."""
+    return {"compile": provs["compile"]} if args.compile_only else provs
+
+
+def _ratio_to_first_pass(rows, earlier):
+    """Compile-pass rows, with the ldmfast time of the first pass as a ratio in their note."""
+    ours = {(r["bench"], r["op"], r["shape"], r["dtype"], r["layout"]): r["time_us"]
+            for r in earlier if r["provider"] == "ldmfast"}
+    for r in rows:
+        t = ours.get((r["bench"], r["op"], r["shape"], r["dtype"], r["layout"]))
+        if t:
+            r["note"] = " ".join(filter(None, [f"ldmfast_x{r['time_us'] / t:.2f}_vs_this", r.get("note")]))
+    return rows
+
+
 def _rows(times, base, nbytes=None, bw=None, flops=None):
     """One result row per provider; the ldmfast row notes its speed ratio to each peer, and a
     row timed eagerly (the provider could not be captured in a CUDA graph) says so."""
@@ -255,7 +280,7 @@ def bench_gn(args, dev, bw):
                             "LDMFAST_GN_KERNEL", "groups", ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
-                    times = _time_all(provs, dev, f"gn {shape} {dname} {layout}{' +emb' if with_emb else ''}", k)
+                    times = _time_all(_this_pass(provs, args), dev, f"gn {shape} {dname} {layout}{' +emb' if with_emb else ''}", k)
                     yield _rows(times, {"bench": "group_norm_silu", "op": "gn_silu" + ("+emb" if with_emb else ""),
                                           "shape": "x".join(map(str, shape)), "dtype": dname,
                                           "layout": layout}, nbytes, bw)
@@ -354,7 +379,7 @@ def bench_ddim(args, dev, bw):
                      "eager": lambda i: ref.ddim_step(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)}
             if comp is not None:
                 provs["compile"] = lambda i: comp(sets[i][0], sets[i][1], a_t, a_prev, sig, sets[i][3], sets[i][2], g)
-            times = _time_all(provs, dev, f"ddim {shape} {dname}", k)
+            times = _time_all(_this_pass(provs, args), dev, f"ddim {shape} {dname}", k)
             yield _rows(times, {"bench": "ddim_step", "op": "ddim+cfg+noise",
                                   "shape": "x".join(map(str, shape)), "dtype": dname,
                                   "layout": "nchw"}, nbytes, bw)
@@ -378,7 +403,7 @@ def bench_geglu(args, dev, bw):
             provs = {"ldmfast": lambda i: ops.geglu(hs[i]), "eager": lambda i: _geglu_eager(hs[i])}
             if comp is not None:
                 provs["compile"] = lambda i: comp(hs[i])
-            times = _time_all(provs, dev, f"geglu {shape} {dname}", k)
+            times = _time_all(_this_pass(provs, args), dev, f"geglu {shape} {dname}", k)
             yield _rows(times, {"bench": "geglu", "op": "geglu", "shape": "x".join(map(str, shape)),
                                   "dtype": dname, "layout": "rows"}, nbytes, bw)
 
@@ -422,16 +447,27 @@ def main(argv=None):
         if name not in benches:
             ap.error(f"--ops: unknown op {name!r} (choose from {', '.join(benches)})")
     everything = []
-    for name in names:
-        part = []
-        for rows in benches[name](args, dev, bw):
-            # Shape by shape: a run stopped by a time limit keeps what it measured.
-            path = C.append_results(rows, dev, args.csv)
-            part += rows
-        C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy", "note"])
-        if part:
-            print(f"results appended to {path}\n")
-        everything += part
+    passes = [(names, argparse.Namespace(**{**vars(args), "compile": False, "compile_only": False}))]
+    if args.compile:
+        passes.append(([n for n in names if n in COMPILED],
+                       argparse.Namespace(**{**vars(args), "compile": True, "compile_only": True})))
+    for pass_names, pass_args in passes:
+        if pass_args.compile_only and pass_names:
+            print("torch.compile peers (a pass of their own: compiling takes minutes; the ratio to "
+                  "ldmfast's first-pass time is in each row's note)\n")
+        for name in pass_names:
+            part = []
+            for rows in benches[name](pass_args, dev, bw):
+                if pass_args.compile_only:
+                    rows = _ratio_to_first_pass(rows, everything)
+                # Shape by shape: a run stopped by a time limit keeps what it measured.
+                path = C.append_results(rows, dev, args.csv)
+                part += rows
+            C.print_table(part, ["op", "shape", "dtype", "layout", "provider", "time_us", "gbps", "tflops", "frac_copy",
+                                 "note"])
+            if part:
+                print(f"results appended to {path}\n")
+            everything += part
     print_target_checks(everything, C.device_name(dev))
     if FAILED:
         sys.exit(f"{len(FAILED)} provider runs failed and are not in the results:\n  " + "\n  ".join(FAILED))

@@ -170,3 +170,26 @@ def test_fastest_attention_kernel_per_shape():
     d64 = best[("B2_H8_4096x4096_d64", "bf16")]  # the fastest SDPA backend, whichever it is
     assert d64["sdpa_best"] == "sdpa" and d64["default_us"] == "" and "second" not in d64
     assert ("1x128x512x512", "fp16") not in best  # attention rows only
+
+
+def test_compile_peers_are_timed_in_a_pass_of_their_own(monkeypatch, tmp_path):
+    # torch.compile's stand-in here is the uncompiled function (compiling on 2 cores takes
+    # minutes); what is checked is the order of the rows and the ratio in their note.
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_ops_cuda as b
+
+    monkeypatch.setattr(b, "_compiled", lambda fn, enabled: fn if enabled else None)
+    monkeypatch.setattr(b, "FAILED", [])
+    out = tmp_path / "r.csv"
+    b.main(["--quick", "--device", "cpu", "--ops", "ddim,attn,geglu", "--dtypes", "fp32", "--csv", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    providers = [r["provider"] for r in rows]
+    first = providers.index("compile")
+    assert set(providers[first:]) == {"compile"} and "compile" not in providers[:first]
+    assert {r["bench"] for r in rows[first:]} == {"ddim_step", "geglu"}  # attention has no compile peer
+    for r in rows[first:]:
+        (ours,) = [x for x in rows[:first] if x["provider"] == "ldmfast" and
+                   (x["bench"], x["shape"], x["dtype"]) == (r["bench"], r["shape"], r["dtype"])]
+        ratio = float(r["time_us"]) / float(ours["time_us"])  # times rounded to 4 digits in the CSV
+        assert r["note"].startswith("ldmfast_x") and r["note"].endswith("_vs_this"), r["note"]
+        assert abs(float(r["note"][len("ldmfast_x"):-len("_vs_this")]) - ratio) <= 0.01 * ratio + 0.005
