@@ -84,33 +84,41 @@ def _static_like(t: torch.Tensor) -> torch.Tensor:
 def capturing(graph, stream, pool=None):
     """``torch.cuda.graph(graph, pool=pool, stream=stream)``, undone cleanly when the capture
     fails. When an op in the body cannot be captured, torch.cuda.graph's exit raises from
-    ``capture_end`` before it restores the caller's stream and before the caching allocator stops
-    sending that stream's allocations to the graph's pool: the caller would go on running on the
-    capture stream, allocating into a pool nothing frees. Here the stream is restored however the
-    capture ends, the pool routing is ended, and a pool of the graph's own (``pool=None``) is
-    released; the error is raised unchanged."""
+    ``capture_end`` (at cudaStreamEndCapture) before it restores the caller's stream and before
+    the caching allocator stops sending that stream's allocations to the pool: the caller would
+    go on running on the capture stream, allocating into the graph's pool. Here the stream is
+    restored however the capture ends, and the pool is handed back as far as is safe
+    (``_end_pool``); the error is raised unchanged. A graph of its own pool gets a fresh handle
+    here, so that the pool is known after a failure (``graph.pool()`` refuses then)."""
+    own = pool is None
+    pool = torch.cuda.graph_pool_handle() if own else pool
     with torch.cuda.stream(stream):  # the outer context restores the caller's stream
         try:
             with torch.cuda.graph(graph, pool=pool, stream=stream):
                 yield
         except BaseException:
-            _end_pool(graph, release=pool is None)
+            _end_pool(pool, release=own)
             raise
 
 
-def _end_pool(graph, release: bool) -> None:
-    device = torch.cuda.current_device()
-    try:
-        pool = graph.pool()
-    except RuntimeError:  # capture never began: nothing was routed
+def _end_pool(pool, release: bool) -> None:
+    """After a failed capture into `pool`, where capture_end did not get as far as ending the
+    allocator's routing to it: ends the routing and, for a pool of the graph's own, gives back
+    the use of it that capture_begin took (the graph never will: it releases only after a
+    completed capture_end), so its memory can be freed. A shared pool keeps that use: given back,
+    a pool whose count reached zero while its blocks live on makes the next capture into it fail
+    an internal assert. Where capture_end did end the routing, the graph holds the use and gives
+    it back when destroyed, and nothing is done here (a second release would underflow it)."""
+    end, free = (getattr(torch._C, n, None) for n in ("_cuda_endAllocateToPool", "_cuda_releasePool"))
+    if end is None or free is None:
         return
-    for name in ("_cuda_endAllocateToPool",) + (("_cuda_releasePool",) if release else ()):
-        fn = getattr(torch._C, name, None)
-        try:
-            if fn is not None:
-                fn(device, pool)
-        except RuntimeError:  # capture_end got as far as ending it itself
-            pass
+    device = torch.cuda.current_device()  # the capture stream's (inside its stream context)
+    try:
+        end(device, pool)
+    except RuntimeError:  # not routing to it: capture_end ended it, or capture_begin never began
+        return
+    if release:
+        free(device, pool)
 
 
 def cuda_capture(fn: Callable, static: dict, pool, warmup: int = 2, stream=None):

@@ -359,11 +359,13 @@ def test_cuda_graph_fp16():
 
 def test_a_failed_capture_gives_back_the_stream_and_the_pool(monkeypatch):
     # torch.cuda.graph's exit raises from capture_end before it restores the caller's stream
-    # (torch's own order, mimicked here without a GPU); `capturing` must restore it, end the
-    # allocator's routing to the graph's pool and release a pool of the graph's own.
+    # (torch's own order, mimicked here without a GPU); `capturing` must restore it and, where
+    # capture_end did not end the allocator's routing to the pool, end it and give back the
+    # capture's use of a pool of the graph's own; otherwise leave the pool to the graph.
     from ldmfast.graphs import capturing
 
     current = ["caller"]
+    routing = set()  # pools the allocator is routing the capture stream's allocations to
     calls = []
 
     @contextlib.contextmanager
@@ -375,35 +377,50 @@ def test_a_failed_capture_gives_back_the_stream_and_the_pool(monkeypatch):
         finally:
             current[0] = before
 
-    class Graph:
-        def pool(self):
-            return (1, 7)
-
     class graph:  # noqa: N801 - torch's name
+        end_completes = False  # True: capture_end gets past endAllocateToPool, then fails
+
         def __init__(self, g, pool=None, stream=None):
-            self.s = stream
+            self.s, self.pool = stream, pool
 
         def __enter__(self):
-            self.before = current[0]
             current[0] = self.s
+            routing.add(self.pool)
 
         def __exit__(self, *exc):
+            if graph.end_completes:
+                routing.discard(self.pool)
             raise RuntimeError("operation not permitted when stream is capturing")  # before restoring
+
+    def end(device, pool):
+        if pool not in routing:
+            raise RuntimeError("endAllocatePool: not currently recording to mempool_id")
+        routing.discard(pool)
+        calls.append(("end", device, pool))
 
     monkeypatch.setattr(torch.cuda, "stream", stream)
     monkeypatch.setattr(torch.cuda, "graph", graph)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", lambda d, p: calls.append(("end", d, p)), raising=False)
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (0, 42))
+    monkeypatch.setattr(torch._C, "_cuda_endAllocateToPool", end, raising=False)
     monkeypatch.setattr(torch._C, "_cuda_releasePool", lambda d, p: calls.append(("release", d, p)), raising=False)
     with pytest.raises(RuntimeError, match="not permitted"):
-        with capturing(Graph(), "side"):
+        with capturing(object(), "side"):
             assert current[0] == "side"
             torch.ones(1).item()  # an op that cannot be captured
-    assert current[0] == "caller"
-    assert calls == [("end", 0, (1, 7)), ("release", 0, (1, 7))]
-    # a shared pool (a GraphCache's) is ended but not released: other graphs live in it
+    assert current[0] == "caller" and not routing
+    assert calls == [("end", 0, (0, 42)), ("release", 0, (0, 42))]  # a handle made for the graph
     calls.clear()
     with pytest.raises(RuntimeError):
-        with capturing(Graph(), "side", pool=(1, 3)):
+        with capturing(object(), "side", pool=(0, 3)):  # a shared pool (a GraphCache's)
             pass
-    assert current[0] == "caller" and calls == [("end", 0, (1, 7))]
+    # routing ended; the use of a shared pool is kept (released, a pool at count zero with live
+    # blocks would fail the next capture into it)
+    assert current[0] == "caller" and calls == [("end", 0, (0, 3))]
+    # capture_end ended the routing itself: the graph holds its use of the pool, nothing is released
+    calls.clear()
+    graph.end_completes = True
+    with pytest.raises(RuntimeError):
+        with capturing(object(), "side"):
+            pass
+    assert current[0] == "caller" and calls == []
