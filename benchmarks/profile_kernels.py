@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common as C  # noqa: E402
 from bench_ops_cuda import ATTN_KERNEL_MAX_D, ATTN_KERNELS, _geglu_eager, _with_env  # noqa: E402
 
 import ldmfast.ops as ops  # noqa: E402
@@ -125,12 +126,7 @@ def summarize(path):
             if r["Metric Name"] == metric:
                 unit = r.get("Metric Unit", "")
                 k[col] = r["Metric Value"] + (f" {unit}" if col == "time" and unit else "")
-    cols = ["id", "kernel", "grid", "block"] + [c for _, c in SUMMARY]
-    table = [[str(k.get(c, "")) for c in cols] for k in kernels.values()]
-    widths = [max(len(c), *(len(t[i]) for t in table)) for i, c in enumerate(cols)]
-    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
-    for t in table:
-        print("  ".join(v.ljust(w) for v, w in zip(t, widths)))
+    C.print_table(list(kernels.values()), ["id", "kernel", "grid", "block"] + [c for _, c in SUMMARY])
 
 
 def _short(name, width=70):

@@ -49,7 +49,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
-from ldmfast.graphs import capturing  # noqa: E402
+from ldmfast.graphs import cuda_capture  # noqa: E402
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 ALL_PROVIDERS = ["ldmfast", "ldmfast-eager", "ldmfast-ref", "diffusers", "diffusers+ldmfast",
@@ -177,17 +177,10 @@ def build(preset, dtype, device):
 
 
 def graphed(fn, *args):
-    """fn(*args) captured once in a CUDA graph; the returned callable replays it."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(*args)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with capturing(g, s):  # a failed capture leaves the next provider the caller's stream
-        fn(*args)
-    return lambda *_: g.replay()
+    """fn(*args) captured once in a CUDA graph (warmed up first on the capture stream, as
+    ldmfast's own graphs are); the returned callable replays it."""
+    replay, _ = cuda_capture(lambda: fn(*args), {}, None, warmup=3)
+    return lambda *_: replay()
 
 
 def matmul_throughput(device, dtype):
