@@ -64,6 +64,23 @@ source_stamp() {
   } | sha256sum | cut -c1-16
 }
 
+# A C++ compiler that links libstdc++ as a shared library: the op libraries throw exceptions that
+# torch catches, which needs the one runtime torch uses. The GPU image's CXX (/opt/gcc) links it
+# statically, and the first error raised from _C_cuda then crashed the process.
+pick_cxx() {
+  local d c
+  d=$(mktemp -d)
+  printf '#include <stdexcept>\nvoid f() { throw std::runtime_error("x"); }\n' > "$d/t.cpp"
+  for c in ${CXX:-} c++ g++ /usr/bin/g++; do
+    command -v "$c" > /dev/null || continue
+    if "$c" -shared -fPIC "$d/t.cpp" -o "$d/t.so" 2> /dev/null && readelf -d "$d/t.so" | grep -q 'NEEDED.*libstdc++'; then
+      [ "$c" = "${CXX:-}" ] || echo "(CXX='${CXX:-}' does not link the shared libstdc++; building with $c)" >&2
+      echo "$c"; return 0
+    fi
+  done
+  echo "${CXX:-c++}"
+}
+
 build() {
   local want so
   want=$(source_stamp)
@@ -75,6 +92,9 @@ build() {
   else
     echo "== build ($want)"
     local t0=$SECONDS
+    export CXX CUDAHOSTCXX
+    CXX=$(pick_cxx)
+    CUDAHOSTCXX=${CUDAHOSTCXX:-$CXX}  # nvcc's host compiler; CMake takes its -L dirs into the link
     if ! timeout "$(budget 480)" python3 -m pip install --no-build-isolation --no-deps -e . > "$LOGS/build.log" 2>&1; then
       tail -50 "$LOGS/build.log"; return 1
     fi
@@ -83,6 +103,13 @@ build() {
     tar -czf "$OUT/build.tar.gz" ldmfast/_C*.so ldmfast/.build_stamp
   fi
   python3 -c "import ldmfast.ops as o; assert o.cuda_available(), 'CUDA kernels not loaded'; print('cuda ops loaded')"
+  # A libstdc++ linked in statically gives the library an exception runtime of its own, and the
+  # first error it throws crashes the process (seen here before CMakeLists.txt named it).
+  local lib
+  for lib in ldmfast/_C.so ldmfast/_C_cuda.so; do
+    readelf -d "$lib" 2>/dev/null | grep -q 'NEEDED.*libstdc++' \
+      || { echo "$lib does not link the shared libstdc++ (LDFLAGS='${LDFLAGS:-}')"; return 1; }
+  done
 }
 
 stage_test() {
@@ -91,7 +118,8 @@ stage_test() {
   # instead of taking the whole stage; then every other CUDA test in one run.
   local kt kernels k rc log
   kt=$(budget "${KERNEL_TIMEOUT:-150}")
-  kernels=$(python3 -m pytest --collect-only -q tests/test_attention.py -k test_cuda_kernel_choice 2>/dev/null \
+  kernels=""
+  [ "${KERNEL_TESTS:-1}" = 0 ] || kernels=$(python3 -m pytest --collect-only -q tests/test_attention.py -k test_cuda_kernel_choice 2>/dev/null \
     | sed -n 's/.*test_cuda_kernel_choice\[\([a-z0-9_]*\)-.*/\1/p' | uniq)
   echo "== pytest -m cuda: each attention kernel, side by side (limit ${kt} s each)"
   for k in $kernels; do
@@ -112,15 +140,27 @@ stage_test() {
   done
   pack
   echo "== pytest -m cuda: the rest"
-  timeout -k 10 "$(budget "$limit")" \
-    python3 -m pytest -v -m cuda tests -k "not test_cuda_kernel_choice[ and not test_cuda_kernel_choice_nonpositive_scale[" \
-    > "$LOGS/pytest_cuda.log" 2>&1
-  rc=$?
-  echo "pytest exit code $rc"
+  # A test that crashes the process (a signal) is named, deselected, and the run goes on from the
+  # start without it (up to 3 crashes); -p no:cacheprovider keeps the runs from reordering.
+  local deselect=() crashed n=0
+  while :; do
+    log="$LOGS/pytest_cuda${n/#0/}.log"
+    timeout -k 10 "$(budget "$limit")" python3 -m pytest -v -p no:cacheprovider -m cuda tests \
+      -k "not test_cuda_kernel_choice[ and not test_cuda_kernel_choice_nonpositive_scale[" "${deselect[@]}" \
+      > "$log" 2>&1
+    rc=$?
+    echo "pytest exit code $rc"
+    [ "$rc" -gt 128 ] && [ "$rc" != 137 ] || break
+    crashed=$(grep -o '^tests/[^ ]*::[^ ]*' "$log" | tail -1)
+    echo "CRASHED (signal $((rc - 128))): $crashed"
+    n=$((n + 1))
+    [ -n "$crashed" ] && [ "$n" -le 3 ] && [ $((deadline - (SECONDS - start))) -gt 60 ] || break
+    deselect+=(--deselect "$crashed")
+  done
   if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-    echo "time limit; the test running then: $(grep -o 'tests/[^ ]*::[^ ]*' "$LOGS/pytest_cuda.log" | tail -1)"
+    echo "time limit; the test running then: $(grep -o 'tests/[^ ]*::[^ ]*' "$log" | tail -1)"
   fi
-  grep -E "^(FAILED|ERROR)" "$LOGS/pytest_cuda.log" | head -30; tail -1 "$LOGS/pytest_cuda.log"
+  grep -E "^(FAILED|ERROR)" "$log" | head -30; tail -1 "$log"
 }
 
 stage_sass() {

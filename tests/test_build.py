@@ -196,3 +196,49 @@ def test_a_cuda_library_that_does_not_load_leaves_the_cpu_ops(monkeypatch, caplo
         _library.load()
     assert loaded == ["/x/_C.so"] and not _library.cuda_loaded()
     assert "could not load its CUDA kernels /x/_C_cuda.so" in caplog.text and "undefined symbol" in caplog.text
+
+
+def _needed(lib):
+    out = subprocess.run(["readelf", "-d", str(lib)], check=True, capture_output=True, text=True).stdout
+    return re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out)
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None or shutil.which("cmake") is None,
+                    reason="needs readelf and cmake")
+def test_torch_library_shares_libstdcxx_under_a_static_toolchain(tmp_path):
+    # torch catches what the op libraries throw (every TORCH_CHECK); a libstdc++ linked in
+    # statically has an exception runtime of its own: on the GPU machine the first error raised
+    # from _C_cuda crashed the process.
+    import sys
+
+    build = tmp_path / "build"
+    # Both ways a toolchain links it statically: the flag, and (the GPU machine's case) a -L dir,
+    # there from the CUDA host compiler, that holds libstdc++.a and no libstdc++.so.
+    static = tmp_path / "static"
+    static.mkdir()
+    archive = subprocess.run(["c++", "-print-file-name=libstdc++.a"], capture_output=True, text=True).stdout.strip()
+    flags = "-static-libstdc++"
+    if os.path.isabs(archive) and os.path.exists(archive):
+        os.symlink(archive, static / "libstdc++.a")
+        flags += f" -L{static}"
+    env = dict(os.environ, LDFLAGS=flags)
+    cfg = ["cmake", "-S", ROOT, "-B", str(build), "-DLDMFAST_WITH_TORCH=ON", "-DLDMFAST_WITH_CUDA=OFF",
+           f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_BUILD_TYPE=Release"]
+    if shutil.which("ninja"):
+        cfg += ["-G", "Ninja"]
+    subprocess.run(cfg, check=True, capture_output=True, text=True, env=env)
+    jobs = os.environ.get("MAX_JOBS") or str(os.cpu_count() or 1)
+    res = subprocess.run(["cmake", "--build", str(build), "--target", "_C", "--parallel", jobs],
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    needed = _needed(build / "_C.so")
+    assert any(n.startswith("libstdc++.so") for n in needed), needed
+
+
+@pytest.mark.skipif(shutil.which("readelf") is None, reason="needs readelf")
+def test_installed_op_libraries_share_libstdcxx():
+    libs = [p for p in (os.path.join(ROOT, "ldmfast", n) for n in ("_C.so", "_C_cuda.so")) if os.path.exists(p)]
+    if not libs:
+        pytest.skip("the op libraries are not built in this tree")
+    for lib in libs:
+        assert any(n.startswith("libstdc++.so") for n in _needed(lib)), (lib, _needed(lib))
