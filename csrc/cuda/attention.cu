@@ -194,13 +194,37 @@ bool attention_supports_head_dim(int64_t d) {
   return with_head_dim(d, [](auto) { return 0; }) == 0;
 }
 
+// kDefault's choice per shape, from the fastest-kernel table of bench_ops_cuda.py on an H100
+// (fp16, SD-1.x / SD-2 shapes; 2026-11-24, commit 3ca7a93). Microseconds, default vs runner-up:
+//   Lk <= 80, Lq >= 256: short (K, V in smem), within 2% of the best at every cross shape
+//     (4096x77 d40 13.0 vs wgmma 15.2; 256x77 d160 8.57 vs mma 8.78).
+//   Lq >= 1024, D <= 64: wgmma ping-pong, 3 warpgroups, overlap (4096^2 d40 165 vs 173;
+//     1024^2 d64 23.4 vs 24.5); D <= 80: 2 warpgroups, overlap (1024^2 d80 24.9 vs 25.1).
+//     D = 96 is not measured: 3 warpgroups (without overlap) as at D <= 80.
+//   256 <= Lq < 1024, D <= 96: plain wgmma (256^2 d64 8.90 vs mma 9.80).
+//   Else mma, pipelined: the small self-attention (64^2 d64 4.53 vs short 5.19) and D > 96
+//     (256^2 d160 13.4 vs wgmma ping-pong 13.7).
+// Needs attention_mma_supports(p).
+static int attention_default(const AttentionParams& p, cudaStream_t stream) {
+  if (p.Lq >= 256 && attention_short_supports(p)) return attention_short(p, stream);
+  if (attention_wgmma_usable() && p.D <= kWgmma3MaxHeadDim) {
+    if (p.Lq >= 1024 && p.D <= kWgmma3OverlapMaxHeadDim) return attention_wgmma(p, stream, true, true, 3);
+    if (p.Lq >= 1024 && p.D <= kWgmmaOverlapMaxHeadDim) return attention_wgmma(p, stream, true, true);
+    if (p.Lq >= 1024) return attention_wgmma(p, stream, false, true, 3);
+    if (p.Lq >= 256) return attention_wgmma(p, stream, false, false);
+  }
+  return attention_mma(p, stream, true);
+}
+
 int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel kernel) {
   if (!attention_supports_head_dim(p.D)) return static_cast<int>(cudaErrorInvalidValue);
   if (p.B <= 0 || p.H <= 0 || p.Lq <= 0) return 0;
   if (p.Lk <= 0) return static_cast<int>(cudaErrorInvalidValue);  // softmax over no keys
-  // The tensor-core kernels are UNVERIFIED ON GPU, so kDefault stays on the SIMT kernel.
+  // float16 / bfloat16 take the tensor-core kernels (parity passed on an H100, 2026-11-24);
+  // float32, and the scales they leave out, the SIMT kernel.
   if (attention_mma_supports(p)) {
     switch (kernel) {
+      case AttentionKernel::kDefault: return attention_default(p, stream);
       case AttentionKernel::kFast:
         return attention_short_supports(p) ? attention_short(p, stream) : attention_mma(p, stream, true);
       case AttentionKernel::kMma: return attention_mma(p, stream, true);
@@ -221,7 +245,6 @@ int attention(const AttentionParams& p, cudaStream_t stream, AttentionKernel ker
         const bool pingpong = kernel == AttentionKernel::kWgmmaPingpong || kernel == AttentionKernel::kWgmmaPingpongOverlap;
         return attention_wgmma(p, stream, overlap && p.D <= kWgmmaOverlapMaxHeadDim, pingpong);
       }
-      case AttentionKernel::kDefault:
       case AttentionKernel::kSimt: break;
     }
   }

@@ -1,8 +1,8 @@
 // Attention with a short key sequence (Lk <= 80: the 77 text tokens that SD 1.x and 2.x attend
 // to, a single class token) for float16 / bfloat16 on the tensor cores.
 //
-// UNVERIFIED ON GPU: compile-checked and run in the CPU emulator only; attention.cu reaches it
-// only when asked for (AttentionKernel::kFast).
+// Parity tests passed on an H100 (2026-11-24); attention.cu reaches it for AttentionKernel::kFast
+// and for kDefault's cross-attention (Lk <= 80, Lq >= 256).
 //
 // Cross-attention is memory-bound: all of K and V for one (b, h) fit in shared memory, so the
 // floor is one read of Q and one write of O. A CTA of 4 warps loads K and V of its (b, h) once

@@ -32,7 +32,7 @@ namespace cuda {
 // Head dims the CUDA kernel is instantiated for; anything else is refused by the binding.
 bool attention_supports_head_dim(int64_t d);
 // Which kernel runs float16 / bfloat16 (float32 always takes the SIMT kernel):
-//   kSimt     float32 FMA on the CUDA cores, the checked reference path (the default for now)
+//   kSimt     float32 FMA on the CUDA cores, the checked reference path
 //   kMma      tensor cores, FlashAttention-2 style, K/V loads overlapped with cp.async
 //   kMmaSync  the same with synchronous loads
 //   kMmaWide  kMma with 32 query rows per warp instead of 16 (head dims up to 80; else kMma)
@@ -45,7 +45,8 @@ bool attention_supports_head_dim(int64_t d);
 //                    up to 96; else kWgmmaPingpong)
 //   kWgmmaPingpong3Overlap  kWgmmaPingpong3 with the overlap, FlashAttention-3's forward
 //                    configuration for small head dims (up to 64; else kWgmmaPingpong3)
-// kDefault is kSimt until the tensor-core kernels have passed on a GPU; then it becomes kFast.
+// kDefault picks one of the tensor-core kernels by Lq, Lk and D (the table in attention.cu,
+// measured on an H100).
 enum class AttentionKernel : int32_t {
   kDefault = 0, kSimt, kMma, kMmaSync, kFast, kMmaWide, kWgmma, kWgmmaOverlap, kWgmmaPingpong, kWgmmaPingpongOverlap,
   kWgmmaPingpong3, kWgmmaPingpong3Overlap
