@@ -7,8 +7,8 @@
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
 SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
 written once), fraction of the copy bandwidth measured in the same run, ratio to each peer; for
-channels_last also ldmfast_groups (LDMFAST_GN_KERNEL=groups, the cluster-per-group kernel, beside
-the default that takes the coalesced rows kernels for large groups).
+channels_last also ldmfast_groups and ldmfast_rows (LDMFAST_GN_KERNEL=groups: the cluster-per-group
+kernel; rows: the coalesced pixel-row kernels), the two the default picks between.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
 selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
@@ -272,9 +272,11 @@ def bench_gn(args, dev, bw):
                     provs = {"ldmfast": lambda i: ops.group_norm_silu(xs[i], w, b, G, eps, True, e),
                              "eager": lambda i: eager(xs[i], w, b, e, eps)}
                     if layout == "nhwc":
-                        # The cluster-per-group kernel beside the default (rows, for large groups).
-                        provs["ldmfast_groups"] = lambda i: _with_env(
-                            "LDMFAST_GN_KERNEL", "groups", ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
+                        # Both kernels for large groups beside the default's pick of them
+                        # (group_norm_silu.cu's kRowsMinPixels is chosen on these rows).
+                        for kern in ("groups", "rows"):
+                            provs["ldmfast_" + kern] = lambda i, kern=kern: _with_env(
+                                "LDMFAST_GN_KERNEL", kern, ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
                     times = _time_all(_this_pass(provs, args), dev, f"gn {shape} {dname} {layout}{' +emb' if with_emb else ''}", k)

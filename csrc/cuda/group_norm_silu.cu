@@ -84,10 +84,22 @@ __device__ __forceinline__ void load_item(const GnArgs& a, int64_t n, int64_t of
   }
 }
 
-// y = silu?((v - mean) * rstd * w + b) for the V elements at `off`; kStream stores evict-first.
+// The group's first element (after the emb add): the statistics are taken about it. Against a
+// large mean (1000 + N(0, 1)) v - shift is exact, and the mean about it is small, so it keeps the
+// digits a float mean near 1000 would round away (6e-5, half an ulp, in every output).
+template <class T, bool CL>
+__device__ __forceinline__ float group_shift(const GnArgs& a, int64_t n, int64_t g) {
+  Cursor<CL> c0(a, 0, 1);
+  float v0[1];
+  load_item<T, 1, CL>(a, n, c0.offset(a, n, g), c0.channel(a, g), v0);
+  return v0[0];
+}
+
+// y = silu?((v - shift - mean) * rstd * w + b) for the V elements at `off`, mean taken about
+// shift; kStream stores evict-first.
 template <class T, class P, int V, bool CL, bool kStream = false>
-__device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t c, float mean, float rstd,
-                                           float (&v)[V]) {
+__device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t c, float shift, float mean,
+                                           float rstd, float (&v)[V]) {
   float w[V], b[V];
   if constexpr (CL) {
     load_vec<P, V>(static_cast<const P*>(a.w) + c, w);
@@ -103,8 +115,7 @@ __device__ __forceinline__ void store_item(const GnArgs& a, int64_t off, int64_t
   }
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    // (v - mean) first: v and mean are close when the mean is large, so this keeps the digits.
-    float t = (v[j] - mean) * (rstd * w[j]) + b[j];
+    float t = ((v[j] - shift) - mean) * (rstd * w[j]) + b[j];
     if (a.silu) t = t / (1.0f + expf(-t));
     v[j] = t;
   }
@@ -138,15 +149,8 @@ __global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(co
   const int64_t items = a.E / V;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
 
-  // Sum of (v - shift), shift = the group's first element, so the float sum stays small even
-  // when the mean is large against the spread.
-  float shift;
-  {
-    Cursor<CL> c0(a, 0, 1);
-    float v0[1];
-    load_item<T, 1, CL>(a, n, c0.offset(a, n, g), c0.channel(a, g), v0);
-    shift = v0[0];
-  }
+  // Sum of (v - shift): it stays small even when the mean is large against the spread.
+  const float shift = group_shift<T, CL>(a, n, g);
   float sum = 0.0f;
   Cursor<CL> cur(a, static_cast<int64_t>(threadIdx.x) * V, step);
   for (int64_t k = threadIdx.x; k < items; k += blockDim.x, cur.advance()) {
@@ -159,12 +163,12 @@ __global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(co
     }
   }
   const float inv_e = 1.0f / static_cast<float>(a.E);
-  const float mean = shift + block_sum(sum, red) * inv_e;
+  const float mean = block_sum(sum, red) * inv_e;  // about shift
   float m2 = 0.0f;
   for (int64_t k = threadIdx.x; k < items; k += blockDim.x) {
 #pragma unroll
     for (int j = 0; j < V; ++j) {
-      const float d = vals[j * items + k] - mean;
+      const float d = (vals[j * items + k] - shift) - mean;
       m2 += d * d;
     }
   }
@@ -175,7 +179,7 @@ __global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(co
     float v[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) v[j] = vals[j * items + k];
-    store_item<T, P, V, CL>(a, out.offset(a, n, g), out.channel(a, g), mean, rstd, v);
+    store_item<T, P, V, CL>(a, out.offset(a, n, g), out.channel(a, g), shift, mean, rstd, v);
   }
 }
 
@@ -190,8 +194,9 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   const int64_t begin = imin(rank * per, items) * V, end = imin((rank + 1) * per, items) * V;
   const int64_t step = static_cast<int64_t>(blockDim.x) * V;
   const int64_t first = begin + static_cast<int64_t>(threadIdx.x) * V;
+  const float shift = group_shift<T, CL>(a, n, g);  // the same element in every CTA of a cluster
 
-  Welford acc;
+  Welford acc;  // of v - shift
   {
     Cursor<CL> cur(a, first, step);
     for (int64_t i = first; i < end; i += kUnroll * step) {
@@ -202,8 +207,12 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
         cur.advance();
       }
 #pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (i + u * step < end) acc = welford_merge(acc, item_welford<V>(v[u]));
+      for (int u = 0; u < kUnroll; ++u) {
+        if (i + u * step >= end) break;
+#pragma unroll
+        for (int j = 0; j < V; ++j) v[u][j] -= shift;
+        acc = welford_merge(acc, item_welford<V>(v[u]));
+      }
     }
   }
   acc = block_welford(acc, red);  // valid in thread 0
@@ -252,9 +261,9 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
     for (int u = 0; u < kUnroll; ++u)
       if (i - u * step >= first) {
         if (a.evict_first) {
-          store_item<T, P, V, CL, true>(a, off[u], ch[u], mean, rstd, v[u]);
+          store_item<T, P, V, CL, true>(a, off[u], ch[u], shift, mean, rstd, v[u]);
         } else {
-          store_item<T, P, V, CL, false>(a, off[u], ch[u], mean, rstd, v[u]);
+          store_item<T, P, V, CL, false>(a, off[u], ch[u], shift, mean, rstd, v[u]);
         }
       }
   }
@@ -364,10 +373,16 @@ int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t s
 
 namespace {
 
+// kDefault takes the rows kernels from this many pixels up. Measured on an H100 (fp16, 2026-11-24,
+// commit 3ca7a93; rows vs groups, us): they win at the VAE's large levels (1x128x512x512 115 vs
+// 492, 1x256x256x256 90 vs 134, 1x512x256x256 157 vs 181) and lose below, badly where C is large
+// and S small (1x512x128x128 88 vs 63, 2x1280x32x32 146 vs 32, 2x2560x16x16 352 vs 11).
+constexpr int64_t kRowsMinPixels = 256 * 256;
+
 bool rows_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have_workspace) {
   if (!p.channels_last || p.G <= 0 || p.C % p.G != 0 || (p.C / p.G) * p.S <= kFusedMaxElems) return false;
   if (kernel == GroupNormKernel::kGroups || kernel == GroupNormKernel::kCluster) return false;
-  if (kernel == GroupNormKernel::kDefault && !have_workspace) return false;
+  if (kernel == GroupNormKernel::kDefault && (!have_workspace || p.S < kRowsMinPixels)) return false;
   return rows_supported(p);
 }
 

@@ -34,6 +34,17 @@ struct RowShape {
 
 int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
+// The first element (pixel 0, after the emb add) of the group holding channel c of sample n: both
+// kernels take the statistics about it, so that they stay small when the mean is large against
+// the spread, and a float mean near 1000 does not round away the digits the output needs.
+template <class T>
+__device__ __forceinline__ float group_shift(const GnArgs& a, int64_t n, int64_t c) {
+  const int64_t first = c - c % a.Cg;
+  float v = to_float(static_cast<const T*>(a.x)[n * a.CS + first]);
+  if (a.emb != nullptr) v += to_float(static_cast<const T*>(a.emb)[n * a.C + first]);
+  return v;
+}
+
 template <class T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     rows_stats_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part);
@@ -120,15 +131,11 @@ __global__ void __launch_bounds__(kRowThreads)
 
   float e[V] = {};
   if (a.emb != nullptr) load_vec<T, V>(static_cast<const T*>(a.emb) + n * a.C + c0, e);
-  // Sums of (v - shift), shift = this thread's first value of each channel, so that they stay
-  // small when the mean is large against the spread.
-  float shift[V] = {}, sum[V] = {}, sq[V] = {};
-  const int64_t first = s_begin + r;
-  if (first < s_end) {
-    load_vec<T, V>(x + first * a.C, shift);
+  // Sums of (v - shift), shift = the first element of the channel's group.
+  float shift[V], sum[V] = {}, sq[V] = {};
 #pragma unroll
-    for (int j = 0; j < V; ++j) shift[j] += e[j];
-  }
+  for (int j = 0; j < V; ++j) shift[j] = group_shift<T>(a, n, c0 + j);
+  const int64_t first = s_begin + r;
   for (int64_t s = first; s < s_end; s += kRowUnroll * rows) {
     float v[kRowUnroll][V];
 #pragma unroll
@@ -151,7 +158,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     float* o = mm + r * ld + 2 * (c0 + j);
-    o[0] = mine > 0 ? shift[j] + sum[j] / fn : 0.0f;
+    o[0] = mine > 0 ? sum[j] / fn : 0.0f;  // about the group's shift
     o[1] = mine > 0 ? fmaxf(sq[j] - sum[j] * (sum[j] / fn), 0.0f) : 0.0f;
   }
   __syncthreads();
@@ -207,14 +214,15 @@ __global__ void __launch_bounds__(kRowThreads)
 
   const int r = threadIdx.x / tpr, col = threadIdx.x - r * tpr;
   const int64_t c0 = static_cast<int64_t>(col) * V;
-  float e[V] = {}, mean[V], scale[V], bias[V];
+  float e[V] = {}, shift[V], mean[V], scale[V], bias[V];
   if (a.emb != nullptr) load_vec<T, V>(static_cast<const T*>(a.emb) + n * a.C + c0, e);
   load_vec<P, V>(static_cast<const P*>(a.w) + c0, scale);
   load_vec<P, V>(static_cast<const P*>(a.b) + c0, bias);
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int64_t g = (c0 + j) / a.Cg;
-    mean[j] = st[g];
+    shift[j] = group_shift<T>(a, n, c0 + j);
+    mean[j] = st[g];  // about shift
     scale[j] *= st[a.G + g];
   }
   const int64_t s_begin = k * per, s_end = imin(s_begin + per, a.S);
@@ -235,8 +243,7 @@ __global__ void __launch_bounds__(kRowThreads)
         if (s - u * rows < first) break;
 #pragma unroll
         for (int j = 0; j < V; ++j) {
-          // (v - mean) first: v and mean are close when the mean is large; this keeps the digits.
-          float t = (v[u][j] + e[j] - mean[j]) * scale[j] + bias[j];
+          float t = ((v[u][j] + e[j] - shift[j]) - mean[j]) * scale[j] + bias[j];
           if (a.silu) t = t / (1.0f + expf(-t));
           v[u][j] = t;
         }

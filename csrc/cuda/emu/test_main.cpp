@@ -98,7 +98,11 @@ static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_
       maxerr = std::max(maxerr, std::fabs(got - v) / std::max(1.0, std::fabs(v)));
     }
   }
-  double t = tol(dt) * (mean0 != 0 ? 10 : 1);  // fp32 x at 1000 carries 6e-5 of rounding itself
+  // x + emb near 1000 rounds by up to 3e-5 in float before any statistics. Without emb, float32
+  // must do better than a float mean near 1000 would (1.6e-5 here): the statistics are taken
+  // about the group's first element (3e-7).
+  double t = tol(dt) * (mean0 != 0 && emb ? 10 : 1);
+  if (mean0 != 0 && !emb && dt == DType::kFloat32) t = 2e-6;
   char what[256];
   snprintf(what, sizeof what, "gn dt=%d p32=%d cl=%d emb=%d silu=%d N=%ld C=%ld S=%ld G=%ld off=%d mean=%g kernel=%d ws=%ld rc=%d err=%.3g nan=%d", (int)dt, param32, cl, emb, silu, N, C, S, G, off, mean0, (int)kernel, (long)ws_bytes, rc, maxerr, nan);
   report(rc == 0 && !nan && maxerr <= t, what);
@@ -339,6 +343,8 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 65536, 2, 0, 1000.0, rows); // large mean, 64 pixels a thread
     test_gn(DType::kBFloat16, false, true, true, true, 1, 512, 800, 32, 0, 1000.0, rows); // large mean, Cg 16
     test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
+    test_gn(DType::kFloat32, true, false, false, true, 2, 64, 256, 8, 0, 1000.0); // fused, no emb (NCHW)
+    test_gn(DType::kFloat32, true, true, false, true, 2, 64, 256, 8, 0, 1000.0);  // fused, no emb (NHWC)
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
     test_gn(DType::kFloat16, true, false, true, true, 1, 16, 2048, 1, 1, 0);      // stream, K = 8 on "sm_90"
     test_gn(DType::kBFloat16, false, true, true, true, 1, 16, 2048, 1, 0, 0);

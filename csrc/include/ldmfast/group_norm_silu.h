@@ -35,7 +35,8 @@ namespace cuda {
 //   kGroups  one cluster of CTAs per group, reading the group's channels strided C apart
 //   kRows    whole pixel rows of all channels, read coalesced, in two launches that meet in
 //            `workspace` (a group's Cg channels are often narrower than a 32-byte sector)
-// kDefault is kRows when a workspace is given, else kGroups. kCluster (for tests: proof the
+// kDefault is kRows when a workspace is given and the image has 256 x 256 pixels or more (where
+// it measured faster), else kGroups. kCluster (for tests: proof the
 // path ran) is kGroups with every group split over a cluster of at least two CTAs that merge
 // through distributed shared memory, for NCHW too; cudaErrorNotSupported where that launch is
 // not possible (a group that fits one CTA, a device before sm_90).
