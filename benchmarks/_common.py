@@ -37,6 +37,14 @@ def device_name(device: torch.device) -> str:
 
 
 def git_sha() -> str:
+    """The commit measured: LDMFAST_GIT_SHA when set (the lent GPU's copy of the tree carries the
+    .git of the session's start, so git there names the wrong commit), else git's HEAD, "-dirty"
+    with uncommitted changes."""
+    given = os.environ.get("LDMFAST_GIT_SHA", "").strip()
+    if given:
+        if not re.fullmatch(r"[0-9a-f]{7,40}", given):
+            raise ValueError(f"LDMFAST_GIT_SHA must be a commit hash (7 to 40 hex digits), got {given!r}")
+        return given[:12]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=HERE, capture_output=True,
                              text=True, check=True).stdout.strip()

@@ -1,17 +1,19 @@
 #!/usr/bin/env bash
 # Run on the lent GPU machine (through the device tool) from the repo root, with .whl carried
 # (see ../shared/GPU.md):
-#   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput profile,
-#                                             or all (every stage but profile)
+#   bash scripts/gpu_check.sh [STAGE ...]     STAGE: build test sass sanitize bench throughput breakdown
+#                                             profile, or all (every stage but profile)
 # A device command may run 10 minutes, so a session takes the stages in a few calls, e.g.
 #   1. build test sass       (build for sm_90a, pytest -m cuda: each attention kernel apart, then the
 #                            rest; HMMA count of the attention kernels)
 #   2. sanitize              (compute-sanitizer memcheck, racecheck, synccheck on the kernel tests)
 #   3. bench                 (benchmarks/bench_ops_cuda.py: every kernel beside its peers)
 #   4. throughput            (benchmarks/throughput.py: SD-1.5 at 512x512, fp16)
+#      breakdown             (benchmarks/profile_step.py: the U-Net step's and the decode's kernel
+#                            time by kind of work and the largest kernels)
 #   5. profile               (ncu on the targets' kernels and their peers: benchmarks/profile_kernels.py,
 #                            one ncu per op group of PROFILE_OPS, default "attn gn ddim,geglu")
-# BENCH_ARGS, THROUGHPUT_ARGS and PROFILE_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes
+# BENCH_ARGS, THROUGHPUT_ARGS, BREAKDOWN_ARGS and PROFILE_ARGS pass options on (e.g. BENCH_ARGS="--ops attn --dtypes
 # fp16", PROFILE_OPS=attn PROFILE_ARGS=--variants).
 #
 # What comes back: the device tool returns at most 8 files from $OUT, so the script leaves five:
@@ -21,6 +23,9 @@
 #   bench_ops_cuda.csv, throughput.csv   results
 # Put build.tar.gz in .gpu_build/ here and carry it (carry: [".whl", ".gpu_build"]): a fresh
 # machine then skips the build while csrc/, setup.py, CMakeLists.txt, torch and nvcc are the same.
+#
+# The commit: the device's copy of the tree carries the .git of the session's start, so pass
+# LDMFAST_GIT_SHA=<the commit of a clean tree> for the results' git_sha column.
 #
 # Time: the tool kills a command at its limit, and then nothing more is written, so the whole
 # script keeps to DEADLINE seconds (default 570) and every stage's time limit (STAGE_TIMEOUT,
@@ -181,30 +186,38 @@ stage_sass() {
 }
 
 stage_sanitize() {
-  local cs tool t
+  local cs tool t f name
   cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
   if [ ! -x "$cs" ]; then echo "compute-sanitizer not found"; return 0; fi
-  # memcheck, racecheck and synccheck (barriers reached by part of a block, bad warp-sync masks)
-  # side by side, each with the whole stage limit; big CUDA cases are skipped under the sanitizer
+  # memcheck, racecheck and synccheck (barriers reached by part of a block, bad warp-sync masks),
+  # each tool on each kernel's test file in a process of its own, all side by side (one process
+  # per tool ran out of 200 s at 60-80%); big CUDA cases are skipped under the sanitizer
   # (tests/conftest.py).
   local tools=(${SANITIZE_TOOLS:-memcheck racecheck synccheck})
+  local files=(tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py tests/test_geglu.py)
   # Where the tool filters kernels by name, only ldmfast's are checked: the tests' references
   # run torch's kernels, which would otherwise take most of the time. No -x: a failing test must
   # not keep the tool from the tests after it.
   local filter=()
   "$cs" --help 2>/dev/null | grep -q -- "--kernel-name " && filter=(--kernel-name kns=ldmfast)
   t=$(budget "$limit")
-  echo "== compute-sanitizer ${tools[*]}, side by side (limit $t s each; ${filter[*]:-every kernel})"
+  echo "== compute-sanitizer ${tools[*]} x ${#files[@]} test files, side by side (limit $t s each; ${filter[*]:-every kernel})"
   for tool in "${tools[@]}"; do
-    ( LDMFAST_SANITIZER_SHAPES=1 timeout -k 10 "$t" "$cs" --tool "$tool" "${filter[@]}" --error-exitcode 9 \
-        python3 -m pytest -q -m cuda tests/test_group_norm_silu.py tests/test_attention.py tests/test_ddim_step.py \
-        tests/test_geglu.py > "$LOGS/sanitizer_$tool.log" 2>&1
-      echo $? > "$LOGS/sanitizer_$tool.rc" ) &
+    for f in "${files[@]}"; do
+      name=sanitizer_${tool}_$(basename "$f" .py)
+      ( LDMFAST_SANITIZER_SHAPES=1 timeout -k 10 "$t" "$cs" --tool "$tool" "${filter[@]}" --error-exitcode 9 \
+          python3 -m pytest -q -m cuda "$f" > "$LOGS/$name.log" 2>&1
+        echo $? > "$LOGS/$name.rc" ) &
+    done
   done
   wait
+  echo "exit codes (0: clean and passed, 1: a test failed, 9: the tool found errors, 124: time limit):"
   for tool in "${tools[@]}"; do
-    echo "$tool exit code $(cat "$LOGS/sanitizer_$tool.rc") (9: errors found, 124: time limit; log: sanitizer_$tool.log)"
-    tail -3 "$LOGS/sanitizer_$tool.log"
+    for f in "${files[@]}"; do
+      name=sanitizer_${tool}_$(basename "$f" .py)
+      printf "  %-10s %-28s %s  %s\n" "$tool" "$(basename "$f")" "$(cat "$LOGS/$name.rc")" \
+        "$(grep -E "ERROR SUMMARY|passed|failed" "$LOGS/$name.log" | tail -2 | tr '\n' ' ')"
+    done
   done
 }
 
@@ -226,6 +239,12 @@ stage_throughput() {
   timeout "$(budget "$limit")" python3 benchmarks/throughput.py --csv "$OUT/throughput.csv" ${THROUGHPUT_ARGS:-} \
     > "$LOGS/throughput.log" 2>&1
   echo "exit code $?"; tail -40 "$LOGS/throughput.log"
+}
+
+stage_breakdown() {
+  echo "== benchmarks/profile_step.py"
+  timeout "$(budget "$limit")" python3 benchmarks/profile_step.py ${BREAKDOWN_ARGS:-} > "$LOGS/profile_step.log" 2>&1
+  echo "exit code $?"; grep -v "^USDT\|profiler_st" "$LOGS/profile_step.log" | tail -80
 }
 
 stage_profile() {
@@ -254,15 +273,16 @@ stage_profile() {
 
 main() {
   local stages=("$@") s t0
-  [ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput)
+  [ ${#stages[@]} -eq 0 ] || [ "${stages[0]}" = all ] && stages=(build test sass sanitize bench throughput breakdown)
   [ "${stages[0]:-}" = stamp ] && { source_stamp; return 0; }  # what a carried build must match
   for s in "${stages[@]}"; do
     case "$s" in
-      build|test|sass|sanitize|bench|throughput|profile) ;;
-      *) echo "unknown stage '$s' (build test sass sanitize bench throughput profile all)"; return 2 ;;
+      build|test|sass|sanitize|bench|throughput|breakdown|profile) ;;
+      *) echo "unknown stage '$s' (build test sass sanitize bench throughput breakdown profile all)"; return 2 ;;
     esac
   done
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv || echo "(nvidia-smi failed)"
+  [ -n "${LDMFAST_GIT_SHA:-}" ] || echo "(LDMFAST_GIT_SHA not set: the results name the commit git finds here)"
   build || { pack; return 1; }
   pack
   for s in "${stages[@]}"; do

@@ -9,6 +9,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -193,3 +195,19 @@ def test_compile_peers_are_timed_in_a_pass_of_their_own(monkeypatch, tmp_path):
         ratio = float(r["time_us"]) / float(ours["time_us"])  # times rounded to 4 digits in the CSV
         assert r["note"].startswith("ldmfast_x") and r["note"].endswith("_vs_this"), r["note"]
         assert abs(float(r["note"][len("ldmfast_x"):-len("_vs_this")]) - ratio) <= 0.01 * ratio + 0.005
+
+
+def test_git_sha_taken_from_the_environment_when_given(monkeypatch):
+    # The lent GPU's copy of the tree has the .git of the session's start: the commit is passed in.
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import _common as C
+    finally:
+        sys.path.pop(0)
+    monkeypatch.setenv("LDMFAST_GIT_SHA", "8d01ce9c8334abcdef")
+    assert C.git_sha() == "8d01ce9c8334"
+    monkeypatch.setenv("LDMFAST_GIT_SHA", "HEAD; rm -rf /")
+    with pytest.raises(ValueError, match="LDMFAST_GIT_SHA must be a commit hash"):
+        C.git_sha()
+    monkeypatch.delenv("LDMFAST_GIT_SHA")
+    assert C.git_sha() != "8d01ce9c8334"
