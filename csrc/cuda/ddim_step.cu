@@ -54,17 +54,21 @@ __global__ void __launch_bounds__(kThreads) ddim_step_kernel(const DdimStepParam
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < items;
        k += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t off = k * V;
+    // Every load of the item before the coefficients': scalars read from device memory would
+    // otherwise put a second memory latency ahead of the data's (most of a small step's time:
+    // 3.9 us against torch.compile's 2.7 at 4x4x128x128 fp16 on the H100, commit 3ca7a93).
+    float xv[V], e[V], u[V], z[V];
+    load_vec<T, V>(x + off, xv);
+    load_vec<T, V>(eps + off, e);
+    if (unc != nullptr) load_vec<T, V>(unc + off, u);
+    if (noise != nullptr) load_vec<T, V>(noise + off, z);
     if (off < lo || off >= hi) {
       const int64_t n = off / p.M;
       lo = n * p.M;
       hi = lo + p.M;
       c = coef_for(p, n);
     }
-    float xv[V], e[V], u[V], z[V];
-    load_vec<T, V>(x + off, xv);
-    load_vec<T, V>(eps + off, e);
     if (unc != nullptr) {
-      load_vec<T, V>(unc + off, u);
 #pragma unroll
       for (int j = 0; j < V; ++j) e[j] = u[j] + c.g * (e[j] - u[j]);
     }
@@ -75,7 +79,6 @@ __global__ void __launch_bounds__(kThreads) ddim_step_kernel(const DdimStepParam
       xp[j] = c.sqrt_aprev * px[j] + c.dir * e[j];
     }
     if (noise != nullptr) {
-      load_vec<T, V>(noise + off, z);
 #pragma unroll
       for (int j = 0; j < V; ++j) xp[j] += c.sigma * z[j];
     }
