@@ -23,6 +23,7 @@ namespace {
 constexpr int kRowThreads = 512;  // threads per CTA at most
 constexpr int kRowUnroll = 4;     // pixel rows loaded before the first is used
 constexpr int kMaxApplySmem = 48 * 1024;
+constexpr int kWarpMergeMinRows = 8;  // the stats' per-channel merge: a warp per channel from here
 
 struct RowShape {
   int V = 1;        // elements per 16-byte column
@@ -163,19 +164,32 @@ __global__ void __launch_bounds__(kRowThreads)
   }
   __syncthreads();
 
-  // Per channel over the rows, one warp per channel; row 0 takes the result.
+  // Per channel over the rows; row 0 takes the result. Few rows (wide C: 1 row at C = 2560 fp16)
+  // are merged by one thread per channel in row order; a warp per channel would take C / nwarps
+  // turns of a 5-level shuffle tree for it (256 at 2x2560x16x16, most of the 352 us the H100
+  // took there at 3ca7a93). Many rows (narrow C: 32 rows at C = 128) keep the warp per channel.
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
-  for (int64_t c = warp; c < a.C; c += nwarps) {
-    const Welford w = warp_merge(rows, [&](int64_t i) {
-      Welford t;
-      t.n = cnt[i];
-      t.mean = mm[i * ld + 2 * c];
-      t.m2 = mm[i * ld + 2 * c + 1];
-      return t;
-    });
-    if (lane == 0) {  // the only lane that read row 0 of channel c (i = 0)
+  auto row_stat = [&](int64_t i, int64_t c) {
+    Welford t;
+    t.n = cnt[i];
+    t.mean = mm[i * ld + 2 * c];
+    t.m2 = mm[i * ld + 2 * c + 1];
+    return t;
+  };
+  if (rows < kWarpMergeMinRows) {
+    for (int64_t c = threadIdx.x; c < a.C; c += blockDim.x) {  // only this thread touches channel c
+      Welford w;
+      for (int i = 0; i < rows; ++i) w = welford_merge(w, row_stat(i, c));
       mm[2 * c] = w.mean;
       mm[2 * c + 1] = w.m2;
+    }
+  } else {
+    for (int64_t c = warp; c < a.C; c += nwarps) {
+      const Welford w = warp_merge(rows, [&](int64_t i) { return row_stat(i, c); });
+      if (lane == 0) {  // the only lane that read row 0 of channel c (i = 0)
+        mm[2 * c] = w.mean;
+        mm[2 * c + 1] = w.m2;
+      }
     }
   }
   __syncthreads();

@@ -342,6 +342,10 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat16, true, true, true, true, 2, 16, 4000, 4, 0, 0, rows);     // Cg 4, 2 columns
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 65536, 2, 0, 1000.0, rows); // large mean, 64 pixels a thread
     test_gn(DType::kBFloat16, false, true, true, true, 1, 512, 800, 32, 0, 1000.0, rows); // large mean, Cg 16
+    // Wide C, few rows a CTA: the stats' per-channel merge by one thread per channel.
+    test_gn(DType::kFloat16, true, true, true, true, 2, 2560, 256, 32, 0, 0, rows);    // 1 row (U-Net 16x16)
+    test_gn(DType::kFloat16, false, true, false, true, 1, 1280, 401, 32, 0, 0, rows);  // 3 rows, odd S
+    test_gn(DType::kFloat32, true, true, false, true, 1, 640, 800, 32, 0, 1000.0, rows); // 3 rows, large mean
     test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
     test_gn(DType::kFloat32, true, false, false, true, 2, 64, 256, 8, 0, 1000.0); // fused, no emb (NCHW)
     test_gn(DType::kFloat32, true, true, false, true, 2, 64, 256, 8, 0, 1000.0);  // fused, no emb (NHWC)
