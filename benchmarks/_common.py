@@ -55,6 +55,20 @@ def git_sha() -> str:
         return "unknown"
 
 
+def device_arg(ap, value) -> torch.device:
+    """--device's value (default: cuda when present, else cpu) as a usable device, made current;
+    anything else is a usage error through the ArgumentParser `ap`."""
+    try:
+        device = torch.device(value or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        ap.error(f"--device must be cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        ap.error(f"--device {value}: no such CUDA device is available")
+    return use_device(device)
+
+
 def use_device(device: torch.device) -> torch.device:
     """Makes a CUDA `device` current (events, streams and graphs use the current device) and
     returns it with its index ("cuda" is the current one: set_device refuses a device without

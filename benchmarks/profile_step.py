@@ -106,15 +106,7 @@ def main(argv=None):
         ap.error(f"--repeats must be >= 1, got {args.repeats}")
     if args.top < 1:
         ap.error(f"--top must be >= 1, got {args.top}")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error(f"--device {args.device}: no CUDA device is available")
-    device = T.C.use_device(device)
+    device = T.C.device_arg(ap, args.device)
     preset_name = args.preset or ("sd15" if device.type == "cuda" else "cpu")
     if preset_name == "shapes":
         ap.error("--preset shapes: use cpu or sd15 (random weights of the preset's architecture)")

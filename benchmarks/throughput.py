@@ -246,15 +246,7 @@ def main(argv=None):
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
     args = ap.parse_args(argv)
 
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError:
-        device = None
-    if device is None or device.type not in ("cpu", "cuda"):
-        ap.error(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        ap.error(f"--device {args.device}: no such CUDA device is available")
-    device = C.use_device(device)
+    device = C.device_arg(ap, args.device)
     preset_name = args.preset or default_preset(device)
     preset = dict(PRESETS[preset_name])
     dtype = DTYPES[args.dtype or (preset["dtype"] if device.type == "cuda" else "fp32")]
