@@ -22,7 +22,7 @@ import throughput as T  # noqa: E402
 
 # First match wins; matched against the lower-cased kernel (or op) name.
 KINDS = [
-    ("groupnorm", r"group_norm|groupnorm|gn_|rows_stats|rows_apply"),
+    ("groupnorm", r"group_norm|groupnorm|rows_stats|rows_apply"),
     ("attention", r"attention|flash|fmha|softmax|sdpa"),
     ("copy", r"copy|memcpy|memset|nchwtonhwc|nhwctonchw|transpose|permute|concat|\bcat\b|contiguous"),
     ("conv", r"conv|fprop|dgrad|implicit|winograd|cudnn"),

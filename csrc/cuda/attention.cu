@@ -200,7 +200,7 @@ bool attention_supports_head_dim(int64_t d) {
 //     (4096x77 d40 13.0 vs wgmma 15.2; 256x77 d160 8.57 vs mma 8.78).
 //   Lq >= 1024, D <= 64: wgmma ping-pong, 3 warpgroups, overlap (4096^2 d40 165 vs 173;
 //     1024^2 d64 23.4 vs 24.5); D <= 80: 2 warpgroups, overlap (1024^2 d80 24.9 vs 25.1).
-//     D = 96 is not measured: 3 warpgroups (without overlap) as at D <= 80.
+//     D = 96 is not measured: 3 warpgroups (without overlap), as wins at D <= 64.
 //   256 <= Lq < 1024, D <= 96: plain wgmma (256^2 d64 8.90 vs mma 9.80).
 //   Else mma, pipelined: the small self-attention (64^2 d64 4.53 vs short 5.19) and D > 96
 //     (256^2 d160 13.4 vs wgmma ping-pong 13.7).

@@ -132,11 +132,18 @@ __global__ void __launch_bounds__(kRowThreads)
 
   float e[V] = {};
   if (a.emb != nullptr) load_vec<T, V>(static_cast<const T*>(a.emb) + n * a.C + c0, e);
-  // Sums of (v - shift), shift = the first element of the channel's group.
-  float shift[V], sum[V] = {}, sq[V] = {};
+  // Sums of (v - shift), shift = this thread's first value of each channel, so that the sums
+  // and sq - sum^2 / n stay small even when the mean is large against the spread (or the group's
+  // first element lies far out); the mean is then stored about the group's first element.
+  float shift[V] = {}, gshift[V], sum[V] = {}, sq[V] = {};
 #pragma unroll
-  for (int j = 0; j < V; ++j) shift[j] = group_shift<T>(a, n, c0 + j);
+  for (int j = 0; j < V; ++j) gshift[j] = group_shift<T>(a, n, c0 + j);
   const int64_t first = s_begin + r;
+  if (first < s_end) {
+    load_vec<T, V>(x + first * a.C, shift);
+#pragma unroll
+    for (int j = 0; j < V; ++j) shift[j] += e[j];
+  }
   for (int64_t s = first; s < s_end; s += kRowUnroll * rows) {
     float v[kRowUnroll][V];
 #pragma unroll
@@ -159,7 +166,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     float* o = mm + r * ld + 2 * (c0 + j);
-    o[0] = mine > 0 ? sum[j] / fn : 0.0f;  // about the group's shift
+    o[0] = mine > 0 ? (shift[j] - gshift[j]) + sum[j] / fn : 0.0f;  // about the group's first element
     o[1] = mine > 0 ? fmaxf(sq[j] - sum[j] * (sum[j] / fn), 0.0f) : 0.0f;
   }
   __syncthreads();

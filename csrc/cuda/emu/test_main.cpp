@@ -65,12 +65,19 @@ static double tol(DType t) { return t == DType::kFloat32 ? 2e-5 : t == DType::kF
 static int failures = 0, checks = 0;
 static void report(bool ok, const char* what) { ++checks; if (!ok) { ++failures; printf("FAIL %s\n", what); } }
 
+// outlier: added to every group's first element (pixel 0 of its first channel), the point the
+// kernels take their statistics about.
 static void test_gn(DType dt, bool param32, bool cl, bool emb, bool silu, int64_t N, int64_t C, int64_t S, int64_t G, int off, double mean0,
-                    cuda::GroupNormKernel kernel = cuda::GroupNormKernel::kGroups) {
+                    cuda::GroupNormKernel kernel = cuda::GroupNormKernel::kGroups, double outlier = 0) {
   DType pt = param32 ? DType::kFloat32 : dt;
   const int64_t n_el = N * C * S;
   Buf x(dt, n_el, off), e(dt, N * C, off), w(pt, C, off), b(pt, C, off), y(dt, n_el, off);
   for (int64_t i = 0; i < n_el; ++i) x.set(i, mean0 + nrand() * (mean0 != 0 ? 1 : 1));
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G && outlier != 0; ++g) {
+      const int64_t c = g * (C / G), i = cl ? (n * S) * C + c : (n * C + c) * S;
+      x.set(i, x.get(i) + outlier);
+    }
   for (int64_t i = 0; i < N * C; ++i) e.set(i, nrand());
   for (int64_t i = 0; i < C; ++i) { w.set(i, 1 + 0.5 * urand()); b.set(i, urand()); }
   y.poison(n_el);
@@ -346,6 +353,8 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat16, true, true, true, true, 2, 2560, 256, 32, 0, 0, rows);    // 1 row (U-Net 16x16)
     test_gn(DType::kFloat16, false, true, false, true, 1, 1280, 401, 32, 0, 0, rows);  // 3 rows, odd S
     test_gn(DType::kFloat32, true, true, false, true, 1, 640, 800, 32, 0, 1000.0, rows); // 3 rows, large mean
+    for (auto k : {rows, cuda::GroupNormKernel::kGroups})  // the first element 3000 sigma out
+      for (bool cl : {true, false}) test_gn(DType::kFloat32, true, cl, false, true, 1, 640, 800, 32, 0, 0, k, 3000.0);
     test_gn(DType::kFloat32, true, false, true, true, 1, 32, 64, 4, 0, 1000.0);   // fused, large mean
     test_gn(DType::kFloat32, true, false, false, true, 2, 64, 256, 8, 0, 1000.0); // fused, no emb (NCHW)
     test_gn(DType::kFloat32, true, true, false, true, 2, 64, 256, 8, 0, 1000.0);  // fused, no emb (NHWC)

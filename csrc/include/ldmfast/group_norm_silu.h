@@ -46,6 +46,8 @@ int64_t group_norm_silu_workspace_bytes(const GroupNormSiluParams& p,
                                         GroupNormKernel kernel = GroupNormKernel::kDefault);
 // Launches on `stream`; returns 0 on success or a cudaError_t value. `workspace` holds at least
 // group_norm_silu_workspace_bytes(p, kernel) bytes, 16-byte aligned, or is nullptr when that is 0.
+// y must not overlap x: every CTA of a group reads the group's first element of x, which another
+// CTA may already have overwritten in y.
 int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* workspace = nullptr,
                     GroupNormKernel kernel = GroupNormKernel::kDefault);
 }
