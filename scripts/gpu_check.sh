@@ -69,16 +69,21 @@ source_stamp() {
   } | sha256sum | cut -c1-16
 }
 
-# A C++ compiler that links libstdc++ as a shared library: the op libraries throw exceptions that
-# torch catches, which needs the one runtime torch uses. The GPU image's CXX (/opt/gcc) links it
-# statically, and the first error raised from _C_cuda then crashed the process.
+# Whether the library $1 links libstdc++ as a shared library: the op libraries throw exceptions
+# that torch catches, which needs the one runtime torch uses. The GPU image's CXX (/opt/gcc) links
+# it statically, and the first error raised from _C_cuda then crashed the process.
+shares_libstdcxx() {
+  readelf -d "$1" 2>/dev/null | grep -q 'NEEDED.*libstdc++'
+}
+
+# A C++ compiler whose shared libraries pass shares_libstdcxx.
 pick_cxx() {
   local d c
   d=$(mktemp -d)
   printf '#include <stdexcept>\nvoid f() { throw std::runtime_error("x"); }\n' > "$d/t.cpp"
   for c in ${CXX:-} c++ g++ /usr/bin/g++; do
     command -v "$c" > /dev/null || continue
-    if "$c" -shared -fPIC "$d/t.cpp" -o "$d/t.so" 2> /dev/null && readelf -d "$d/t.so" | grep -q 'NEEDED.*libstdc++'; then
+    if "$c" -shared -fPIC "$d/t.cpp" -o "$d/t.so" 2> /dev/null && shares_libstdcxx "$d/t.so"; then
       [ -z "${CXX:-}" ] || [ "$c" = "$CXX" ] || echo "(CXX='$CXX' does not link the shared libstdc++; building with $c)" >&2
       rm -rf "$d"; echo "$c"; return 0
     fi
@@ -108,12 +113,9 @@ build() {
     tar -czf "$OUT/build.tar.gz" ldmfast/_C*.so ldmfast/.build_stamp
   fi
   python3 -c "import ldmfast.ops as o; assert o.cuda_available(), 'CUDA kernels not loaded'; print('cuda ops loaded')"
-  # A libstdc++ linked in statically gives the library an exception runtime of its own, and the
-  # first error it throws crashes the process (seen here before CMakeLists.txt named it).
   local lib
   for lib in ldmfast/_C.so ldmfast/_C_cuda.so; do
-    readelf -d "$lib" 2>/dev/null | grep -q 'NEEDED.*libstdc++' \
-      || { echo "$lib does not link the shared libstdc++ (LDFLAGS='${LDFLAGS:-}')"; return 1; }
+    shares_libstdcxx "$lib" || { echo "$lib does not link the shared libstdc++ (LDFLAGS='${LDFLAGS:-}')"; return 1; }
   done
 }
 
