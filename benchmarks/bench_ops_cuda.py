@@ -7,8 +7,9 @@
 group_norm_silu: ldmfast vs F.silu(F.group_norm()) eager vs torch.compile of the reference, every
 SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB/s (bytes read +
 written once), fraction of the copy bandwidth measured in the same run, ratio to each peer; for
-channels_last also ldmfast_groups and ldmfast_rows (LDMFAST_GN_KERNEL=groups: the cluster-per-group
-kernel; rows: the coalesced pixel-row kernels), the two the default picks between.
+channels_last also ldmfast_groups, ldmfast_rows and ldmfast_held (LDMFAST_GN_KERNEL=groups: the
+cluster-per-group kernel; rows: the coalesced pixel-row kernels; held: x read once into the
+registers of one cooperative grid, only where it holds x), the kernels the default picks among.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
 selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
@@ -272,11 +273,14 @@ def bench_gn(args, dev, bw):
                     provs = {"ldmfast": lambda i: ops.group_norm_silu(xs[i], w, b, G, eps, True, e),
                              "eager": lambda i: eager(xs[i], w, b, e, eps)}
                     if layout == "nhwc":
-                        # Both kernels for large groups beside the default's pick of them
-                        # (group_norm_silu.cu's kRowsMinPixels is chosen on these rows).
-                        for kern in ("groups", "rows"):
-                            provs["ldmfast_" + kern] = lambda i, kern=kern: _with_env(
+                        # Each kernel for large groups beside the default's pick of them
+                        # (group_norm_silu.cu's choice is made on these rows); held only where
+                        # it holds x.
+                        for kern in ("groups", "rows", "held"):
+                            f = lambda i, kern=kern: _with_env(  # noqa: E731
                                 "LDMFAST_GN_KERNEL", kern, ops.group_norm_silu, xs[i], w, b, G, eps, True, e)
+                            if kern != "held" or _runs(f):
+                                provs["ldmfast_" + kern] = f
                     if comp is not None:
                         provs["compile"] = lambda i: comp(xs[i], w, b, e, eps)
                     times = _time_all(_this_pass(provs, args), dev, f"gn {shape} {dname} {layout}{' +emb' if with_emb else ''}", k)
@@ -313,6 +317,18 @@ def _with_env(name, value, fn, *args):
         return fn(*args)
     finally:
         os.environ.pop(name, None)
+
+
+def _runs(f):
+    """Whether f(0) runs, False where the kernel it forces refuses the shape ("operation not
+    supported": the held GroupNorm kernel on x larger than its resident CTAs hold)."""
+    try:
+        f(0)
+    except RuntimeError as e:
+        if "operation not supported" not in str(e):
+            raise
+        return False
+    return True
 
 
 def _attention_with(kernel, q, k, v):

@@ -334,14 +334,17 @@ def test_gradients_match_reference(device, channels_last, emb, silu):
 # ---- every CUDA kernel ---------------------------------------------------------------------------
 
 # LDMFAST_GN_KERNEL picks how large channels_last groups are normalised on CUDA (groups: a
-# cluster per group; rows: coalesced pixel rows through a workspace). Each must pass on its own,
-# on the channels_last LDM shapes over the one-CTA limit, odd sizes, emb, and a large mean; and the
-# two must agree with each other as well as with the reference.
+# cluster per group; rows: coalesced pixel rows through a workspace; held: x read once into the
+# registers of one cooperative grid, where those CTAs hold it). Each must pass on its own, on the
+# channels_last LDM shapes over the one-CTA limit, odd sizes, emb, and a large mean; and auto must
+# give the same bits as the kernel it picks.
 CUDA_GN_SHAPES = [
     ((2, 320, 64, 64), 32, {}), ((2, 640, 32, 32), 32, {"emb": True}), ((1, 512, 64, 64), 32, {}),
     ((1, 128, 256, 256), 32, {}), ((1, 256, 128, 128), 32, {"param_dtype": "dtype"}),
-    ((3, 24, 37, 41), 1, {"emb": True}), ((1, 64, 97, 101), 4, {"mean": 300.0}),
+    ((2, 960, 64, 64), 32, {"emb": True}), ((3, 24, 37, 41), 1, {"emb": True}),
+    ((1, 64, 97, 101), 4, {"mean": 300.0}),
 ]
+HELD_BYTES_PER_SM = 512 * 16 * 16  # what one CTA of the held kernel holds (group_norm_silu_held.cu)
 
 
 @pytest.mark.cuda
@@ -353,11 +356,20 @@ def test_cuda_gn_kernel_choice(monkeypatch, shape, groups, kw, dtype):
     if kw.get("param_dtype") == "dtype":
         kw["param_dtype"] = dtype
     outs = {}
-    for kernel in ("groups", "rows", "auto"):
+    for kernel in ("groups", "rows", "held", "auto"):
         monkeypatch.setenv("LDMFAST_GN_KERNEL", kernel)
-        outs[kernel], _ = _check(shape, groups, dtype, "cuda", what=f"{kernel} {shape} G={groups} {dtype}", **kw)
-    # auto takes the rows kernels from 256 x 256 pixels up, else the groups kernel: the same bits.
-    chosen = "rows" if shape[2] * shape[3] >= 256 * 256 else "groups"
+        try:
+            outs[kernel], _ = _check(shape, groups, dtype, "cuda", what=f"{kernel} {shape} G={groups} {dtype}", **kw)
+        except RuntimeError as e:  # held refuses x its resident CTAs cannot hold
+            if kernel != "held" or "operation not supported" not in str(e):
+                raise
+    # held must run where x takes at most half of what one CTA per SM holds (the rounding of
+    # pixel rows to CTAs never costs that much).
+    nbytes = torch.Size(shape).numel() * torch.finfo(dtype).bits // 8
+    if nbytes <= torch.cuda.get_device_properties(0).multi_processor_count * HELD_BYTES_PER_SM // 2:
+        assert "held" in outs, f"the held kernel refused {shape} {dtype} ({nbytes} bytes)"
+    # auto takes held where it runs, else the rows kernels from 256 x 256 pixels up, else groups.
+    chosen = "held" if "held" in outs else "rows" if shape[2] * shape[3] >= 256 * 256 else "groups"
     assert torch.equal(outs["auto"], outs[chosen])
 
 

@@ -85,6 +85,17 @@ __device__ __forceinline__ void store16(uint4* p, uint4 v) {
 #endif
 }
 
+// The elements of one 16-byte word as float (what load_vec does after a 16-byte load), for
+// kernels that hold raw words in registers and convert them more than once.
+template <class T>
+__device__ __forceinline__ void unpack16(const uint4& raw, float (&v)[kVec16<T>]) {
+  constexpr int kPer = Word<T>::kPer;
+  Word<T>::unpack(raw.x, v);
+  Word<T>::unpack(raw.y, v + kPer);
+  Word<T>::unpack(raw.z, v + 2 * kPer);
+  Word<T>::unpack(raw.w, v + 3 * kPer);
+}
+
 // Loads V consecutive elements as float. V == 1 is a scalar access; otherwise V * sizeof(T) is 4,
 // 8 or a multiple of 16 bytes and p aligned to min(16, V * sizeof(T)) (the callers check that on
 // the host): one 4-, 8- or 16-byte access per word.

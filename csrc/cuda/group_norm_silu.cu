@@ -8,8 +8,10 @@
 //            contiguous chunk of the group: pass 1 merges per-thread Welford statistics, the
 //            cluster merges the K block results through distributed shared memory in rank order,
 //            and pass 2 re-reads the chunk backwards and writes the output. x is read twice.
-// Large channels_last groups go by default to the rows kernels (group_norm_silu_rows.cu), which
-// read x coalesced and meet through a workspace.
+// Large channels_last groups go by default to the held kernel (group_norm_silu_held.cu: x read
+// once into the registers of one cooperative grid) where the resident CTAs can hold x, else from
+// 256 x 256 pixels to the rows kernels (group_norm_silu_rows.cu: x read coalesced twice, meeting
+// through a workspace), else to the stream kernel here.
 // All reductions combine in a fixed order: results are bit-identical from run to run.
 #include <cooperative_groups.h>
 
@@ -25,6 +27,7 @@ constexpr int kFusedThreads = 256;
 constexpr int kStreamThreads = 512;
 constexpr int kUnroll = 4;                   // items loaded before the first is used
 constexpr int kMaxCluster = 8;               // portable cluster size
+constexpr int kHoldItems = 16;               // stream kernel, NCHW: 16-byte items a thread may hold
 
 // Walks the elements of one group in "group order" i = ch * S + s (NCHW) or i = s * Cg + ch
 // (channels_last), where the memory of the group is contiguous (NCHW) or Cg-long runs C apart.
@@ -183,8 +186,25 @@ __global__ void __launch_bounds__(kFusedThreads) group_norm_silu_fused_kernel(co
   }
 }
 
-template <class T, class P, int V, bool CL>
+// NCHW held item: the 16-byte item at element i of group g (one channel: S % V == 0) as floats,
+// plus the channel's emb.
+template <class T, int V>
+__device__ __forceinline__ void unpack_held(const GnArgs& a, int64_t n, int64_t g, int64_t i, const uint4& raw,
+                                            float (&v)[V]) {
+  static_assert(V == kVec16<T>, "a 16-byte item");
+  unpack16<T>(raw, v);
+  if (a.emb != nullptr) {
+    const float e = to_float(static_cast<const T*>(a.emb)[n * a.C + g * a.Cg + i / a.S]);
+#pragma unroll
+    for (int j = 0; j < V; ++j) v[j] += e;
+  }
+}
+
+// kHold (NCHW, 16-byte items, at most kHoldItems a thread): pass 1 keeps its items in registers
+// and pass 2 writes from them, so x is read once.
+template <class T, class P, int V, bool CL, bool kHold = false>
 __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(const GnArgs a, const int K) {
+  static_assert(!kHold || (!CL && V * sizeof(T) == 16), "held items are NCHW 16-byte vectors");
   __shared__ Welford red[32];
   __shared__ float stats[2];
   const int64_t rank = blockIdx.x % K, ng = blockIdx.x / K;
@@ -197,7 +217,24 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   const float shift = group_shift<T, CL>(a, n, g);  // the same element in every CTA of a cluster
 
   Welford acc;  // of v - shift
-  {
+  // kHold: this thread's items, at first + u * step for u < held (an NCHW group is contiguous).
+  uint4 raw[kHold ? kHoldItems : 1];
+  const int held = kHold && first < end ? static_cast<int>(ceil_div(end - first, step)) : 0;
+  if constexpr (kHold) {
+    const T* xg = static_cast<const T*>(a.x) + n * a.CS + g * a.E;
+#pragma unroll
+    for (int u = 0; u < kHoldItems; ++u)  // every load in flight before any is used
+      raw[u] = u < held ? *reinterpret_cast<const uint4*>(xg + first + u * step) : make_uint4(0u, 0u, 0u, 0u);
+#pragma unroll
+    for (int u = 0; u < kHoldItems; ++u) {
+      if (u >= held) break;
+      float v[V];
+      unpack_held<T, V>(a, n, g, first + u * step, raw[u], v);
+#pragma unroll
+      for (int j = 0; j < V; ++j) v[j] -= shift;
+      acc = welford_merge(acc, item_welford<V>(v));
+    }
+  } else {
     Cursor<CL> cur(a, first, step);
     for (int64_t i = first; i < end; i += kUnroll * step) {
       float v[kUnroll][V];
@@ -245,6 +282,17 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   // tensor is larger than L2 (the VAE's 512x512 levels); then y is stored evict-first so that it
   // does not push that part of x out.
   if (first >= end) return;
+  if constexpr (kHold) {  // x is below L2's size here (one wave holds it): no evict-first stores
+#pragma unroll
+    for (int u = 0; u < kHoldItems; ++u) {
+      if (u >= held) break;
+      const int64_t i = first + u * step;
+      float v[V];
+      unpack_held<T, V>(a, n, g, i, raw[u], v);
+      store_item<T, P, V, CL>(a, n * a.CS + g * a.E + i, g * a.Cg + i / a.S, shift, mean, rstd, v);
+    }
+    return;
+  }
   const int64_t last = first + (end - 1 - first) / step * step;
   Cursor<CL> cur(a, last, step);
   for (int64_t i = last; i >= first; i -= kUnroll * step) {
@@ -329,6 +377,15 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream, bool need_cluster) {
   }
   if (need_cluster && K == 1) return static_cast<int>(cudaErrorNotSupported);
   if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
+  // NCHW 16-byte items: where each thread's share of its chunk fits kHoldItems registers, the
+  // held instance reads x once. The grid is then one wave (K's rule above), so x is resident in
+  // at most the CTAs' registers: below L2's size. The cluster check above asked about the plain
+  // instance; the held one uses as many registers (one CTA per SM either way at 512 threads).
+  if constexpr (!CL && V * sizeof(T) == 16) {
+    const int64_t per_thread = ceil_div(ceil_div(a.E / V, K), kStreamThreads);
+    if (per_thread <= kHoldItems && ng * K <= static_cast<int64_t>(blocks_per_sm(kernel, kStreamThreads, 0)) * sm_count())
+      kernel = group_norm_silu_stream_kernel<T, P, V, CL, true>;
+  }
   const unsigned grid = static_cast<unsigned>(ng * K);
   if (K == 1) {
     kernel<<<grid, kStreamThreads, 0, stream>>>(a, 1);
@@ -376,15 +433,30 @@ int dispatch_param(const GroupNormSiluParams& p, const GnArgs& a, cudaStream_t s
 
 namespace {
 
-// kDefault takes the rows kernels from this many pixels up. Measured on an H100 (fp16, 2026-11-24,
-// commit 3ca7a93; rows vs groups, us): they win at the VAE's large levels (1x128x512x512 115 vs
-// 492, 1x256x256x256 90 vs 134, 1x512x256x256 157 vs 181) and lose below, badly where C is large
-// and S small (1x512x128x128 88 vs 63, 2x1280x32x32 146 vs 32, 2x2560x16x16 352 vs 11).
+// kDefault takes the rows kernels from this many pixels up (where the held kernel cannot hold x).
+// Measured on an H100 (fp16, 2026-11-24, commit 3ca7a93; rows vs groups, us): they win at the
+// VAE's large levels (1x128x512x512 115 vs 492, 1x256x256x256 90 vs 134, 1x512x256x256 157 vs
+// 181) and lose below, badly where C is large and S small (1x512x128x128 88 vs 63, 2x1280x32x32
+// 146 vs 32, 2x2560x16x16 352 vs 11).
 constexpr int64_t kRowsMinPixels = 256 * 256;
 
+// channels_last groups over the one-CTA limit: the only ones the kernel choice is about.
+bool large_cl_groups(const GroupNormSiluParams& p) {
+  return p.channels_last && p.G > 0 && p.C % p.G == 0 && (p.C / p.G) * p.S > kFusedMaxElems;
+}
+
+// kHeld, or kDefault wherever the held kernel takes p: it reads x once where the others read it
+// twice (not yet timed on a GPU; bench_ops_cuda.py times it beside the rows and groups kernels).
+bool held_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have_workspace) {
+  if (!large_cl_groups(p)) return false;
+  if (kernel == GroupNormKernel::kHeld) return true;
+  return kernel == GroupNormKernel::kDefault && have_workspace && held_supported(p);
+}
+
 bool rows_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have_workspace) {
-  if (!p.channels_last || p.G <= 0 || p.C % p.G != 0 || (p.C / p.G) * p.S <= kFusedMaxElems) return false;
-  if (kernel == GroupNormKernel::kGroups || kernel == GroupNormKernel::kCluster) return false;
+  if (!large_cl_groups(p)) return false;
+  if (kernel == GroupNormKernel::kGroups || kernel == GroupNormKernel::kCluster || kernel == GroupNormKernel::kHeld)
+    return false;
   if (kernel == GroupNormKernel::kDefault && (!have_workspace || p.S < kRowsMinPixels)) return false;
   return rows_supported(p);
 }
@@ -393,6 +465,7 @@ bool rows_chosen(const GroupNormSiluParams& p, GroupNormKernel kernel, bool have
 
 int64_t group_norm_silu_workspace_bytes(const GroupNormSiluParams& p, GroupNormKernel kernel) {
   if (p.N <= 0 || p.C <= 0 || p.S <= 0) return 0;
+  if (held_chosen(p, kernel, true)) return held_supported(p) ? held_workspace_bytes(p) : 0;
   return rows_chosen(p, kernel, true) ? rows_workspace_bytes(p) : 0;
 }
 
@@ -416,7 +489,13 @@ int group_norm_silu(const GroupNormSiluParams& p, cudaStream_t stream, void* wor
   // Evict-first stores only help when x does not fit in L2; below that they would only cost the
   // next op its L2 hits on y.
   a.evict_first = p.N * a.CS * dtype_size(p.dtype) > l2_bytes();
-  if (rows_chosen(p, kernel, workspace != nullptr)) {
+  if (held_chosen(p, kernel, workspace != nullptr)) {
+    if (!held_supported(p)) return static_cast<int>(cudaErrorNotSupported);  // kHeld only
+    if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
+    const int err = group_norm_silu_held(p, a, workspace, stream);
+    // kDefault: a device that refuses the cooperative grid after all takes the groups kernel.
+    if (err != static_cast<int>(cudaErrorCooperativeLaunchTooLarge) || kernel == GroupNormKernel::kHeld) return err;
+  } else if (rows_chosen(p, kernel, workspace != nullptr)) {
     if (workspace == nullptr || !aligned16(workspace)) return static_cast<int>(cudaErrorInvalidValue);
     return group_norm_silu_rows(p, a, workspace, stream);
   }

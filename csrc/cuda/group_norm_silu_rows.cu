@@ -35,17 +35,6 @@ struct RowShape {
 
 int gcd(int a, int b) { return b == 0 ? a : gcd(b, a % b); }
 
-// The first element (pixel 0, after the emb add) of the group holding channel c of sample n: both
-// kernels take the statistics about it, so that they stay small when the mean is large against
-// the spread, and a float mean near 1000 does not round away the digits the output needs.
-template <class T>
-__device__ __forceinline__ float group_shift(const GnArgs& a, int64_t n, int64_t c) {
-  const int64_t first = c - c % a.Cg;
-  float v = to_float(static_cast<const T*>(a.x)[n * a.CS + first]);
-  if (a.emb != nullptr) v += to_float(static_cast<const T*>(a.emb)[n * a.C + first]);
-  return v;
-}
-
 template <class T, int V>
 __global__ void __launch_bounds__(kRowThreads)
     rows_stats_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part);
@@ -137,7 +126,7 @@ __global__ void __launch_bounds__(kRowThreads)
   // first element lies far out); the mean is then stored about the group's first element.
   float shift[V] = {}, gshift[V], sum[V] = {}, sq[V] = {};
 #pragma unroll
-  for (int j = 0; j < V; ++j) gshift[j] = group_shift<T>(a, n, c0 + j);
+  for (int j = 0; j < V; ++j) gshift[j] = cl_group_shift<T>(a, n, c0 + j);
   const int64_t first = s_begin + r;
   if (first < s_end) {
     load_vec<T, V>(x + first * a.C, shift);
@@ -242,7 +231,7 @@ __global__ void __launch_bounds__(kRowThreads)
 #pragma unroll
   for (int j = 0; j < V; ++j) {
     const int64_t g = (c0 + j) / a.Cg;
-    shift[j] = group_shift<T>(a, n, c0 + j);
+    shift[j] = cl_group_shift<T>(a, n, c0 + j);
     mean[j] = st[g];  // about shift
     scale[j] *= st[a.G + g];
   }

@@ -72,7 +72,7 @@ cuda::AttentionKernel attention_kernel_from_env() {
 // See GroupNormKernel in group_norm_silu.h (it only matters for large channels_last groups).
 cuda::GroupNormKernel group_norm_kernel_from_env() {
   using K = cuda::GroupNormKernel;
-  return kernel_from_env<K>("LDMFAST_GN_KERNEL", "group_norm_silu", {{"groups", K::kGroups}, {"rows", K::kRows}, {"cluster", K::kCluster}});
+  return kernel_from_env<K>("LDMFAST_GN_KERNEL", "group_norm_silu", {{"groups", K::kGroups}, {"rows", K::kRows}, {"cluster", K::kCluster}, {"held", K::kHeld}});
 }
 
 void check_launch(int err, const char* op) {

@@ -13,7 +13,7 @@ mkdir -p "$OUT"
 pids=()
 INC="-I$HERE/include -I$CUDA_INC -I$SRC/../include -I$SRC"
 # Sources under csrc/cuda (emu/wgmma_check: the emulator's own wgmma self-test).
-for f in group_norm_silu group_norm_silu_rows ddim_step geglu attention attention_mma attention_short attention_wgmma emu/wgmma_check; do
+for f in group_norm_silu group_norm_silu_rows group_norm_silu_held ddim_step geglu attention attention_mma attention_short attention_wgmma emu/wgmma_check; do
   n=$(basename "$f")
   python3 "$HERE/transform.py" "$SRC/$f.cu" "$OUT/$n.emu.cpp"
   g++ -std=c++20 $FLAGS -Wall -Wno-unknown-pragmas -include emu_prelude.h -DLDMFAST_EMU $INC -x c++ -c "$OUT/$n.emu.cpp" -o "$OUT/$n.o" &

@@ -25,6 +25,7 @@ cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
 cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const int major = getenv("EMU_SM90") ? 9 : 8;  // 9: the group_norm_silu cluster path runs
   *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrComputeCapabilityMajor ? major : 0;
+  if (a == cudaDevAttrCooperativeLaunch) *v = getenv("EMU_NO_COOP") ? 0 : 1;  // a device without it
   return cudaSuccess;
 }
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = getenv("EMU_SM90") ? 90 : 80; return cudaSuccess; }
@@ -360,6 +361,12 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat32, true, true, false, true, 2, 64, 256, 8, 0, 1000.0);  // fused, no emb (NHWC)
     test_gn(DType::kFloat32, true, true, false, true, 1, 16, 1024, 1, 0, 1000.0); // stream, large mean
     test_gn(DType::kFloat16, true, false, true, true, 1, 16, 2048, 1, 1, 0);      // stream, K = 8 on "sm_90"
+    // NCHW stream kernel with its 16-byte items held in registers (x read once), emb per item.
+    for (DType dt : dts) test_gn(dt, dt == DType::kFloat16, false, true, true, 2, 64, 520, 2, 0, 0);
+    test_gn(DType::kFloat32, true, false, true, true, 1, 16, 2048, 1, 0, 1000.0);  // 16 items a thread, large mean
+    // NCHW stream kernel, 16-byte items not held: more than 16 a thread; more groups than CTAs fit.
+    test_gn(DType::kFloat16, true, false, true, true, 1, 8, 16384, 1, 0, 0);     // 32 items a thread (4 at K = 8)
+    test_gn(DType::kBFloat16, false, false, true, true, 1, 640, 1024, 32, 0, 0); // 32 groups over 16 CTAs
     test_gn(DType::kBFloat16, false, true, true, true, 1, 16, 2048, 1, 0, 0);
     // kCluster: a split of at least 2 on "sm_90" (many groups: the heuristic alone keeps K = 1),
     // refused below it and for groups that fit one CTA.
@@ -375,6 +382,43 @@ int main(int argc, char** argv) {
       refused(2048, "gn kCluster before sm_90: not supported");
     }
     refused(16, "gn kCluster, a group that fits one CTA");
+    // The held kernel (channels_last, one cooperative grid of the resident CTAs: 16 here, 4 "SMs"
+    // x 4): each thread up to 16 pixel rows of 16-byte columns; odd S leaves a short last chunk
+    // and threads with no row. Every group is over the one-CTA limit (12032 elements), so kHeld
+    // runs or fails; never the fused kernel.
+    const auto held = cuda::GroupNormKernel::kHeld;
+    for (DType dt : dts) {
+      const bool p32 = dt != DType::kFloat16;
+      test_gn(dt, p32, true, true, true, 1, 320, 1301, 32, 0, 0, held);    // Cg 10, 40 or 80 columns
+      test_gn(dt, !p32, true, false, true, 3, 64, 1000, 2, 0, 0, held);    // Cg 32, 3 samples (K = 5)
+      test_gn(dt, p32, true, true, false, 1, 128, 3500, 32, 0, 0, held);   // Cg 4, 16 CTAs, odd S
+      test_gn(dt, p32, true, false, true, 1, 1280, 250, 16, 0, 0, held);   // 3 rows a CTA, or 1
+    }
+    test_gn(DType::kFloat16, true, true, true, true, 1, 2560, 160, 32, 0, 0, held);       // 1 row, 320 columns
+    test_gn(DType::kFloat32, true, true, false, true, 1, 128, 1000, 8, 0, 1000.0, held);  // large mean
+    test_gn(DType::kBFloat16, false, true, true, true, 1, 512, 300, 4, 0, 1000.0, held);  // large mean, emb
+    test_gn(DType::kFloat32, true, true, false, true, 1, 640, 200, 8, 0, 0, held, 3000.0); // a far first element
+    test_gn(DType::kFloat16, true, true, true, true, 1, 320, 1301, 32, 0, 0, dflt);       // the default's pick
+    {
+      // Refused: x larger than the resident CTAs hold; unaligned; a device without cooperative
+      // launch (where the default takes the groups kernel instead).
+      auto refuse = [&](int64_t S, bool aligned, const char* what) {
+        Buf x(DType::kFloat16, 2 * 320 * S + 8), w(DType::kFloat32, 320), b(DType::kFloat32, 320);
+        GroupNormSiluParams q{};
+        q.x = q.y = static_cast<char*>(x.ptr()) + (aligned ? 0 : 2);
+        q.weight = w.ptr(); q.bias = b.ptr();
+        q.N = 2; q.C = 320; q.S = S; q.G = 32; q.channels_last = true;
+        q.dtype = DType::kFloat16; q.param_dtype = DType::kFloat32;
+        report(cuda::group_norm_silu_workspace_bytes(q, held) == 0 &&
+               cuda::group_norm_silu(q, nullptr, nullptr, held) == cudaErrorNotSupported, what);
+      };
+      refuse(8 * 12 * 16 + 1, true, "gn kHeld, one pixel more than 8 CTAs a sample hold: not supported");
+      refuse(1301, false, "gn kHeld, unaligned x: not supported");
+      setenv("EMU_NO_COOP", "1", 1);
+      refuse(1301, true, "gn kHeld without cooperative launch: not supported");
+      test_gn(DType::kFloat16, true, true, true, true, 1, 320, 1301, 32, 0, 0, dflt);     // groups then
+      unsetenv("EMU_NO_COOP");
+    }
   }
   if (which == "all" || which == "attn") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -520,6 +564,7 @@ int main(int argc, char** argv) {
     }
     test_gn(DType::kFloat16, true, true, true, true, 1, 128, 4099, 32, 0, 0, rows);
     test_gn(DType::kFloat32, true, true, false, true, 3, 64, 3000, 2, 0, 0, dflt);
+    test_gn(DType::kFloat16, true, true, true, true, 1, 64, 300, 1, 0, 0, cuda::GroupNormKernel::kHeld);  // 5 CTAs
     test_geglu(DType::kFloat16, 5, 640, 1280, 0);                      // geglu, vector and scalar
     test_geglu(DType::kFloat32, 3, 37, 80, 1);
     test_attn(DType::kFloat16, 1, 2, 33, 70, 64, true, 0, true);        // SIMT

@@ -35,12 +35,16 @@ namespace cuda {
 //   kGroups  one cluster of CTAs per group, reading the group's channels strided C apart
 //   kRows    whole pixel rows of all channels, read coalesced, in two launches that meet in
 //            `workspace` (a group's Cg channels are often narrower than a 32-byte sector)
-// kDefault is kRows when a workspace is given and the image has 256 x 256 pixels or more (where
-// it measured faster), else kGroups. kCluster (for tests: proof the
-// path ran) is kGroups with every group split over a cluster of at least two CTAs that merge
-// through distributed shared memory, for NCHW too; cudaErrorNotSupported where that launch is
-// not possible (a group that fits one CTA, a device before sm_90).
-enum class GroupNormKernel : int32_t { kDefault = 0, kGroups, kRows, kCluster };
+//   kHeld    whole pixel rows read once into registers by one cooperative launch of at most the
+//            CTAs resident at once, which meet in `workspace` at a grid barrier; only for x that
+//            those CTAs can hold (128 KB each), cudaErrorNotSupported otherwise
+// kDefault is kHeld where it holds x and a workspace is given, else kRows when a workspace is
+// given and the image has 256 x 256 pixels or more (where rows measured faster than groups),
+// else kGroups. kCluster (for tests: proof the path ran) is kGroups with every group split over
+// a cluster of at least two CTAs that merge through distributed shared memory, for NCHW too;
+// cudaErrorNotSupported where that launch is not possible (a group that fits one CTA, a device
+// before sm_90).
+enum class GroupNormKernel : int32_t { kDefault = 0, kGroups, kRows, kCluster, kHeld };
 // Bytes of device workspace that `kernel` needs for p (0: none); depends on the current device.
 int64_t group_norm_silu_workspace_bytes(const GroupNormSiluParams& p,
                                         GroupNormKernel kernel = GroupNormKernel::kDefault);

@@ -10,7 +10,8 @@
 // so two accesses to shared or global memory by threads of one cluster (of one CTA, for
 // launches without clusters) that no barrier orders (a missing __syncthreads) are reported as a
 // data race, whatever order the scheduler ran them in. Clusters run one after another, so
-// races between them are not seen. Code the fibers run must not hold dynamically initialised
+// races between them are not seen; a cooperative launch runs its whole grid together, so
+// grid.sync works and orders the CTAs' accesses as the barrier it is. Code the fibers run must not hold dynamically initialised
 // function-local statics: their guard is an ordering TSan would see. It checks
 // indexing, tails, reductions, layouts and barriers, and a launch's limits (threads, shared
 // memory, grid, cluster, __launch_bounds__: check_launch); not timing, registers, or inline PTX
@@ -187,6 +188,7 @@ struct Block {
   std::vector<unsigned char> arena;  // static __shared__ variables
   std::vector<Block*> cluster;       // the CTAs of this CTA's cluster, by rank
   Barrier* cluster_bar = nullptr;
+  Barrier* grid_bar = nullptr;       // a cooperative launch's grid barrier (grid.sync), else none
   std::shared_ptr<void> wgmma;       // the wgmma operands each warpgroup issued (emu_wgmma.h)
   NamedBarrier named[16];            // 0 unused: __syncthreads is `bar`
   std::map<const void*, std::unique_ptr<Barrier>> mbar;  // by shared-memory address (mbarrier_init)
@@ -235,16 +237,20 @@ constexpr size_t kDefaultSmem = 48 * 1024;
 constexpr size_t kMaxSmem = 227 * 1024;
 constexpr unsigned kMaxPortableCluster = 8;
 inline std::map<const void*, int> g_dyn_smem_attr;  // set by cudaFuncSetAttribute
+[[noreturn]] inline void fail(const char* what) {
+  fprintf(stderr, "emu: %s\n", what);
+  std::abort();
+}
 [[noreturn]] inline void launch_error(const char* what, size_t got, size_t limit) {
   fprintf(stderr, "emu: invalid launch: %s %zu over the limit %zu\n", what, got, limit);
   std::abort();
 }
-inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t dyn, unsigned csize) {
+inline void check_launch(const void* kernel, dim3 grid, dim3 block, size_t dyn, unsigned csize, bool cooperative) {
   const size_t threads = static_cast<size_t>(block.x) * block.y * block.z;
   if (threads == 0 || threads > kMaxBlockThreads) launch_error("threads per block", threads, kMaxBlockThreads);
   if (grid.x == 0 || grid.x > 0x7fffffffu) launch_error("grid.x", grid.x, 0x7fffffffu);
   if (grid.y == 0 || grid.y > 65535 || grid.z == 0 || grid.z > 65535) launch_error("grid.y or grid.z", grid.y > grid.z ? grid.y : grid.z, 65535);
-  if (csize > kMaxPortableCluster) launch_error("cluster size", csize, kMaxPortableCluster);
+  if (!cooperative && csize > kMaxPortableCluster) launch_error("cluster size", csize, kMaxPortableCluster);
   const auto it = g_dyn_smem_attr.find(kernel);
   const size_t allowed = it != g_dyn_smem_attr.end() ? static_cast<size_t>(it->second) : kDefaultSmem;
   if (dyn > allowed) launch_error("dynamic shared memory (see cudaFuncSetAttribute)", dyn, allowed);
@@ -514,10 +520,11 @@ inline void run_fibers(const std::vector<Fiber*>& fibers) {
 #endif
 }
 // Runs the grid cluster by cluster; the CTAs of one cluster run together (their fibers take
-// turns), so cluster.sync and map_shared_rank work.
+// turns), so cluster.sync and map_shared_rank work. A cooperative launch runs the whole grid
+// together as one such unit (csize = grid.x), and its barrier is grid.sync's.
 template <class K, class... Args>
-void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csize, Args... args) {
-  check_launch(reinterpret_cast<const void*>(kernel), grid, block, smem, csize);
+void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csize, bool cooperative, Args... args) {
+  check_launch(reinterpret_cast<const void*>(kernel), grid, block, smem, csize, cooperative);
   const unsigned nthreads = block.x * block.y * block.z;
   if (getenv("EMU_TRACE")) fprintf(stderr, "launch grid=%u block=%u cluster=%u smem=%zu\n", grid.x, nthreads, csize, smem);
   reset_shared_table();
@@ -530,7 +537,11 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
     std::vector<Block*> ranks;
     for (unsigned r = 0; r < csize; ++r) { blocks.push_back(make_block(nthreads, smem)); ranks.push_back(blocks.back().get()); }
     Barrier cbar(csize * nthreads);
-    for (auto* b : ranks) { b->cluster = ranks; b->cluster_bar = &cbar; }
+    for (auto* b : ranks) {
+      b->cluster = ranks;
+      b->cluster_bar = cooperative ? nullptr : &cbar;
+      b->grid_bar = cooperative ? &cbar : nullptr;
+    }
     std::vector<Fiber*> fibers;
     for (unsigned r = 0; r < csize; ++r)
       for (unsigned t = 0; t < nthreads; ++t) {
@@ -559,15 +570,20 @@ void launch_clusters(K kernel, dim3 grid, dim3 block, size_t smem, unsigned csiz
 }
 template <class K, class... Args>
 void launch(K kernel, dim3 grid, dim3 block, size_t smem, cudaStream_t, Args... args) {
-  launch_clusters(kernel, grid, block, smem, 1u, args...);
+  launch_clusters(kernel, grid, block, smem, 1u, false, args...);
 }
 template <class K, class... Args>
 cudaError_t launch_ex(const cudaLaunchConfig_t* cfg, K kernel, Args... args) {
   unsigned csize = 1;
-  for (unsigned i = 0; i < cfg->numAttrs; ++i)
+  bool cooperative = false;
+  for (unsigned i = 0; i < cfg->numAttrs; ++i) {
     if (cfg->attrs[i].id == cudaLaunchAttributeClusterDimension) csize = cfg->attrs[i].val.clusterDim.x;
+    if (cfg->attrs[i].id == cudaLaunchAttributeCooperative) cooperative = cfg->attrs[i].val.cooperative != 0;
+  }
   if (cfg->gridDim.x % csize != 0) return cudaErrorInvalidConfiguration;
-  launch_clusters(kernel, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, csize, args...);
+  if (cooperative && csize > 1) return cudaErrorNotSupported;  // not emulated (nor used)
+  if (cooperative) csize = cfg->gridDim.x;
+  launch_clusters(kernel, cfg->gridDim, cfg->blockDim, cfg->dynamicSmemBytes, csize, cooperative, args...);
   return cudaSuccess;
 }
 template <class T> T* dyn_smem() { return reinterpret_cast<T*>(t_block->dsmem.data()); }
