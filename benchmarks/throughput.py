@@ -3,6 +3,7 @@
     python benchmarks/throughput.py [--preset sd15|cpu|shapes] [--height H --width W] [--batch 2]
                                     [--dtype fp16|bf16|fp32] [--steps 50] [--providers ...]
                                     [--compile] [--rounds N] [--repeats N] [--csv PATH]
+                                    [--cudnn-benchmark]
 
 With no arguments it runs on whatever device is present: on a GPU the SD-1.5 architecture at
 512x512 in fp16 with random weights, on CPU the built-in model (ldmfast's trained shapes model,
@@ -244,6 +245,9 @@ def main(argv=None):
     ap.add_argument("--images", default=None, help="folder for each provider's end-to-end image (built-in model; "
                     "<preset>-<provider>.png, renewed on each run)")
     ap.add_argument("--csv", default=None, help="results file (default benchmarks/results/<device>.csv)")
+    ap.add_argument("--cudnn-benchmark", action="store_true",
+                    help="let cuDNN time its convolution algorithms (torch.backends.cudnn.benchmark) for "
+                         "every provider alike; noted in the rows")
     args = ap.parse_args(argv)
 
     device = C.device_arg(ap, args.device)
@@ -309,6 +313,11 @@ def main(argv=None):
             ap.error(f"--csv: {e}")
 
     from tqdm import tqdm
+
+    # Process-wide, set before anything is built or captured: every provider runs under it.
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+    bench_note = " cudnn_benchmark=1" if args.cudnn_benchmark else ""
 
     import ldmfast.dropin
     import ldmfast.models.ops as model_ops
@@ -491,7 +500,7 @@ def main(argv=None):
                 sys.stdout.flush()
                 if rnd == rounds - 1:
                     write(rows_of(prov, {m: statistics.median(v) for m, v in samples[prov].items()},
-                                  f"preset={preset_name} rounds={rounds}"))
+                                  f"preset={preset_name} rounds={rounds}{bench_note}"))
     results = {p: {m: statistics.median(v) for m, v in s.items()} for p, s in samples.items()}
     spread = {p: (min(s["step"]), max(s["step"])) for p, s in samples.items()}
 
@@ -512,7 +521,7 @@ def main(argv=None):
                   f"error {err:.2e} (target < {target:g} in {dt}), decoded images {psnr:.1f} dB PSNR (target > 35)")
             write([{"bench": "throughput", "op": "parity", "shape": f"{height}x{width}", "dtype": dt,
                     "layout": layout(par), "provider": par,
-                    "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}"}])
+                    "note": f"latent_rel_err={err:.3e} psnr_db={psnr:.2f} steps={steps} preset={preset_name}{bench_note}"}])
     base = results.get("diffusers")
 
     def ratio(p, m):

@@ -217,15 +217,19 @@ def _failing_accelerate(monkeypatch, message):
 @pytest.mark.skipif(not os.path.exists(BUILTIN), reason="the built-in model is not shipped")
 def test_a_failing_provider_is_reported_and_the_others_kept(monkeypatch, capsys, tmp_path):
     _failing_accelerate(monkeypatch, "boom in accelerate")
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)  # restored after --cudnn-benchmark
     out = tmp_path / "r.csv"
     code, stdout, stderr = _run_real(monkeypatch, capsys, "--preset", "shapes", "--providers",
-                                     "ldmfast,diffusers+ldmfast,diffusers", "--csv", str(out))
+                                     "ldmfast,diffusers+ldmfast,diffusers", "--csv", str(out), "--cudnn-benchmark")
     assert code != 0 and "diffusers+ldmfast: RuntimeError: boom in accelerate" in str(code)
     assert "provider diffusers+ldmfast FAILED" in stdout and "Traceback" in stderr
     assert "ldmfast (round 1/1): step" in stdout and "diffusers (round 1/1): step" in stdout
     rows = list(csv.DictReader(open(out)))
     assert {row["provider"] for row in rows} == {"ldmfast", "diffusers", "floor"}
     assert all(row["layout"] == "NCHW" for row in rows if row["provider"] != "floor")
+    # --cudnn-benchmark: set for the whole run, and said in every provider's rows
+    assert torch.backends.cudnn.benchmark
+    assert all("cudnn_benchmark=1" in row["note"] for row in rows if row["provider"] in ("ldmfast", "diffusers"))
     # the parity line still ran, between the providers that did
     assert [row["provider"] for row in rows if row["op"] == "parity"] == ["ldmfast"]
 
