@@ -23,6 +23,7 @@ namespace {
 
 constexpr int kHeldThreads = 512;  // threads per CTA at most
 constexpr int kHeldItems = 16;     // 16-byte columns a thread holds
+constexpr size_t kHeldMaxSmem = 227 * 1024;  // an H100's most per CTA (the kernel has no static part)
 
 struct HeldShape {
   int tpr = 0;      // threads per pixel row (C / V); 0: p is not held
@@ -237,10 +238,12 @@ HeldShape held_shape_for(const GroupNormSiluParams& p) {
   const int rows = (kHeldThreads / tpr) / q * q;
   if (rows == 0) return h;
   const int64_t smem = static_cast<int64_t>(held_smem_bytes(rows, p.C, p.G));
-  if (smem > 227 * 1024) return h;
+  if (smem > static_cast<int64_t>(kHeldMaxSmem)) return h;
   const int threads = rows * tpr;
   auto kernel = held_kernel<T, P, V>;
-  if (smem > 48 * 1024 && allow_dynamic_smem(kernel, static_cast<size_t>(smem)) != 0) return h;
+  // Past 48 KB (a group count in the thousands) the kernel needs the opt-in, asked once for the
+  // most any shape takes (allow_dynamic_smem keeps one size per kernel).
+  if (smem > 48 * 1024 && allow_dynamic_smem(kernel, kHeldMaxSmem) != 0) return h;
   const int64_t resident = static_cast<int64_t>(blocks_per_sm(kernel, threads, static_cast<size_t>(smem))) * sm_count();
   // As many CTAs per sample as are resident at once (more loads in flight), none without a row.
   const int64_t K = imin(resident / p.N, ceil_div(p.S, rows));
