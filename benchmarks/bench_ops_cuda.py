@@ -9,7 +9,8 @@ SD-1.x U-Net (batch 2) and VAE (batch 1) shape, NCHW and channels_last; time, GB
 written once), fraction of the copy bandwidth measured in the same run, ratio to each peer; for
 channels_last also ldmfast_groups, ldmfast_rows and ldmfast_held (LDMFAST_GN_KERNEL=groups: the
 cluster-per-group kernel; rows: the coalesced pixel-row kernels; held: x read once into the
-registers of one cooperative grid, only where it holds x), the kernels the default picks among.
+registers and shared memory of one cooperative grid, the rest streamed through L2, only where it
+runs), the kernels the default picks among.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
 selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by

@@ -335,16 +335,18 @@ def test_gradients_match_reference(device, channels_last, emb, silu):
 
 # LDMFAST_GN_KERNEL picks how large channels_last groups are normalised on CUDA (groups: a
 # cluster per group; rows: coalesced pixel rows through a workspace; held: x read once into the
-# registers of one cooperative grid, where those CTAs hold it). Each must pass on its own, on the
-# channels_last LDM shapes over the one-CTA limit, odd sizes, emb, and a large mean; and auto must
-# give the same bits as the kernel it picks.
+# registers and shared memory of one cooperative grid, the rest streamed through L2 where that is
+# at most L2's size). Each must pass on its own, on the channels_last LDM shapes over the one-CTA
+# limit, odd sizes, emb, and a large mean; and auto must give the same bits as the kernel it picks.
 CUDA_GN_SHAPES = [
     ((2, 320, 64, 64), 32, {}), ((2, 640, 32, 32), 32, {"emb": True}), ((1, 512, 64, 64), 32, {}),
     ((1, 128, 256, 256), 32, {}), ((1, 256, 128, 128), 32, {"param_dtype": "dtype"}),
     ((2, 960, 64, 64), 32, {"emb": True}), ((3, 24, 37, 41), 1, {"emb": True}),
     ((1, 64, 97, 101), 4, {"mean": 300.0}),
+    # 67 MB in 16 bits: past what the held kernel holds on an H100 (41 MB), streamed
+    ((1, 128, 512, 512), 32, {"emb": True}),
 ]
-HELD_BYTES_PER_SM = 512 * 16 * 16  # what one CTA of the held kernel holds (group_norm_silu_held.cu)
+HELD_BYTES_PER_SM = 512 * (14 + 24) * 16  # one held CTA's registers and slots (group_norm_silu_held.cu)
 
 
 @pytest.mark.cuda
@@ -373,6 +375,36 @@ def test_cuda_gn_kernel_choice(monkeypatch, shape, groups, kw, dtype):
     assert torch.equal(outs["auto"], outs[chosen])
 
 
+# The model captures its U-Net and decoder in CUDA graphs, and the default kernels include a
+# cooperative launch (held, channels_last) and register-held NCHW items. A capture must take them
+# and a replay must give the eager bits, also after the input changes in place.
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("kernel", ["auto", "held"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_cuda_gn_in_cuda_graph(monkeypatch, kernel, channels_last):
+    if kernel == "held" and not channels_last:
+        pytest.skip("the held kernel is channels_last only")
+    monkeypatch.setenv("LDMFAST_GN_KERNEL", kernel)
+    x, w, b, e = _inputs((2, 320, 64, 64), torch.float16, "cuda", emb=True, channels_last=channels_last)
+    eager = ops.group_norm_silu(x, w, b, 32, 1e-5, True, e)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capturing stream (workspace, attributes)
+        ops.group_norm_silu(x, w, b, 32, 1e-5, True, e)
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = ops.group_norm_silu(x, w, b, 32, 1e-5, True, e)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    x.mul_(-2.0).add_(1.0)
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, ops.group_norm_silu(x, w, b, 32, 1e-5, True, e))
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 def test_cuda_gn_kernel_choice_rejects_unknown(monkeypatch):
@@ -380,6 +412,17 @@ def test_cuda_gn_kernel_choice_rejects_unknown(monkeypatch):
     x, w, b, _ = _inputs((1, 32, 4, 4), torch.float16, "cuda")
     with pytest.raises(RuntimeError, match="LDMFAST_GN_KERNEL must be one of .* got 'fastest'"):
         ops.group_norm_silu(x, w, b, 8)
+
+
+# NCHW groups of 16-byte items past what a thread's registers hold: the rest of its share in
+# shared memory (1x256x256x256: 32 items a thread at K = 4, one wave), and where even that is too
+# little, more CTAs per group over more waves (1x128x512x512: K = 8 on Hopper instead of 4).
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(1, 256, 256, 256), (1, 128, 512, 512)], ids=str)
+def test_cuda_gn_nchw_large_groups(shape, dtype):
+    _check(shape, 32, dtype, "cuda", eps=1e-6, emb=True)
 
 
 # Few, large groups: on Hopper the groups kernel splits each group over a cluster of CTAs (up to

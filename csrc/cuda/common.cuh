@@ -85,6 +85,15 @@ __device__ __forceinline__ void store16(uint4* p, uint4 v) {
 #endif
 }
 
+// Asks L2 to fetch the line at p (prefetch.global.L2): no register waits for it.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];\n" ::"l"(p));
+#else
+  (void)p;  // the CPU emulator
+#endif
+}
+
 // The elements of one 16-byte word as float (what load_vec does after a 16-byte load), for
 // kernels that hold raw words in registers and convert them more than once.
 template <class T>

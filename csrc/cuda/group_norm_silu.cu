@@ -7,7 +7,11 @@
 //  * stream: for larger groups. A cluster of K CTAs (K = 1 below sm_90) per (n, g), each CTA a
 //            contiguous chunk of the group: pass 1 merges per-thread Welford statistics, the
 //            cluster merges the K block results through distributed shared memory in rank order,
-//            and pass 2 re-reads the chunk backwards and writes the output. x is read twice.
+//            and pass 2 writes the output. NCHW with 16-byte items: where a thread's share of the
+//            chunk fits kHoldItems registers plus kSmemHoldItems shared-memory slots (320 KB a
+//            group at K = 1, 2.5 MB at K = 8: every SD U-Net and VAE group in fp16 but those of
+//            the VAE's 256 x 512 x 512 level), pass 1 keeps it there and x is read once; else pass 2 re-reads the chunk
+//            backwards.
 // Large channels_last groups go by default to the held kernel (group_norm_silu_held.cu: x read
 // once into the registers of one cooperative grid) where the resident CTAs can hold x, else from
 // 256 x 256 pixels to the rows kernels (group_norm_silu_rows.cu: x read coalesced twice, meeting
@@ -17,6 +21,7 @@
 
 #include "common.cuh"
 #include "group_norm_silu.cuh"
+#include "mma.cuh"  // cp_async16
 
 namespace ldmfast::cuda {
 namespace {
@@ -28,6 +33,8 @@ constexpr int kStreamThreads = 512;
 constexpr int kUnroll = 4;                   // items loaded before the first is used
 constexpr int kMaxCluster = 8;               // portable cluster size
 constexpr int kHoldItems = 16;               // stream kernel, NCHW: 16-byte items a thread may hold
+constexpr int kSmemHoldItems = 24;           // ... and more in shared memory (192 KB at 512 threads)
+constexpr size_t kHoldMaxSmem = static_cast<size_t>(kSmemHoldItems) * kStreamThreads * 16;
 
 // Walks the elements of one group in "group order" i = ch * S + s (NCHW) or i = s * Cg + ch
 // (channels_last), where the memory of the group is contiguous (NCHW) or Cg-long runs C apart.
@@ -200,11 +207,15 @@ __device__ __forceinline__ void unpack_held(const GnArgs& a, int64_t n, int64_t 
   }
 }
 
-// kHold (NCHW, 16-byte items, at most kHoldItems a thread): pass 1 keeps its items in registers
-// and pass 2 writes from them, so x is read once.
+// kHold (NCHW, 16-byte items, at most kHoldItems + kSmemHoldItems a thread): pass 1 keeps its
+// items in registers, those past kHoldItems in dynamic shared memory (the host sizes it), and
+// pass 2 writes from them, so x is read once.
 template <class T, class P, int V, bool CL, bool kHold = false>
 __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(const GnArgs a, const int K) {
   static_assert(!kHold || (!CL && V * sizeof(T) == 16), "held items are NCHW 16-byte vectors");
+  // kHold: the thread's item kHoldItems + j at slot j * blockDim.x + threadIdx.x (a warp's 32
+  // slots are 512 contiguous bytes).
+  extern __shared__ uint4 held_slots[];
   __shared__ Welford red[32];
   __shared__ float stats[2];
   const int64_t rank = blockIdx.x % K, ng = blockIdx.x / K;
@@ -222,18 +233,28 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   const int held = kHold && first < end ? static_cast<int>(ceil_div(end - first, step)) : 0;
   if constexpr (kHold) {
     const T* xg = static_cast<const T*>(a.x) + n * a.CS + g * a.E;
+    // Every load in flight before any is used: the shared-memory items' copies first (they land
+    // while the register items are summed), then the register items.
+    for (int u = kHoldItems; u < held; ++u)
+      cp_async16(&held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x], xg + first + u * step, true);
+    cp_async_commit();
 #pragma unroll
-    for (int u = 0; u < kHoldItems; ++u)  // every load in flight before any is used
+    for (int u = 0; u < kHoldItems; ++u)
       raw[u] = u < held ? *reinterpret_cast<const uint4*>(xg + first + u * step) : make_uint4(0u, 0u, 0u, 0u);
-#pragma unroll
-    for (int u = 0; u < kHoldItems; ++u) {
-      if (u >= held) break;
+    auto add = [&](int u, const uint4& item) {
       float v[V];
-      unpack_held<T, V>(a, n, g, first + u * step, raw[u], v);
+      unpack_held<T, V>(a, n, g, first + u * step, item, v);
 #pragma unroll
       for (int j = 0; j < V; ++j) v[j] -= shift;
       acc = welford_merge(acc, item_welford<V>(v));
+    };
+#pragma unroll
+    for (int u = 0; u < kHoldItems; ++u) {
+      if (u >= held) break;
+      add(u, raw[u]);
     }
+    cp_async_wait_all();  // this thread's copies: only it reads its slots
+    for (int u = kHoldItems; u < held; ++u) add(u, held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x]);
   } else {
     Cursor<CL> cur(a, first, step);
     for (int64_t i = first; i < end; i += kUnroll * step) {
@@ -282,15 +303,19 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   // tensor is larger than L2 (the VAE's 512x512 levels); then y is stored evict-first so that it
   // does not push that part of x out.
   if (first >= end) return;
-  if constexpr (kHold) {  // x is below L2's size here (one wave holds it): no evict-first stores
+  if constexpr (kHold) {  // nothing is re-read: plain stores
+    auto put = [&](int u, const uint4& item) {
+      const int64_t i = first + u * step;
+      float v[V];
+      unpack_held<T, V>(a, n, g, i, item, v);
+      store_item<T, P, V, CL>(a, n * a.CS + g * a.E + i, g * a.Cg + i / a.S, shift, mean, rstd, v);
+    };
 #pragma unroll
     for (int u = 0; u < kHoldItems; ++u) {
       if (u >= held) break;
-      const int64_t i = first + u * step;
-      float v[V];
-      unpack_held<T, V>(a, n, g, i, raw[u], v);
-      store_item<T, P, V, CL>(a, n * a.CS + g * a.E + i, g * a.Cg + i / a.S, shift, mean, rstd, v);
+      put(u, raw[u]);
     }
+    for (int u = kHoldItems; u < held; ++u) put(u, held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x]);
     return;
   }
   const int64_t last = first + (end - 1 - first) / step * step;
@@ -348,7 +373,8 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream, bool need_cluster) {
   // own passes and cluster barrier; on the H100 (3ca7a93, fp16 NCHW) groups of 20480 and 30720
   // elements (K = 2, 128 CTAs) took 11-12.5 us, those of 40960 (K = 4) 30 us.
   int K = 1;
-  if (cluster_capable(kernel)) {
+  const bool clusters = cluster_capable(kernel);
+  if (clusters) {
     const int64_t target = static_cast<int64_t>(blocks_per_sm(kernel, kStreamThreads, 0)) * sm_count();
     const int64_t min_work = static_cast<int64_t>(kStreamThreads) * V * 2;
     while (K < kMaxCluster && ng * K * 2 <= target && a.E / (2 * K) >= min_work) K *= 2;
@@ -357,42 +383,57 @@ int launch(const GnArgs& a, int64_t N, cudaStream_t stream, bool need_cluster) {
   cudaLaunchConfig_t cfg = {};
   cudaLaunchAttribute attr[1];
   cfg.blockDim = dim3(kStreamThreads);
-  cfg.dynamicSmemBytes = 0;
   cfg.stream = stream;
   attr[0].id = cudaLaunchAttributeClusterDimension;
   attr[0].val.clusterDim.y = 1;
   attr[0].val.clusterDim.z = 1;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  // A cluster of K must fit in one GPC (a MIG slice or a busy MPS share may not offer that).
-  while (K > 1) {
-    cfg.gridDim = dim3(static_cast<unsigned>(imin(ng * K, INT32_MAX)));
-    attr[0].val.clusterDim.x = static_cast<unsigned>(K);
-    const int clusters = cached_query(Query::kActiveClusters, reinterpret_cast<const void*>(kernel), K, 0, [&] {
-      int n = 0;
-      return call_ok(cudaOccupancyMaxActiveClusters(&n, kernel, &cfg)) ? n : 0;
-    });
-    if (clusters > 0) break;
-    K /= 2;
-  }
+  // Whether a cluster of k CTAs of `kern` with `smem` bytes each fits in one GPC (a MIG slice or
+  // a busy MPS share may not offer that).
+  auto cluster_fits = [&](auto kern, int k, size_t smem) {
+    cfg.gridDim = dim3(static_cast<unsigned>(imin(ng * k, INT32_MAX)));
+    cfg.dynamicSmemBytes = smem;
+    attr[0].val.clusterDim.x = static_cast<unsigned>(k);
+    return cached_query(Query::kActiveClusters, reinterpret_cast<const void*>(kern), k, static_cast<int64_t>(smem), [&] {
+             int n = 0;
+             return call_ok(cudaOccupancyMaxActiveClusters(&n, kern, &cfg)) ? n : 0;
+           }) > 0;
+  };
+  while (K > 1 && !cluster_fits(kernel, K, 0)) K /= 2;
   if (need_cluster && K == 1) return static_cast<int>(cudaErrorNotSupported);
-  if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  // NCHW 16-byte items: where each thread's share of its chunk fits kHoldItems registers, the
-  // held instance reads x once. The grid is then one wave (K's rule above), so x is resident in
-  // at most the CTAs' registers: below L2's size. The cluster check above asked about the plain
-  // instance; the held one uses as many registers (one CTA per SM either way at 512 threads).
+  // NCHW 16-byte items: where each thread's share of its chunk fits kHoldItems registers and
+  // kSmemHoldItems shared-memory slots, the held instance reads x once. Where it does not at the
+  // K above, more CTAs per group (up to the cluster limit) give each a smaller share: the grid
+  // then takes more than one wave, each reading its part once, where the plain instance would
+  // read all of x twice (more than L2 holds at the VAE's 512 x 512 levels).
+  size_t smem = 0;
   if constexpr (!CL && V * sizeof(T) == 16) {
-    const int64_t per_thread = ceil_div(ceil_div(a.E / V, K), kStreamThreads);
-    if (per_thread <= kHoldItems && ng * K <= static_cast<int64_t>(blocks_per_sm(kernel, kStreamThreads, 0)) * sm_count())
-      kernel = group_norm_silu_stream_kernel<T, P, V, CL, true>;
+    auto held = group_norm_silu_stream_kernel<T, P, V, CL, true>;
+    auto per_thread = [&](int k) { return ceil_div(ceil_div(a.E / V, k), kStreamThreads); };
+    int kh = K;
+    while (per_thread(kh) > kHoldItems + kSmemHoldItems && kh < kMaxCluster && clusters) kh *= 2;
+    const int64_t extra = per_thread(kh) - kHoldItems;  // items a thread keeps in shared memory
+    if (extra <= kSmemHoldItems) {
+      const size_t bytes = extra > 0 ? static_cast<size_t>(extra) * kStreamThreads * sizeof(uint4) : 0;
+      // The opt-in asked once at the most any shape takes (allow_dynamic_smem keeps one size).
+      const bool smem_ok = bytes <= 48 * 1024 || allow_dynamic_smem(held, kHoldMaxSmem) == 0;
+      if (smem_ok && (kh == 1 || cluster_fits(held, kh, bytes))) {
+        kernel = held;
+        K = kh;
+        smem = bytes;
+      }
+    }
   }
+  if (ng * K > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
   const unsigned grid = static_cast<unsigned>(ng * K);
   if (K == 1) {
-    kernel<<<grid, kStreamThreads, 0, stream>>>(a, 1);
+    kernel<<<grid, kStreamThreads, smem, stream>>>(a, 1);
     return launch_status();
   }
   cfg.gridDim = dim3(grid);
   attr[0].val.clusterDim.x = static_cast<unsigned>(K);
+  cfg.dynamicSmemBytes = smem;
   const cudaError_t err = cudaLaunchKernelEx(&cfg, kernel, a, K);
   const int last = launch_status();
   return err != cudaSuccess ? static_cast<int>(err) : last;

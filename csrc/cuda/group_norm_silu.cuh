@@ -49,7 +49,8 @@ int group_norm_silu_rows(const GroupNormSiluParams& p, const GnArgs& a, void* wo
 
 // Whether the held kernel takes p on the current device: channels_last, 16-byte columns of whole
 // channels, a device with cooperative launch, and x small enough for the CTAs resident at once to
-// hold it in registers. p is already checked (N, C, S > 0, C % G == 0) by the caller.
+// hold it in registers and shared memory, with at most L2's size more streamed. p is already
+// checked (N, C, S > 0, C % G == 0) by the caller.
 bool held_supported(const GroupNormSiluParams& p);
 // Workspace bytes of the held path for p; p must be held_supported.
 int64_t held_workspace_bytes(const GroupNormSiluParams& p);

@@ -1,35 +1,49 @@
 // GroupNorm (+ emb, + SiLU) for channels_last tensors that the CTAs resident at once can hold in
-// registers: x is read once and y written once, the least memory traffic there is.
+// registers and shared memory: x is read once and y written once, the least memory traffic there
+// is.
 //
 // In channels_last every pixel row holds every group, so no output can be written before all of
 // a sample has been read. The other channels_last paths therefore read x twice (rows: two
 // launches meeting in a workspace; groups: a cluster per group, reading its narrow runs of
 // channels strided C apart, most of each 32-byte sector unused). This kernel is one cooperative
-// launch of at most the resident CTAs: CTA (n, k) loads its chunk of pixel rows of sample n into
-// registers (up to kHeldItems 16-byte columns a thread, all loads in flight at once), writes the
-// chunk's statistics per group to the workspace, waits at a grid barrier, merges the K chunks of
-// each group of its sample, and writes y from the registers.
-// 512 threads x 16 items x 16 bytes = 128 KB a CTA, one CTA per SM: 17 MB on an H100's 132 SMs,
-// every U-Net level of SD at 512 x 512 (2 x 960 x 64 x 64 fp16 is 15.7 MB) and the VAE's
-// 128 x 128 ones. Larger tensors take the rows or groups kernels.
+// launch of at most the resident CTAs: CTA (n, k) loads its chunk of pixel rows of sample n (16-
+// byte columns, all loads in flight at once), writes the chunk's statistics per group to the
+// workspace, waits at a grid barrier, merges the K chunks of each group of its sample, and writes
+// y from what it holds.
+// 512 threads x 14 items x 16 bytes = 112 KB a CTA in registers, plus up to kHeldSlots more
+// items a thread in shared memory (192 KB), one CTA per SM: 41 MB on an H100's 132 SMs, every
+// U-Net level of SD at 512 x 512 (2 x 960 x 64 x 64 fp16 is 15.7 MB) and the VAE's up to
+// 256 x 256 x 256. Past that, a thread's further items are streamed: prefetched to L2 with the
+// others, folded into its statistics one by one, and read again (first, while they are the most
+// recently used lines in L2) after the barrier. That takes x up to the held part plus L2's size
+// (the VAE's 67 MB levels, 128 x 512 x 512 and 512 x 256 x 256 in fp16): x is then read from
+// DRAM at most once plus what L2 loses of the streamed part, where the rows kernels read it twice
+// (less what L2 keeps). Larger tensors take the rows or groups kernels.
 // Every merge runs in a fixed order: results are bit-identical from run to run.
 #include <cooperative_groups.h>
 
+#include <type_traits>
+
 #include "common.cuh"
 #include "group_norm_silu.cuh"
+#include "mma.cuh"  // cp_async16
 
 namespace ldmfast::cuda::detail {
 namespace {
 
 constexpr int kHeldThreads = 512;  // threads per CTA at most
-constexpr int kHeldItems = 16;     // 16-byte columns a thread holds
+// 16-byte columns a thread holds in registers: 14 keeps every instance within the 128 registers
+// of the 512-thread bound without spills (16 spilled 80 bytes in the 16-bit ones, ptxas sm_90a).
+constexpr int kHeldItems = 14;
+constexpr int kHeldSlots = 24;     // ... and at most this many in shared memory
 constexpr size_t kHeldMaxSmem = 227 * 1024;  // an H100's most per CTA (the kernel has no static part)
 
 struct HeldShape {
   int tpr = 0;      // threads per pixel row (C / V); 0: p is not held
   int rows = 0;     // pixel rows a CTA covers at once
   int64_t K = 0;    // chunks (CTAs) per sample
-  int64_t per = 0;  // pixels per chunk, at most rows * kHeldItems
+  int64_t per = 0;  // pixels per chunk
+  int slots = 0;    // items a thread keeps in shared memory
 };
 
 // Statistics written by other CTAs before the grid barrier: read at L2, past this SM's L1.
@@ -46,14 +60,19 @@ __device__ __forceinline__ Welford load_l2(const Welford* p) {
 }
 
 // Dynamic shared memory: cnt[rows], then the mean and m2 of every (row, channel) as two
-// rows x C planes (a thread's V channels are contiguous in each), then mean[G] and rstd[G].
-size_t held_smem_bytes(int rows, int64_t C, int64_t G) {
-  return (static_cast<size_t>(rows) * (1 + 2 * C) + 2 * static_cast<size_t>(G)) * sizeof(float);
+// rows x C planes (a thread's V channels are contiguous in each), then mean[G] and rstd[G]; from
+// the next 16 bytes the item slots, `slots` a thread (slot j of thread t at j * threads + t, so a
+// warp's 32 are 512 contiguous bytes).
+__host__ __device__ inline size_t held_stats_floats(int rows, int64_t C, int64_t G) {
+  return (static_cast<size_t>(rows) * (1 + 2 * C) + 2 * static_cast<size_t>(G) + 3) / 4 * 4;
+}
+size_t held_smem_bytes(int rows, int64_t C, int64_t G, int threads, int slots) {
+  return held_stats_floats(rows, C, G) * sizeof(float) + static_cast<size_t>(threads) * slots * sizeof(uint4);
 }
 
 template <class T, class P, int V>
 __global__ void __launch_bounds__(kHeldThreads, 1)
-    held_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part) {
+    held_kernel(const GnArgs a, const int tpr, const int64_t per, const int64_t K, Welford* part, const int slots) {
   extern __shared__ float sm[];
   const int rows = blockDim.x / tpr;
   // Shared-memory indices in 32 bits: rows * C is at most the 512 threads' 16 bytes of channels.
@@ -62,50 +81,81 @@ __global__ void __launch_bounds__(kHeldThreads, 1)
   float* mu = sm + rows;
   float* sq = mu + rows * C;
   float* st = sq + rows * C;
+  uint4* my_slots = reinterpret_cast<uint4*>(sm + held_stats_floats(rows, C, G)) + threadIdx.x;
   const int64_t n = blockIdx.x / K, k = blockIdx.x - n * K;
   const int r = threadIdx.x / tpr, col = threadIdx.x - r * tpr;
   const int64_t c0 = static_cast<int64_t>(col) * V;
   const int64_t s_begin = k * per, s_end = imin(s_begin + per, a.S);
   const int64_t first = s_begin + r;
-  // Pixels first, first + rows, ...: at most kHeldItems (the host sized per for that).
+  // Pixels first, first + rows, ...: item i < kHeldItems in registers, then `slots` in shared
+  // memory, then the streamed ones.
   const int m = first < s_end ? static_cast<int>(ceil_div(s_end - first, rows)) : 0;
-
-  // Every load is issued before any value is used: 16 x 16 bytes in flight per thread.
+  const int ms = m > kHeldItems ? static_cast<int>(imin(m - kHeldItems, slots)) : 0;
+  const int held = static_cast<int>(imin(m, kHeldItems)) + ms;
   const T* x = static_cast<const T*>(a.x) + n * a.CS + c0;
+  auto at = [&](int i) { return x + (first + static_cast<int64_t>(i) * rows) * a.C; };
+
+  // Every load is issued before any value is used: the shared-memory items' copies first, then
+  // the registers' (kHeldItems x 16 bytes), then the streamed items' L2 prefetches.
+  for (int j = 0; j < ms; ++j) cp_async16(my_slots + j * blockDim.x, at(kHeldItems + j), true);
+  cp_async_commit();
   uint4 raw[kHeldItems];
 #pragma unroll
   for (int i = 0; i < kHeldItems; ++i)
-    raw[i] = i < m ? *reinterpret_cast<const uint4*>(x + (first + static_cast<int64_t>(i) * rows) * a.C)
-                   : make_uint4(0u, 0u, 0u, 0u);
-  // v + emb - (the group's first element) as v - shift: one constant per channel (two spilled).
+    raw[i] = i < m ? *reinterpret_cast<const uint4*>(at(i)) : make_uint4(0u, 0u, 0u, 0u);
+  for (int i = held; i < m; ++i) prefetch_l2(at(i));
+  // v + emb - (the group's first element) as v - shift: one constant per channel.
   float shift[V] = {};
   if (a.emb != nullptr) load_vec<T, V>(static_cast<const T*>(a.emb) + n * a.C + c0, shift);
 #pragma unroll
   for (int j = 0; j < V; ++j) shift[j] = cl_group_shift<T>(a, n, c0 + j) - shift[j];
 
-  // This thread's statistics per channel, in two exact passes over the registers, about the
-  // group's first element (the mean stays small when the data's is large).
+  // This thread's statistics per channel, in two exact passes over its held items, about the
+  // group's first element (the mean stays small when the data's is large); then the streamed
+  // items one by one (Welford's update, continuing from the two passes' count, mean and m2).
   float mean[V] = {}, m2[V] = {};
-#pragma unroll
-  for (int i = 0; i < kHeldItems; ++i) {
-    if (i >= m) break;
+  auto sum = [&](const uint4& item) {
     float v[V];
-    unpack16<T>(raw[i], v);
+    unpack16<T>(item, v);
 #pragma unroll
     for (int j = 0; j < V; ++j) mean[j] += v[j] - shift[j];
-  }
-  const float inv_m = m > 0 ? 1.0f / static_cast<float>(m) : 0.0f;
-#pragma unroll
-  for (int j = 0; j < V; ++j) mean[j] *= inv_m;
-#pragma unroll
-  for (int i = 0; i < kHeldItems; ++i) {
-    if (i >= m) break;
+  };
+  auto sum_sq = [&](const uint4& item) {
     float v[V];
-    unpack16<T>(raw[i], v);
+    unpack16<T>(item, v);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const float d = (v[j] - shift[j]) - mean[j];
       m2[j] += d * d;
+    }
+  };
+#pragma unroll
+  for (int i = 0; i < kHeldItems; ++i) {
+    if (i >= m) break;
+    sum(raw[i]);
+  }
+  cp_async_wait_all();  // this thread's copies: only it reads its slots
+  for (int j = 0; j < ms; ++j) sum(my_slots[j * blockDim.x]);
+  const float inv_held = held > 0 ? 1.0f / static_cast<float>(held) : 0.0f;
+#pragma unroll
+  for (int j = 0; j < V; ++j) mean[j] *= inv_held;
+#pragma unroll
+  for (int i = 0; i < kHeldItems; ++i) {
+    if (i >= m) break;
+    sum_sq(raw[i]);
+  }
+  for (int j = 0; j < ms; ++j) sum_sq(my_slots[j * blockDim.x]);
+  // Unrolled so that a few of the streamed loads (L2 hits, after the prefetch) are in flight.
+#pragma unroll 4
+  for (int i = held; i < m; ++i) {
+    float v[V];
+    unpack16<T>(*reinterpret_cast<const uint4*>(at(i)), v);
+    const float inv = 1.0f / static_cast<float>(i + 1);
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const float d = (v[j] - shift[j]) - mean[j];
+      mean[j] = fmaf(d, inv, mean[j]);
+      m2[j] = fmaf(d, (v[j] - shift[j]) - mean[j], m2[j]);
     }
   }
 
@@ -205,18 +255,26 @@ __global__ void __launch_bounds__(kHeldThreads, 1)
     scale[j] *= st[G + g];
   }
   T* y = static_cast<T*>(a.y) + n * a.CS + c0;
-#pragma unroll
-  for (int i = 0; i < kHeldItems; ++i) {
-    if (i >= m) break;
+  auto put = [&](int i, const uint4& item, auto evict_first) {
     float v[V];
-    unpack16<T>(raw[i], v);
+    unpack16<T>(item, v);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       float t = ((v[j] - shift[j]) - gmean[j]) * scale[j] + bias[j];
       if (a.silu) t = t / (1.0f + expf(-t));
       v[j] = t;
     }
-    store_vec<T, V>(y + (first + static_cast<int64_t>(i) * rows) * a.C, v);
+    store_vec<T, V, decltype(evict_first)::value>(y + (first + static_cast<int64_t>(i) * rows) * a.C, v);
+  };
+  // The streamed items first, read again while L2 likely still has them; their y evict-first,
+  // so as not to push out those still to be read.
+#pragma unroll 4
+  for (int i = m - 1; i >= held; --i) put(i, *reinterpret_cast<const uint4*>(at(i)), std::true_type{});
+  for (int j = 0; j < ms; ++j) put(kHeldItems + j, my_slots[j * blockDim.x], std::false_type{});
+#pragma unroll
+  for (int i = 0; i < kHeldItems; ++i) {
+    if (i >= m) break;
+    put(i, raw[i], std::false_type{});
   }
 }
 
@@ -237,23 +295,38 @@ HeldShape held_shape_for(const GroupNormSiluParams& p) {
   const int q = 32 / gcd;
   const int rows = (kHeldThreads / tpr) / q * q;
   if (rows == 0) return h;
-  const int64_t smem = static_cast<int64_t>(held_smem_bytes(rows, p.C, p.G));
-  if (smem > static_cast<int64_t>(kHeldMaxSmem)) return h;
   const int threads = rows * tpr;
+  const size_t stats = held_smem_bytes(rows, p.C, p.G, threads, 0);
   auto kernel = held_kernel<T, P, V>;
-  // Past 48 KB (a group count in the thousands) the kernel needs the opt-in, asked once for the
-  // most any shape takes (allow_dynamic_smem keeps one size per kernel).
-  if (smem > 48 * 1024 && allow_dynamic_smem(kernel, kHeldMaxSmem) != 0) return h;
-  const int64_t resident = static_cast<int64_t>(blocks_per_sm(kernel, threads, static_cast<size_t>(smem))) * sm_count();
-  // As many CTAs per sample as are resident at once (more loads in flight), none without a row.
-  const int64_t K = imin(resident / p.N, ceil_div(p.S, rows));
-  if (K < 1) return h;
-  const int64_t per = ceil_div(p.S, K);
-  if (per > static_cast<int64_t>(rows) * kHeldItems) return h;
+  // Past 48 KB the kernel needs the opt-in, asked once for the most any shape takes
+  // (allow_dynamic_smem keeps one size per kernel); without it, what fits in 48 KB.
+  size_t limit = kHeldMaxSmem;
+  if (held_smem_bytes(rows, p.C, p.G, threads, kHeldSlots) > 48 * 1024 && allow_dynamic_smem(kernel, kHeldMaxSmem) != 0)
+    limit = 48 * 1024;
+  if (stats > limit) return h;
+  const int max_slots = static_cast<int>(imin(kHeldSlots, (limit - stats) / (threads * sizeof(uint4))));
+  const size_t max_smem = held_smem_bytes(rows, p.C, p.G, threads, max_slots);
+  // As many CTAs per sample as are resident at once (more loads in flight), none without a row;
+  // resident at `smem` bytes each (a CTA that takes less stays resident too).
+  auto split = [&](size_t smem) {
+    const int64_t resident = static_cast<int64_t>(blocks_per_sm(kernel, threads, smem)) * sm_count();
+    h.K = imin(resident / p.N, ceil_div(p.S, rows));
+    h.per = h.K < 1 ? 0 : ceil_div(p.S, h.K);
+    return h.K >= 1;
+  };
   h.tpr = tpr;
   h.rows = rows;
-  h.per = per;
-  h.K = ceil_div(p.S, per);
+  // Registers alone where they hold the chunk, else with shared-memory slots (at the launch's
+  // residency with all of them), else streaming the rest while L2 could hold it.
+  if (!split(stats)) return {};
+  if (h.per > static_cast<int64_t>(rows) * kHeldItems) {
+    if (max_slots == 0 || !split(max_smem)) return {};
+    const int64_t items = ceil_div(h.per, rows);  // a thread's, at most
+    h.slots = static_cast<int>(imin(items - kHeldItems, max_slots));
+    const int64_t streamed = p.N * h.K * threads * (items - kHeldItems - h.slots) * static_cast<int64_t>(sizeof(uint4));
+    if (streamed > l2_bytes()) return {};
+  }
+  h.K = ceil_div(p.S, h.per);
   return h;
 }
 
@@ -280,11 +353,11 @@ int launch_held(const GnArgs& a, int64_t N, const HeldShape& h, Welford* part, c
   attr[0].val.cooperative = 1;
   cfg.gridDim = dim3(static_cast<unsigned>(grid));
   cfg.blockDim = dim3(static_cast<unsigned>(h.rows * h.tpr));
-  cfg.dynamicSmemBytes = held_smem_bytes(h.rows, a.C, a.G);
+  cfg.dynamicSmemBytes = held_smem_bytes(h.rows, a.C, a.G, h.rows * h.tpr, h.slots);
   cfg.stream = stream;
   cfg.attrs = attr;
   cfg.numAttrs = 1;
-  const cudaError_t err = cudaLaunchKernelEx(&cfg, held_kernel<T, P, V>, a, h.tpr, h.per, h.K, part);
+  const cudaError_t err = cudaLaunchKernelEx(&cfg, held_kernel<T, P, V>, a, h.tpr, h.per, h.K, part, h.slots);
   if (err == cudaErrorCooperativeLaunchTooLarge) {
     (void)cudaGetLastError();  // nothing ran: the caller takes another kernel
     return static_cast<int>(err);

@@ -1,6 +1,6 @@
 // Runs the ldmfast CUDA kernels on the CPU through emu.h and compares them with float64
 // references (GEGLU too): every path the host code picks (vector / scalar, fused / stream, NCHW /
-// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|geglu|attn|mma|short|race]
+// channels_last, SIMT / mma attention), tails and edge shapes. Usage: run.sh [all|gn|ddim|geglu|attn|mma|short|race|held]
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
@@ -26,13 +26,17 @@ cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr a, int) {
   const int major = getenv("EMU_SM90") ? 9 : 8;  // 9: the group_norm_silu cluster path runs
   *v = a == cudaDevAttrMultiProcessorCount ? 4 : a == cudaDevAttrComputeCapabilityMajor ? major : 0;
   if (a == cudaDevAttrCooperativeLaunch) *v = getenv("EMU_NO_COOP") ? 0 : 1;  // a device without it
+  if (a == cudaDevAttrL2CacheSize) *v = 1 << 20;  // small, so that tests reach what depends on it
   return cudaSuccess;
 }
 cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) { memset(attr, 0, sizeof(*attr)); attr->ptxVersion = getenv("EMU_SM90") ? 90 : 80; return cudaSuccess; }
 cudaError_t cudaOccupancyMaxActiveClusters(int* n, const void*, const cudaLaunchConfig_t*) { *n = 1; return cudaSuccess; }
 cudaError_t cudaLaunchKernelExC(const cudaLaunchConfig_t*, const void*, void**) { abort(); }
-cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int, size_t smem) {
+cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, const void*, int threads, size_t smem) {
   *n = smem > 113 * 1024 ? 1 : smem > 75 * 1024 ? 2 : 4;  // roughly an H100's 227 KB per SM
+  // EMU_REGS_PER_THREAD=R: registers bound it too, as on an H100 (64K a SM; 512 threads at 128
+  // take them all). Read once per process: the library keeps the answers.
+  if (const char* r = getenv("EMU_REGS_PER_THREAD")) *n = std::max(1, std::min(*n, 65536 / (threads * atoi(r))));
   return cudaSuccess;
 }
 cudaError_t cudaFuncSetAttribute(const void*, cudaFuncAttribute a, int v) {
@@ -364,9 +368,16 @@ int main(int argc, char** argv) {
     // NCHW stream kernel with its 16-byte items held in registers (x read once), emb per item.
     for (DType dt : dts) test_gn(dt, dt == DType::kFloat16, false, true, true, 2, 64, 520, 2, 0, 0);
     test_gn(DType::kFloat32, true, false, true, true, 1, 16, 2048, 1, 0, 1000.0);  // 16 items a thread, large mean
-    // NCHW stream kernel, 16-byte items not held: more than 16 a thread; more groups than CTAs fit.
+    // NCHW stream kernel, 16-byte items past the registers held in shared memory (16 to 40 a
+    // thread), and more groups than CTAs fit (held since the hold takes several waves).
     test_gn(DType::kFloat16, true, false, true, true, 1, 8, 16384, 1, 0, 0);     // 32 items a thread (4 at K = 8)
     test_gn(DType::kBFloat16, false, false, true, true, 1, 640, 1024, 32, 0, 0); // 32 groups over 16 CTAs
+    test_gn(DType::kFloat32, true, false, true, true, 1, 2, 40000, 1, 0, 1000.0); // 40 items: every slot, large mean
+    test_gn(DType::kBFloat16, true, false, false, true, 1, 6, 40000, 2, 0, 0);    // 30 items, Cg 3
+    // Past 40 items a thread: the two-read path (K = 1 below "sm_90"); on "sm_90" 16 groups take
+    // K = 1, and the hold doubles it to 2 (21 items a thread, two waves of clusters).
+    test_gn(DType::kFloat32, true, false, true, true, 1, 2, 41000, 1, 0, 0);      // 41 items a thread
+    test_gn(DType::kFloat32, false, false, true, false, 2, 8, 84000, 8, 0, 0);
     test_gn(DType::kBFloat16, false, true, true, true, 1, 16, 2048, 1, 0, 0);
     // kCluster: a split of at least 2 on "sm_90" (many groups: the heuristic alone keeps K = 1),
     // refused below it and for groups that fit one CTA.
@@ -400,8 +411,9 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat32, true, true, false, true, 1, 640, 200, 8, 0, 0, held, 3000.0); // a far first element
     test_gn(DType::kFloat16, true, true, true, true, 1, 320, 1301, 32, 0, 0, dflt);       // the default's pick
     {
-      // Refused: x larger than the resident CTAs hold; unaligned; a device without cooperative
-      // launch (where the default takes the groups kernel instead).
+      // Refused: x past what the resident CTAs hold plus L2's size (here 2 x 320 x 2000: 46
+      // items a thread streamed, 1.4 MB); unaligned; a device without cooperative launch (where
+      // the default takes the groups kernel instead).
       auto refuse = [&](int64_t S, bool aligned, const char* what) {
         Buf x(DType::kFloat16, 2 * 320 * S + 8), w(DType::kFloat32, 320), b(DType::kFloat32, 320);
         GroupNormSiluParams q{};
@@ -412,13 +424,41 @@ int main(int argc, char** argv) {
         report(cuda::group_norm_silu_workspace_bytes(q, held) == 0 &&
                cuda::group_norm_silu(q, nullptr, nullptr, held) == cudaErrorNotSupported, what);
       };
-      refuse(8 * 12 * 16 + 1, true, "gn kHeld, one pixel more than 8 CTAs a sample hold: not supported");
+      refuse(2000, true, "gn kHeld, x past the held part plus L2: not supported");
       refuse(1301, false, "gn kHeld, unaligned x: not supported");
       setenv("EMU_NO_COOP", "1", 1);
       refuse(1301, true, "gn kHeld without cooperative launch: not supported");
       test_gn(DType::kFloat16, true, true, true, true, 1, 320, 1301, 32, 0, 0, dflt);     // groups then
       unsetenv("EMU_NO_COOP");
     }
+  }
+  if (which == "held") {
+    // Run with EMU_REGS_PER_THREAD=128 (one 512-thread CTA a SM, as on an H100, whatever its
+    // shared memory): the held kernel's registers, shared-memory slots and streamed items
+    // (fp16, C = 64: 64 rows of 14 + 24 items, 4 CTAs; L2 1 MB).
+    const auto held = cuda::GroupNormKernel::kHeld;
+    test_gn(DType::kFloat16, true, true, true, true, 1, 64, 3000, 8, 0, 0, held);    // registers only (12 items)
+    test_gn(DType::kFloat16, true, true, true, true, 1, 64, 6001, 8, 0, 0, held);    // 24 items: 10 slots
+    test_gn(DType::kBFloat16, false, true, false, true, 2, 64, 4000, 2, 0, 0, held); // 2 samples, 32 items
+    test_gn(DType::kFloat16, true, true, true, true, 1, 64, 12000, 8, 0, 0, held);   // 47 items: 9 streamed
+    test_gn(DType::kFloat32, true, true, false, true, 1, 32, 11000, 4, 0, 1000.0, held); // fp32, 43 items, large mean
+    // The first element 100 sigma out. At 1000 (or 3000, as in "gn") every kernel passes 2e-5 at
+    // groups of 88000, v - shift rounding at that magnitude (held 2.6e-5, rows 3.2e-5, groups
+    // 2.8e-5; at 100: 1.1e-5, 6.8e-6, 8.1e-6).
+    test_gn(DType::kFloat32, true, true, false, true, 1, 32, 11000, 4, 0, 0, held, 100.0);
+    test_gn(DType::kBFloat16, true, true, true, false, 1, 320, 2500, 32, 0, 0, held); // Cg 10, 12 rows, streamed
+    // Past what streaming takes (x beyond the held part plus L2): refused, and the default
+    // takes another kernel.
+    {
+      GroupNormSiluParams q{};
+      q.N = 1; q.C = 64; q.S = 40000; q.G = 8; q.channels_last = true;
+      q.dtype = q.param_dtype = DType::kFloat16;
+      std::vector<uint16_t> buf(16);
+      q.y = buf.data();
+      q.x = q.weight = q.bias = buf.data();
+      report(cuda::group_norm_silu_workspace_bytes(q, held) == 0, "gn kHeld past L2: no workspace");
+    }
+    test_gn(DType::kFloat16, true, true, true, true, 1, 64, 40000, 8, 0, 0, cuda::GroupNormKernel::kDefault);
   }
   if (which == "all" || which == "attn") {
     const int Ds[7] = {32, 40, 64, 80, 96, 128, 160};
@@ -565,6 +605,7 @@ int main(int argc, char** argv) {
     test_gn(DType::kFloat16, true, true, true, true, 1, 128, 4099, 32, 0, 0, rows);
     test_gn(DType::kFloat32, true, true, false, true, 3, 64, 3000, 2, 0, 0, dflt);
     test_gn(DType::kFloat16, true, true, true, true, 1, 64, 300, 1, 0, 0, cuda::GroupNormKernel::kHeld);  // 5 CTAs
+    test_gn(DType::kFloat16, true, false, true, true, 1, 2, 37000, 1, 0, 0);  // NCHW, 2 items a thread in shared memory
     test_geglu(DType::kFloat16, 5, 640, 1280, 0);                      // geglu, vector and scalar
     test_geglu(DType::kFloat32, 3, 37, 80, 1);
     test_attn(DType::kFloat16, 1, 2, 33, 70, 64, true, 0, true);        // SIMT
