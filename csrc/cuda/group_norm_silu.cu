@@ -10,8 +10,8 @@
 //            and pass 2 writes the output. NCHW with 16-byte items: where a thread's share of the
 //            chunk fits kHoldItems registers plus kSmemHoldItems shared-memory slots (320 KB a
 //            group at K = 1, 2.5 MB at K = 8: every SD U-Net and VAE group in fp16 but those of
-//            the VAE's 256 x 512 x 512 level), pass 1 keeps it there and x is read once; else pass 2 re-reads the chunk
-//            backwards.
+//            the VAE's 256 x 512 x 512 level), pass 1 keeps it there and x is read once; else
+//            pass 2 re-reads the chunk backwards.
 // Large channels_last groups go by default to the held kernel (group_norm_silu_held.cu: x read
 // once into the registers of one cooperative grid) where the resident CTAs can hold x, else from
 // 256 x 256 pixels to the rows kernels (group_norm_silu_rows.cu: x read coalesced twice, meeting
@@ -216,6 +216,7 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
   // kHold: the thread's item kHoldItems + j at slot j * blockDim.x + threadIdx.x (a warp's 32
   // slots are 512 contiguous bytes).
   extern __shared__ uint4 held_slots[];
+  uint4* const my_slots = held_slots + threadIdx.x;
   __shared__ Welford red[32];
   __shared__ float stats[2];
   const int64_t rank = blockIdx.x % K, ng = blockIdx.x / K;
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
     // Every load in flight before any is used: the shared-memory items' copies first (they land
     // while the register items are summed), then the register items.
     for (int u = kHoldItems; u < held; ++u)
-      cp_async16(&held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x], xg + first + u * step, true);
+      cp_async16(my_slots + (u - kHoldItems) * blockDim.x, xg + first + u * step, true);
     cp_async_commit();
 #pragma unroll
     for (int u = 0; u < kHoldItems; ++u)
@@ -254,7 +255,7 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
       add(u, raw[u]);
     }
     cp_async_wait_all();  // this thread's copies: only it reads its slots
-    for (int u = kHoldItems; u < held; ++u) add(u, held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x]);
+    for (int u = kHoldItems; u < held; ++u) add(u, my_slots[(u - kHoldItems) * blockDim.x]);
   } else {
     Cursor<CL> cur(a, first, step);
     for (int64_t i = first; i < end; i += kUnroll * step) {
@@ -315,7 +316,7 @@ __global__ void __launch_bounds__(kStreamThreads) group_norm_silu_stream_kernel(
       if (u >= held) break;
       put(u, raw[u]);
     }
-    for (int u = kHoldItems; u < held; ++u) put(u, held_slots[(u - kHoldItems) * blockDim.x + threadIdx.x]);
+    for (int u = kHoldItems; u < held; ++u) put(u, my_slots[(u - kHoldItems) * blockDim.x]);
     return;
   }
   const int64_t last = first + (end - 1 - first) / step * step;
