@@ -10,6 +10,8 @@ Each group holds one shape with one row per implementation:
                    pass them)
   ddim_step        ldmfast vs the plain-torch reference step (ldmfast.ref.ddim_step)
   geglu            ldmfast vs a * F.gelu(gate) of the two halves (the original GEGLU)
+  upsample_conv    the model layer's conv3x3(upsample2x(x)) (LDMFAST_UPSAMPLE_CONV's auto choice)
+                   vs F.interpolate then the conv
 Medians of many rounds after warm-up; shapes are the SD / autoencoder ones, sized for a 2-core
 CPU, with inputs larger than L2. extra_info carries GB/s (bytes read + written once) for the
 memory-bound ops and TFLOP/s (4 B H Lq Lk D) for attention, computed from the median.
@@ -132,3 +134,34 @@ def test_geglu(benchmark, shape, dtype, impl):
     median = _run(benchmark, fn, rounds=20)
     # h read once, out (half of h) written once
     benchmark.extra_info["GB/s"] = round(1.5 * h.numel() * h.element_size() / median / 1e9, 2)
+
+
+# ---- upsample_conv (the model layer's rewrite of upsample + conv, no kernel of its own) ---------
+
+UPSAMPLE_CASES = [
+    # (N, C, input size): the U-Net's 16->32 upsampler at batch 2 (auto keeps the plain path
+    # there), the VAE decoder's upsamplers at a quarter of their 512x512 size
+    pytest.param((2, 640, 16), id="unet-2x640x16"),
+    pytest.param((1, 512, 32), id="vae-1x512x32"),
+    pytest.param((1, 256, 64), id="vae-1x256x64"),
+]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("shape", UPSAMPLE_CASES)
+def test_upsample_conv(benchmark, shape, impl):
+    from ldmfast.models import ops as model_ops
+
+    n, c, s = shape
+    torch.manual_seed(0)
+    x = torch.randn(n, c, s, s)
+    conv = torch.nn.Conv2d(c, c, 3, 1, 1).requires_grad_(False)
+    if impl == "ldmfast":
+        fn = lambda: model_ops.upsample_conv(x, conv)  # noqa: E731
+    else:
+        fn = lambda: conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # noqa: E731
+    benchmark.group = f"upsample_conv {n}x{c}x{s}x{s}"
+    with torch.no_grad():
+        median = _run(benchmark, fn, rounds=5)
+    # the plain conv's work, so the rewrite's figure is the rate it stands in for
+    benchmark.extra_info["TFLOP/s"] = round(2 * n * 4 * s * s * c * c * 9 / median / 1e12, 4)

@@ -1,6 +1,6 @@
 """Kernel benchmarks for the lent GPU (issues 5 and 6), side by side with the peers in one run.
 
-    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu] [--dtypes fp16,bf16] [--no-compile]
+    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu,upsample] [--dtypes fp16,bf16] [--no-compile]
                                         [--csv PATH] [--quick] [--device cuda|cpu]
     python benchmarks/bench_ops_cuda.py --judge PATH   (the issue targets on a results file's rows)
 
@@ -18,7 +18,11 @@ replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_ste
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
 a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. The torch.compile
 peers are timed in a second pass after every other row (compiling each shape takes minutes in all),
-with the ratio to ldmfast's first-pass time in their note. On CPU (--device cpu --quick) it checks
+with the ratio to ldmfast's first-pass time in their note. upsample (the model layer's
+conv3x3(nearest 2x upsample(x)), every upsampling conv of the SD-1.x U-Net and VAE decoder, both
+layouts): ldmfast (LDMFAST_UPSAMPLE_CONV's auto choice), ldmfast_subpixel and ldmfast_transposed
+(each rewrite forced) vs plain (F.interpolate then the conv: cuDNN's); TFLOP/s of the plain
+conv's work, so a rewrite's figure is the rate it stands in for. On CPU (--device cpu --quick) it checks
 itself on small shapes.
 """
 from __future__ import annotations
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common as C  # noqa: E402
 
+import ldmfast.models.ops as model_ops  # noqa: E402
 import ldmfast.ops as ops  # noqa: E402
 import ldmfast.ref as ref  # noqa: E402
 
@@ -56,7 +61,10 @@ DDIM = [(2, 4, 64, 64), (4, 4, 128, 128), (8, 4, 128, 128), (16, 4, 128, 128)]
 # (tokens, 2n) of the SD-1.x FeedForward gates with CFG batch 2: n = 4C for C = 320/640/1280 at
 # the 64/32/16/8 latent levels.
 GEGLU = [(2 * L, 2 * 4 * c) for L, c in [(4096, 320), (1024, 640), (256, 1280), (64, 1280)]]
-QUICK = {"gn": [(2, 32, 16, 16), (1, 16, 32, 32)], "attn": [(1, 2, 64, 64, 40), (1, 2, 64, 77, 64)],
+# (N, C, H) of the upsampling 3x3 convs (C -> C, input H x H): the U-Net's 8->16, 16->32 and
+# 32->64 latents at batch 2, the VAE decoder's 64->128, 128->256 and 256->512 at batch 1.
+UPSAMPLE = [(2, 1280, 8), (2, 1280, 16), (2, 640, 32), (1, 512, 64), (1, 512, 128), (1, 256, 256)]
+QUICK = {"upsample": [(1, 16, 8)], "gn": [(2, 32, 16, 16), (1, 16, 32, 32)], "attn": [(1, 2, 64, 64, 40), (1, 2, 64, 77, 64)],
          "ddim": [(2, 4, 16, 16)], "geglu": [(64, 2 * 40), (33, 2 * 37)]}
 
 
@@ -424,6 +432,30 @@ def bench_geglu(args, dev, bw):
                                   "dtype": dname, "layout": "rows"}, nbytes, bw)
 
 
+def bench_upsample(args, dev, bw):
+    shapes = QUICK["upsample"] if args.quick else UPSAMPLE
+    for (N, Cc, S) in shapes:
+        for dname in args.dtypes:
+            dt = DTYPES[dname]
+            for layout in ("nchw", "nhwc"):
+                fmt = torch.channels_last if layout == "nhwc" else torch.contiguous_format
+                nbytes = 5 * N * Cc * S * S * torch.finfo(dt).bits // 8  # read x, write y (4x)
+                k = C.copies_for(nbytes, dev)
+                xs = [torch.randn(N, Cc, S, S, device=dev, dtype=dt).contiguous(memory_format=fmt)
+                      for _ in range(k)]
+                conv = torch.nn.Conv2d(Cc, Cc, 3, 1, 1).to(dev, dt).to(memory_format=fmt).requires_grad_(False)
+                provs = {"ldmfast": lambda i: _with_env("LDMFAST_UPSAMPLE_CONV", None, model_ops.upsample_conv, xs[i], conv)}
+                for m in ("subpixel", "transposed"):
+                    provs["ldmfast_" + m] = lambda i, m=m: _with_env(
+                        "LDMFAST_UPSAMPLE_CONV", m, model_ops.upsample_conv, xs[i], conv)
+                provs["plain"] = lambda i: conv(F.interpolate(xs[i], scale_factor=2, mode="nearest"))
+                times = _time_all(provs, dev, f"upsample {(N, Cc, S)} {dname} {layout}", k)
+                flops = 2 * N * 4 * S * S * Cc * Cc * 9
+                yield _rows(times, {"bench": "upsample_conv", "op": "up2x+conv3x3",
+                                    "shape": f"{N}x{Cc}x{S}x{S}", "dtype": dname, "layout": layout},
+                            flops=flops)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ops", default="attn,gn,ddim,geglu")  # attention first: the most wanted rows
@@ -457,7 +489,8 @@ def main(argv=None):
     bw = C.copy_bandwidth(dev)
     print(f"device: {C.device_name(dev)}  torch {torch.__version__}  commit {C.git_sha()}  "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
-    benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim, "geglu": bench_geglu}
+    benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim, "geglu": bench_geglu,
+               "upsample": bench_upsample}
     names = args.ops.split(",")
     for name in names:
         if name not in benches:

@@ -569,3 +569,18 @@ def test_numpy_sizes_are_plain_ints_in_the_manifest(tiny, tmp_path):
                 batch=np.int64(1), components=["vae_decoder"], progress=False)
     m = load_manifest(tmp_path / "o")
     assert json.dumps(m) and (tmp_path / "o" / "vae_decoder.onnx").exists()
+
+
+def test_upsample_rewrite_is_not_exported(tiny, tmp_path, monkeypatch):
+    # The model layer's upsample+conv rewrite (summed weights) stays out of exported graphs even
+    # when forced: they keep the original Resize + Conv, whose weights are the state dict's
+    # (TensorRT refit), and the outputs still match PyTorch.
+    monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", "subpixel")
+    paths = export_onnx(tiny, tmp_path / "up", height=32, width=32, batch=2, dtype="fp32")
+    ops_used = {n.op_type for n in onnx.load(str(paths["vae_decoder"])).graph.node}
+    assert "Resize" in ops_used and "ConvTranspose" not in ops_used
+    x = _tiny_inputs(tiny)
+    with torch.no_grad():
+        expected = tiny.first_stage.decode(x["latent"])
+    (out,) = _run(_session(str(paths["vae_decoder"])), {"latent": x["latent"]})
+    assert _rel_err(out, expected) < FP32_RTOL

@@ -32,8 +32,9 @@ class Upsample(nn.Module):
             self.conv = nn.Conv2d(channels, channels, 3, 1, 1)
 
     def forward(self, x):
-        x = F.interpolate(x, scale_factor=2.0, mode="nearest")
-        return self.conv(x) if self.with_conv else x
+        if self.with_conv:
+            return ops.upsample_conv(x, self.conv)
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
 
 
 class Downsample(nn.Module):

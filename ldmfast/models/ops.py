@@ -9,6 +9,7 @@ The choice is read when a module runs, i.e. at trace time under ``torch.compile`
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
@@ -115,6 +116,126 @@ def group_norm(x, norm, silu: bool = False, emb=None):
     return group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, silu, emb)
 
 
+# ---- nearest 2x upsampling followed by a 3x3 conv ------------------------------------------------
+# Every output pixel of conv3x3(upsample2x(x)) sees only a 2x2 window of x: the 3x3 taps that land
+# on the same source pixel can share one summed weight. Per output phase (row parity p, column
+# parity q) that is a 2x2 conv of x, so one conv of x with 4x the output channels and a 2x2
+# kernel (padding 1: output (H+1) x (W+1), phase p at row i reads rows i-1+p and i+p) does 16
+# instead of 36 multiply-adds per output pixel and channel pair; one strided copy then
+# interleaves the four phases. The upsampled tensor is never made. The same sums make one
+# stride-2 transposed conv with a 4x4 kernel (the `transposed` method).
+UPSAMPLE_CONV_METHODS = ("auto", "plain", "subpixel", "transposed")
+# FLOP per byte of the device the `auto` rule is set for (an H100 in fp16: about 600 TFLOP/s of
+# dense matmul over 3 TB/s). The summed weights are made at every call, so that in-place weight
+# updates reach captured CUDA graphs: 25 weights read or written per channel pair. Where x is
+# small (the U-Net's 8x8 level at batch 2) that costs more than the saved multiply-adds.
+_FLOP_PER_BYTE = 200.0
+_TAPS = {}  # (dtype, device) -> the (2, 2, 3) tap table, made once outside graph capture
+
+
+def upsample_conv_method() -> str:
+    """``LDMFAST_UPSAMPLE_CONV``: auto (default), plain, subpixel or transposed."""
+    method = os.environ.get("LDMFAST_UPSAMPLE_CONV", "auto") or "auto"
+    if method not in UPSAMPLE_CONV_METHODS:
+        raise ValueError(f"LDMFAST_UPSAMPLE_CONV must be one of {', '.join(UPSAMPLE_CONV_METHODS)}; "
+                         f"got {method!r}")
+    return method
+
+
+def _subpixel_pays(x, weight) -> bool:
+    n, _, h, w = x.shape
+    saved = 2 * n * (36 * h * w - 16 * (h + 1) * (w + 1))  # FLOP per (out, in) channel pair
+    return saved > 25 * weight.element_size() * _FLOP_PER_BYTE
+
+
+def _subpixel_taps(like):
+    """taps[p, a, d] = 1 where 3x3 row d of output row 2i+p lands on x's row i-1+p+a (the
+    same table serves columns). Made by kernels (arange), never copied from the host, so it can
+    be made inside a CUDA-graph capture; kept only when made outside one (a tensor made during
+    capture holds its values only once the graph replays)."""
+    key = (like.dtype, like.device)
+    if key in _TAPS:
+        return _TAPS[key]
+    ar = functools.partial(torch.arange, device=like.device)
+    p, a, d = ar(2).view(2, 1, 1), ar(2).view(1, 2, 1), ar(3).view(1, 1, 3)
+    # upsampled row 2i+p+d-1 is x's row i + floor((p+d-1)/2)
+    taps = (torch.div(p + d - 1, 2, rounding_mode="floor") == p + a - 1).to(like.dtype)
+    capturing = like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if not capturing and not torch.compiler.is_compiling():
+        _TAPS[key] = taps
+    return taps
+
+
+def _subpixel_weight(weight, channels_last: bool):
+    """(4 O, C, 2, 2) weight of the four phases (channel index (p, q, o)) from a (O, C, 3, 3)
+    one, in the layout the conv reads."""
+    o, c = weight.shape[:2]
+    taps = _subpixel_taps(weight)
+    if torch.is_grad_enabled() and weight.requires_grad:  # training: a differentiable path
+        k = torch.einsum("pad,qbe,ocde->pqocab", taps, taps, weight).reshape(4 * o, c, 2, 2)
+        return k.contiguous(memory_format=torch.channels_last) if channels_last else k
+    # Inference: one small GEMM per phase, written where the conv reads it (no permute copy).
+    m = torch.einsum("pad,qbe->pqabde", taps, taps).reshape(4, 4, 9)  # (phase, 2x2 tap, 3x3 tap)
+    if channels_last:
+        w9 = weight.permute(0, 2, 3, 1).reshape(o, 9, c)  # a view for a channels_last weight
+        k = torch.empty((4, o, 4, c), dtype=weight.dtype, device=weight.device)
+        for ph in range(4):
+            torch.matmul(m[ph], w9, out=k[ph])
+        return k.view(4 * o, 2, 2, c).permute(0, 3, 1, 2)
+    w9 = weight.reshape(o * c, 9)
+    k = torch.empty((4, o * c, 4), dtype=weight.dtype, device=weight.device)
+    for ph in range(4):
+        torch.mm(w9, m[ph].t(), out=k[ph])
+    return k.view(4 * o, c, 2, 2)
+
+
+def _is_channels_last(x) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+def _upsample_conv_subpixel(x, conv):
+    n, _, h, w = x.shape
+    o = conv.out_channels
+    channels_last = _is_channels_last(x)
+    bias = None if conv.bias is None else conv.bias.repeat(4)
+    z = F.conv2d(x, _subpixel_weight(conv.weight, channels_last), bias, padding=1)
+    # y[n, o, 2i+p, 2j+q] = z[n, (p, q, o), i+p, j+q]: a strided view of z, whatever its layout.
+    sn, sc, sh, sw = z.stride()
+    phases = z.as_strided((n, o, h, 2, w, 2), (sn, sc, sh, 2 * o * sc + sh, sw, o * sc + sw),
+                          z.storage_offset())
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    y = torch.empty((n, o, 2 * h, 2 * w), dtype=z.dtype, device=z.device, memory_format=fmt)
+    y.view(n, o, h, 2, w, 2).copy_(phases)
+    return y
+
+
+def _upsample_conv_transposed(x, conv):
+    # Tap k of the 4x4 kernel is the subpixel tap (p, a) = (1, 1), (0, 1), (1, 0), (0, 0).
+    t = _subpixel_taps(conv.weight).reshape(4, 3)
+    t = torch.stack((t[3], t[1], t[2], t[0]))
+    k = torch.einsum("ad,be,ocde->coab", t, t, conv.weight)
+    return F.conv_transpose2d(x, k, conv.bias, stride=2, padding=1)
+
+
+def upsample_conv(x, conv):
+    """``conv(F.interpolate(x, scale_factor=2, mode="nearest"))`` for a 4-D x and a 3x3,
+    stride-1, padding-1 ``nn.Conv2d``, computed without the upsampled tensor where that pays
+    (``LDMFAST_UPSAMPLE_CONV``: ``auto`` chooses by the rule above, ``plain`` always upsamples,
+    ``subpixel`` and ``transposed`` always rewrite). The rewrites sum weights, so they differ
+    from the plain path by rounding only. The references, float64 inputs and ``torch.export``
+    (so ONNX and TensorRT) take the plain path, the original graph."""
+    method = upsample_conv_method()
+    plain = (method == "plain" or _impl(x) is _ref or x.dim() != 4 or torch.compiler.is_exporting()
+             or conv.kernel_size != (3, 3) or conv.stride != (1, 1) or conv.padding != (1, 1)
+             or conv.dilation != (1, 1) or conv.groups != 1 or conv.padding_mode != "zeros"
+             or (method == "auto" and not _subpixel_pays(x, conv.weight)))
+    if plain:
+        return conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+    if method == "transposed":
+        return _upsample_conv_transposed(x, conv)
+    return _upsample_conv_subpixel(x, conv)
+
+
 class fp16_accumulation:
     """``fp16_accumulation(True)`` lets cuBLAS accumulate float16 GEMMs in float16
     (``torch.backends.cuda.matmul.allow_fp16_accumulation``): faster on some GPUs, less accurate
@@ -156,4 +277,4 @@ def graph_settings() -> tuple:
             getattr(matmul, "allow_bf16_reduced_precision_reduction", None),
             cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
             *(os.environ.get(k) for k in ("LDMFAST_ATTENTION_KERNEL", "LDMFAST_GN_KERNEL",
-                                          "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM")))
+                                          "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM", "LDMFAST_UPSAMPLE_CONV")))

@@ -52,6 +52,8 @@ class Upsample(nn.Module):
     def forward(self, x):
         if self.dims == 3:
             x = F.interpolate(x, (x.shape[2], x.shape[3] * 2, x.shape[4] * 2), mode="nearest")
+        elif self.use_conv and self.dims == 2:
+            return ops.upsample_conv(x, self.conv)
         else:
             x = F.interpolate(x, scale_factor=2, mode="nearest")
         return self.conv(x) if self.use_conv else x
