@@ -12,7 +12,7 @@ cluster-per-group kernel; rows: the coalesced pixel-row kernels; held: x read on
 registers and shared memory of one cooperative grid, the rest streamed through L2, only where it
 runs), the kernels the default picks among.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
-selects) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
+selects; for Lk <= 80 also the short-context kernel at 2 and 8 CTAs per SM, ldmfast_fast_c2/_c8) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
 replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_step with guidance and noise vs the
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
@@ -365,6 +365,12 @@ def bench_attn(args, dev, bw):
                     if kern.startswith("wgmma") and torch.cuda.get_device_capability(dev) != (9, 0):
                         continue  # likewise off sm_90 (on sm_90 the build must hold 90a, as gpu_check.sh's does)
                     provs["ldmfast_" + kern] = lambda i, kern=kern: _attention_with(kern, q, k, v)
+                if Lk <= 80:
+                    # The short-context kernel (what `fast` runs here) at other grid depths than
+                    # its default 4 CTAs per SM: more warps in flight against fewer K/V reloads.
+                    for c in ("2", "8"):
+                        provs["ldmfast_fast_c" + c] = lambda i, c=c: _with_env(
+                            "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM", c, _attention_with, "fast", q, k, v)
             provs["sdpa"] = lambda i: F.scaled_dot_product_attention(qt, kt, vt)
             for name, (ctx, be) in backends.items():
                 if name == "math" and Lq * Lk > 1 << 24:
@@ -458,7 +464,7 @@ def bench_upsample(args, dev, bw):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--ops", default="attn,gn,ddim,geglu")  # attention first: the most wanted rows
+    ap.add_argument("--ops", default="attn,gn,ddim,geglu,upsample")  # attention first: the most wanted rows
     ap.add_argument("--dtypes", default="fp16,bf16")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile peers")

@@ -23,8 +23,8 @@ def test_cuda_kernel_bench_runs_quick_on_cpu(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = list(csv.DictReader(open(out)))
     benches = {row["bench"] for row in rows}
-    assert len(benches) == 4, benches  # gn, attention, ddim, geglu: each appended as it finished
-    assert r.stdout.count("results appended to") == 4
+    assert len(benches) == 5, benches  # gn, attention, ddim, geglu, upsample: each appended as it finished
+    assert r.stdout.count("results appended to") == 5
     for b in benches:
         provs = {row["provider"] for row in rows if row["bench"] == b}
         assert "ldmfast" in provs and len(provs) >= 2, (b, provs)  # always beside a peer
