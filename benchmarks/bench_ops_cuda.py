@@ -12,7 +12,8 @@ cluster-per-group kernel; rows: the coalesced pixel-row kernels; held: x read on
 registers and shared memory of one cooperative grid, the rest streamed through L2, only where it
 runs), the kernels the default picks among.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
-selects; for Lk <= 80 also the short-context kernel at 2 and 8 CTAs per SM, ldmfast_fast_c2/_c8) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
+selects; for Lk <= 80 also the short-context kernel at 2 and 8 CTAs per SM, ldmfast_fast_c2/_c8,
+and for head dims up to 80 with 32 query rows a warp, ldmfast_fast_rows32) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
 self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
 replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_step with guidance and noise vs the
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
@@ -371,6 +372,9 @@ def bench_attn(args, dev, bw):
                     for c in ("2", "8"):
                         provs["ldmfast_fast_c" + c] = lambda i, c=c: _with_env(
                             "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM", c, _attention_with, "fast", q, k, v)
+                    if D <= 80:  # and with two tiles of 16 query rows a warp
+                        provs["ldmfast_fast_rows32"] = lambda i: _with_env(
+                            "LDMFAST_ATTENTION_SHORT_ROWS", "32", _attention_with, "fast", q, k, v)
             provs["sdpa"] = lambda i: F.scaled_dot_product_attention(qt, kt, vt)
             for name, (ctx, be) in backends.items():
                 if name == "math" and Lq * Lk > 1 << 24:

@@ -219,6 +219,22 @@ def test_cuda_kernel_choice(monkeypatch, kernel, B, Lq, Lk, H, D, dtype):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("B,Lq,Lk,H,D", [
+    (2, 4096, 77, 2, 40), (2, 1024, 77, 2, 80), (2, 300, 77, 3, 64),  # a last block of 12 rows
+    (2, 10, 1, 2, 40), (1, 48, 16, 2, 32), (1, 1, 77, 1, 160)])       # D = 160: one tile anyway
+@pytest.mark.parametrize("env", ["LDMFAST_ATTENTION_SHORT_ROWS=32", "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM=8",
+                                 "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM=1"])
+def test_cuda_short_kernel_variants(monkeypatch, env, B, Lq, Lk, H, D, dtype):
+    # The short-context kernel's tuning knobs (bench_ops_cuda times them) keep parity.
+    monkeypatch.setenv("LDMFAST_ATTENTION_KERNEL", "fast")
+    monkeypatch.setenv(*env.split("="))
+    q, k, v = _qkv(B, Lq, Lk, H, D, dtype, torch.device("cuda"))
+    _check(q, k, v, what=f"fast {env} q{tuple(q.shape)} k{tuple(k.shape)} {dtype}")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("scale", [-0.5, 0.0])
 @pytest.mark.parametrize("kernel", CUDA_KERNELS)
 def test_cuda_kernel_choice_nonpositive_scale(monkeypatch, kernel, scale):

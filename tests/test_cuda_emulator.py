@@ -46,7 +46,7 @@ def _check(res, least):
 def test_cuda_kernels_on_the_cpu_emulator(tmp_path):
     _toolchain()
     env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "0"}
-    _check(subprocess.run(["bash", RUN_SH, "all"], capture_output=True, text=True, env=env), 593)
+    _check(subprocess.run(["bash", RUN_SH, "all"], capture_output=True, text=True, env=env), 611)
     exe = str(tmp_path / "emu_test")
     for which in ("mma", "short"):  # the cp.async kernels, copies landing at issue
         _check(subprocess.run([exe, which], capture_output=True, text=True, env={**env, "EMU_CP_ASYNC": "early"}), 30)
@@ -70,13 +70,13 @@ def test_cuda_kernels_have_no_unordered_accesses(tmp_path):
         probe = subprocess.run([str(tmp_path / "probe")], capture_output=True, text=True)
     _require([] if probe.returncode == 0 else ["a working ThreadSanitizer (g++ -fsanitize=thread)"])
     env = {**os.environ, "LDMFAST_EMU_DIR": str(tmp_path), "EMU_TSAN": "1"}
-    _check(subprocess.run(["bash", RUN_SH, "race"], capture_output=True, text=True, env=env), 25)
+    _check(subprocess.run(["bash", RUN_SH, "race"], capture_output=True, text=True, env=env), 26)
     exe = str(tmp_path / "emu_test")
     # Copies landing at issue: a cp.async into a buffer other warps still read is a race too.
     # The sm_90 cluster path synchronises CTAs through cluster.sync.
     for extra in ({"EMU_CP_ASYNC": "early"}, {"EMU_SM90": "1"}):
         _check(subprocess.run([exe, "race"], capture_output=True, text=True,
-                              env={**env, "TSAN_OPTIONS": "halt_on_error=1", **extra}), 25)
+                              env={**env, "TSAN_OPTIONS": "halt_on_error=1", **extra}), 26)
     # The held GroupNorm kernel's shared-memory slots and streamed items (H100 occupancy).
     _check(subprocess.run([exe, "held"], capture_output=True, text=True,
                           env={**env, "TSAN_OPTIONS": "halt_on_error=1", "EMU_REGS_PER_THREAD": "128"}), 9)

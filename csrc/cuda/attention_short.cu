@@ -13,7 +13,9 @@
 // over the quad, P packed in place as the A operand of O = P V. O is staged in shared memory
 // per warp so that it leaves in 16-byte stores. A grid of about kCtasPerSm CTAs per SM (tunable
 // with LDMFAST_ATTENTION_SHORT_CTAS_PER_SM, capped by the occupancy the kernel can reach) bounds
-// how often K and V are re-read from L2.
+// how often K and V are re-read from L2. LDMFAST_ATTENTION_SHORT_ROWS=32 gives each warp two
+// tiles of 16 query rows per block (head dims up to 80): two independent chains of mma, softmax
+// and stores in flight per warp, and each K / V fragment read from shared memory feeds both.
 #include <cmath>
 #include <cstdlib>
 
@@ -29,22 +31,26 @@ constexpr int kWarps = 4;
 constexpr int kThreads = kWarps * 32;
 constexpr int kMaxKeys = 80;  // 5 chunks of 16: 77 context tokens fit with 3 keys of padding
 constexpr int kCtasPerSm = 4;
+// Two row tiles a warp only up to this head dim: at D = 80 S, O and Q's fragments of two tiles
+// are 200 registers; past it they would spill.
+constexpr int kTwoTilesMaxHeadDim = 80;
 
-template <int D> struct Tile {
+template <int D, int R> struct Tile {
   static constexpr int DPAD = (D + 15) / 16 * 16;
   static constexpr int kStride = DPAD + 8;  // +16 bytes: conflict-free ldmatrix rows
-  // K, V (kMaxKeys rows each), then per warp a Q and an O buffer of 16 rows.
+  // K, V (kMaxKeys rows each), then per warp a Q and an O buffer of 16 R rows.
   template <class T> static constexpr size_t smem_bytes() {
-    return static_cast<size_t>(2 * kMaxKeys + kWarps * 2 * 16) * kStride * sizeof(T);
+    return static_cast<size_t>(2 * kMaxKeys + kWarps * 2 * 16 * R) * kStride * sizeof(T);
   }
 };
 
-template <int D, class T>
+template <int D, int R, class T>
 __global__ void __launch_bounds__(kThreads)
     attention_short_kernel(const AttentionParams p, const int64_t ctas_per_bh, const bool vec, const bool vec_o) {
   static_assert(D % 8 == 0, "P V covers D in n8 tiles");
-  constexpr int DPAD = Tile<D>::DPAD;
-  constexpr int kStride = Tile<D>::kStride;
+  constexpr int DPAD = Tile<D, R>::DPAD;
+  constexpr int kStride = Tile<D, R>::kStride;
+  constexpr int kRows = 16 * R;        // query rows of a warp's block
   constexpr int KC = DPAD / 16;        // k16 chunks of the QK^T reduction
   constexpr int NT = kMaxKeys / 8;     // n8 key tiles of S
   constexpr int DT = D / 8;            // n8 tiles of O
@@ -53,8 +59,8 @@ __global__ void __launch_bounds__(kThreads)
   const int quad_col = lane & 3;  // the mma "threadID_in_group" (lane >> 2, quad_row, is the "groupID")
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kMaxKeys * kStride;
-  T* sQ = sV + kMaxKeys * kStride + warp * 2 * 16 * kStride;
-  T* sO = sQ + 16 * kStride;
+  T* sQ = sV + kMaxKeys * kStride + warp * 2 * kRows * kStride;
+  T* sO = sQ + kRows * kStride;
 
   const int64_t bh = blockIdx.x / ctas_per_bh, cta = blockIdx.x - bh * ctas_per_bh;
   const int64_t b = bh / p.H, h = bh - b * p.H;
@@ -64,51 +70,60 @@ __global__ void __launch_bounds__(kThreads)
   T* out = static_cast<T*>(p.o) + b * p.o_stride_b + h * p.o_stride_h;
 
   const int nkc = static_cast<int>(ceil_div(p.Lk, 16));  // key chunks in use, 1..5
-  const int64_t nrb = ceil_div(p.Lq, 16);                 // blocks of 16 query rows
+  const int64_t nrb = ceil_div(p.Lq, kRows);             // blocks of kRows query rows
   const int64_t step = ctas_per_bh * kWarps;
   int64_t rb = cta * kWarps + warp;
 
   // K and V once (rows Lk..16*nkc zero), and this warp's first Q block.
   load_rows<D, DPAD, kStride, true, T>(sK, k, p.k_stride_l, 0, p.Lk, 16 * nkc, vec, threadIdx.x, kThreads);
   load_rows<D, DPAD, kStride, true, T>(sV, v, p.v_stride_l, 0, p.Lk, 16 * nkc, vec, threadIdx.x, kThreads);
-  if (rb < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, rb * 16, p.Lq, 16, vec, lane, 32);
+  if (rb < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, rb * kRows, p.Lq, kRows, vec, lane, 32);
   cp_async_wait_all();
   __syncthreads();
 
   const float qscale = p.scale * kLog2e;  // scores in log2 units
   for (; rb < nrb; rb += step) {
-    uint32_t qf[1][KC][4];  // one tile of 16 query rows (the helpers take R of them)
+    uint32_t qf[R][KC][4];  // R tiles of 16 query rows
 #pragma unroll
-    for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[0][kc], sQ + (lane & 15) * kStride + kc * 16 + (lane >> 4) * 8);
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int kc = 0; kc < KC; ++kc)
+        ldmatrix_x4(qf[r][kc], sQ + (r * 16 + (lane & 15)) * kStride + kc * 16 + (lane >> 4) * 8);
     __syncwarp();  // every lane's fragments are out of sQ before the prefetch overwrites it
     const int64_t next = rb + step;
-    if (next < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, next * 16, p.Lq, 16, vec, lane, 32);
+    if (next < nrb) load_rows<D, DPAD, kStride, true, T>(sQ, q, p.q_stride_l, next * kRows, p.Lq, kRows, vec, lane, 32);
 
     // S = Q K^T over the key chunks in use (a warp-uniform test; the indices into s stay
     // compile-time).
-    float sr[1][NT][4];
+    float sr[R][NT][4];
     zero_acc(sr);
 #pragma unroll
     for (int kc = 0; kc < KC; ++kc)
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np)
-        if (np < nkc) qk_16keys<1, NT, KC, kStride>(sr, qf, sK, np, kc, lane);
-    float (&s)[NT][4] = sr[0];
+        if (np < nkc) qk_16keys<R, NT, KC, kStride>(sr, qf, sK, np, kc, lane);
 
     // Softmax over the whole key range at once: one tile of the online softmax (mma.cuh) from
     // an empty start. Key 0 is always valid, so the max is finite.
-    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, alpha[2];
-    softmax_tile(s, m, l, alpha, 0, p.Lk, qscale, quad_col);
+    float m[R][2], l[R][2], alpha[R][2];
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      m[r][0] = m[r][1] = -INFINITY;
+      l[r][0] = l[r][1] = 0.0f;
+      softmax_tile(sr[r], m[r], l[r], alpha[r], 0, p.Lk, qscale, quad_col);
+    }
 
     // O = P V.
-    float o[1][DT][4];
+    float o[R][DT][4];
     zero_acc(o);
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk)
-      if (kk < nkc) pv_16keys<1, D, NT, kStride>(o, sr, sV, kk, lane);
+      if (kk < nkc) pv_16keys<R, D, NT, kStride>(o, sr, sV, kk, lane);
 
-    finish_16rows<D, kStride>(o[0], m, l, sO, out, rb * 16, p.Lq, p.o_stride_l, vec_o,
-                              p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+      finish_16rows<D, kStride>(o[r], m[r], l[r], sO + r * 16 * kStride, out, rb * kRows + r * 16, p.Lq,
+                                p.o_stride_l, vec_o, p.lse == nullptr ? nullptr : p.lse + (b * p.H + h) * p.Lq, lane);
     if (next < nrb) cp_async_wait_all();  // the next Q block (this lane's copies)
     __syncwarp();  // ... from every lane; and sO is read before the next block rewrites it
   }
@@ -120,27 +135,42 @@ int ctas_per_sm() {
   return n > 0 ? n : kCtasPerSm;
 }
 
-template <int D, class T>
-int launch_d(const AttentionParams& p, cudaStream_t stream) {
-  constexpr size_t smem = Tile<D>::template smem_bytes<T>();
+// Query rows a warp takes per block: 32 where LDMFAST_ATTENTION_SHORT_ROWS=32 asks for them (head
+// dims up to kTwoTilesMaxHeadDim), else 16.
+bool two_tiles() {
+  const char* env = std::getenv("LDMFAST_ATTENTION_SHORT_ROWS");
+  return env != nullptr && std::atoi(env) == 32;
+}
+
+template <int D, int R, class T>
+int launch_dr(const AttentionParams& p, cudaStream_t stream) {
+  constexpr size_t smem = Tile<D, R>::template smem_bytes<T>();
   const bool vec = qkv_aligned16(p);
   const bool vec_o = o_aligned16(p);
   // As many CTAs per (b, h) as fill the machine kCtasPerSm deep (or as deep as registers and
   // shared memory allow: 2 at D = 160), but no CTA without a block: each CTA loads K and V once,
   // so more CTAs than run at once would only re-read them.
   if (smem > 48 * 1024) {
-    if (const int err = allow_dynamic_smem(attention_short_kernel<D, T>, smem)) return err;
+    if (const int err = allow_dynamic_smem(attention_short_kernel<D, R, T>, smem)) return err;
   }
-  const int resident = blocks_per_sm(attention_short_kernel<D, T>, kThreads, smem);
+  const int resident = blocks_per_sm(attention_short_kernel<D, R, T>, kThreads, smem);
   const int per_sm = ctas_per_sm() < resident ? ctas_per_sm() : resident;
   const int64_t bh = p.B * p.H;
-  const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16), kWarps);
+  const int64_t max_cpb = ceil_div(ceil_div(p.Lq, 16 * R), kWarps);
   int64_t cpb = ceil_div(static_cast<int64_t>(per_sm) * sm_count(), bh);
   cpb = cpb < 1 ? 1 : cpb > max_cpb ? max_cpb : cpb;
   const int64_t blocks = bh * cpb;
   if (blocks > INT32_MAX) return static_cast<int>(cudaErrorInvalidConfiguration);
-  attention_short_kernel<D, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, cpb, vec, vec_o);
+  attention_short_kernel<D, R, T><<<static_cast<unsigned>(blocks), kThreads, smem, stream>>>(p, cpb, vec, vec_o);
   return launch_status();
+}
+
+template <int D, class T>
+int launch_d(const AttentionParams& p, cudaStream_t stream) {
+  if constexpr (D <= kTwoTilesMaxHeadDim) {
+    if (two_tiles()) return launch_dr<D, 2, T>(p, stream);
+  }
+  return launch_dr<D, 1, T>(p, stream);
 }
 
 template <class T>

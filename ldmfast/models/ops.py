@@ -277,4 +277,5 @@ def graph_settings() -> tuple:
             getattr(matmul, "allow_bf16_reduced_precision_reduction", None),
             cudnn.allow_tf32, cudnn.benchmark, cudnn.deterministic,
             *(os.environ.get(k) for k in ("LDMFAST_ATTENTION_KERNEL", "LDMFAST_GN_KERNEL",
-                                          "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM", "LDMFAST_UPSAMPLE_CONV")))
+                                          "LDMFAST_ATTENTION_SHORT_CTAS_PER_SM", "LDMFAST_ATTENTION_SHORT_ROWS",
+                                          "LDMFAST_UPSAMPLE_CONV")))

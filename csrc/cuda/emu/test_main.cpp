@@ -229,6 +229,12 @@ static const AttnMode kAttnModes[] = {
     {"-wgmma-pingpong3-overlap", [](const AttentionParams& p) { return cuda::attention_wgmma(p, nullptr, true, true, 3); }},  // 16
     {"-dispatch-pingpong3-overlap",
      [](const AttentionParams& p) { return cuda::attention(p, nullptr, cuda::AttentionKernel::kWgmmaPingpong3Overlap); }},
+    {"-short-rows32", [](const AttentionParams& p) {  // 18: two tiles of 16 rows a warp (D <= 80)
+       setenv("LDMFAST_ATTENTION_SHORT_ROWS", "32", 1);
+       const int rc = cuda::attention_short(p, nullptr);
+       unsetenv("LDMFAST_ATTENTION_SHORT_ROWS");
+       return rc;
+     }},
 };
 
 // The softmax scale of test_attn is this times D^-1/2 (negative and zero scales: see main).
@@ -587,6 +593,14 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 2, 64, 80, 40, false, 0, false, 3);   // the largest context
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);   // one full key chunk
     test_attn(DType::kFloat16, 3, 1, 17, 17, 160, true, 1, true, 3);    // one key past a chunk, unaligned
+    // Two tiles a warp: 300 rows are 10 blocks of 32, the last one's second tile past Lq; 48 rows
+    // end on a block's first tile; Lk = 1 and unaligned; D = 160 falls back to one tile.
+    for (DType dt : {DType::kFloat16, DType::kBFloat16}) for (int D : {32, 40, 64, 80}) {
+      test_attn(dt, 2, 4, 300, 77, D, true, 0, true, 18);
+      test_attn(dt, 1, 2, 48, 33, D, false, 1, true, 18);
+    }
+    test_attn(DType::kFloat16, 1, 1, 5, 1, 40, false, 1, true, 18);
+    test_attn(DType::kBFloat16, 3, 1, 17, 17, 160, true, 1, true, 18);
   }
   if (which == "all" || which == "wgmma") {
     const int failed = emu_wgmma_check();
@@ -617,6 +631,7 @@ int main(int argc, char** argv) {
     test_attn(DType::kFloat16, 1, 1, 140, 130, 40, true, 0, true, 4);  // mma wide, a partial block
     test_attn(DType::kFloat16, 2, 4, 300, 77, 40, true, 0, true, 3);   // short, 2-3 Q blocks a warp
     test_attn(DType::kBFloat16, 1, 1, 33, 16, 64, false, 0, true, 3);
+    test_attn(DType::kFloat16, 2, 4, 300, 77, 40, true, 0, true, 18);  // short, two tiles a warp
     test_attn(DType::kFloat16, 1, 1, 140, 300, 40, true, 0, true, 6);  // wgmma: 2 blocks, 3 key tiles (2 stages)
     test_attn(DType::kFloat16, 1, 1, 140, 500, 64, true, 0, true, 8);  // wgmma overlapped: 4 key tiles (3 stages)
     test_attn(DType::kFloat16, 1, 1, 140, 600, 40, true, 0, true, 10); // ping-pong: 5 key tiles (3 stages)
