@@ -201,8 +201,7 @@ def _upsample_conv_subpixel(x, conv):
     z = F.conv2d(x, _subpixel_weight(conv.weight, channels_last), bias, padding=1)
     # y[n, o, 2i+p, 2j+q] = z[n, (p, q, o), i+p, j+q]: a strided view of z, whatever its layout.
     sn, sc, sh, sw = z.stride()
-    phases = z.as_strided((n, o, h, 2, w, 2), (sn, sc, sh, 2 * o * sc + sh, sw, o * sc + sw),
-                          z.storage_offset())
+    phases = z.as_strided((n, o, h, 2, w, 2), (sn, sc, sh, 2 * o * sc + sh, sw, o * sc + sw))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     y = torch.empty((n, o, 2 * h, 2 * w), dtype=z.dtype, device=z.device, memory_format=fmt)
     y.view(n, o, h, 2, w, 2).copy_(phases)
