@@ -1,6 +1,6 @@
 """Kernel benchmarks for the lent GPU (issues 5 and 6), side by side with the peers in one run.
 
-    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu,upsample] [--dtypes fp16,bf16] [--no-compile]
+    python benchmarks/bench_ops_cuda.py [--ops gn,attn,ddim,geglu,upsample,attn_cross] [--dtypes fp16,bf16] [--no-compile]
                                         [--csv PATH] [--quick] [--device cuda|cpu]
     python benchmarks/bench_ops_cuda.py --judge PATH   (the issue targets on a results file's rows)
 
@@ -346,8 +346,10 @@ def _attention_with(kernel, q, k, v):
     return _with_env("LDMFAST_ATTENTION_KERNEL", kernel, ops.attention, q, k, v)
 
 
-def bench_attn(args, dev, bw):
+def bench_attn(args, dev, bw, cross_only=False):
     shapes = QUICK["attn"] if args.quick else ATTN
+    if cross_only:  # --ops attn_cross: the short-context shapes only (Lk = 77; 1 in --quick)
+        shapes = [s for s in shapes if s[2] != s[3]]
     backends = _sdpa_backends() if dev.type == "cuda" else {}
     for (B, H, Lq, Lk, D) in shapes:
         for dname in args.dtypes:
@@ -500,7 +502,8 @@ def main(argv=None):
     print(f"device: {C.device_name(dev)}  torch {torch.__version__}  commit {C.git_sha()}  "
           f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")
     benches = {"gn": bench_gn, "attn": bench_attn, "ddim": bench_ddim, "geglu": bench_geglu,
-               "upsample": bench_upsample}
+               "upsample": bench_upsample,
+               "attn_cross": lambda a, d, b: bench_attn(a, d, b, cross_only=True)}
     names = args.ops.split(",")
     for name in names:
         if name not in benches:

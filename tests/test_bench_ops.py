@@ -211,3 +211,14 @@ def test_git_sha_taken_from_the_environment_when_given(monkeypatch):
         C.git_sha()
     monkeypatch.delenv("LDMFAST_GIT_SHA")
     assert C.git_sha() != "8d01ce9c8334"
+
+
+def test_attn_cross_times_the_cross_attention_shapes_only(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import bench_ops_cuda as b
+
+    out = tmp_path / "r.csv"
+    b.main(["--quick", "--device", "cpu", "--no-compile", "--ops", "attn_cross", "--dtypes", "fp32",
+            "--csv", str(out)])
+    rows = list(csv.DictReader(open(out)))
+    assert rows and {r["op"] for r in rows} == {"cross"}
