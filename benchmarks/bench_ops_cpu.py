@@ -139,8 +139,9 @@ def test_geglu(benchmark, shape, dtype, impl):
 # ---- upsample_conv (the model layer's rewrite of upsample + conv, no kernel of its own) ---------
 
 UPSAMPLE_CASES = [
-    # (N, C, input size): the U-Net's 16->32 upsampler at batch 2 (auto keeps the plain path
-    # there), the VAE decoder's upsamplers at a quarter of their 512x512 size
+    # (N, C, input size): the U-Net's 32->64 upsampler (640 channels, batch 2) at half its height
+    # and width (auto keeps the plain path there in fp32), the VAE decoder's 128->256 and
+    # 256->512 upsamplers at a quarter of their height and width
     pytest.param((2, 640, 16), id="unet-2x640x16"),
     pytest.param((1, 512, 32), id="vae-1x512x32"),
     pytest.param((1, 256, 64), id="vae-1x256x64"),

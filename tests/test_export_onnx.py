@@ -571,11 +571,12 @@ def test_numpy_sizes_are_plain_ints_in_the_manifest(tiny, tmp_path):
     assert json.dumps(m) and (tmp_path / "o" / "vae_decoder.onnx").exists()
 
 
-def test_upsample_rewrite_is_not_exported(tiny, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["subpixel", "transposed"])
+def test_upsample_rewrite_is_not_exported(tiny, tmp_path, monkeypatch, method):
     # The model layer's upsample+conv rewrite (summed weights) stays out of exported graphs even
     # when forced: they keep the original Resize + Conv, whose weights are the state dict's
     # (TensorRT refit), and the outputs still match PyTorch.
-    monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", "subpixel")
+    monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", method)
     paths = export_onnx(tiny, tmp_path / "up", height=32, width=32, batch=2, dtype="fp32")
     ops_used = {n.op_type for n in onnx.load(str(paths["vae_decoder"])).graph.node}
     assert "Resize" in ops_used and "ConvTranspose" not in ops_used

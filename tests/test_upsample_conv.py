@@ -22,11 +22,12 @@ REWRITES = {"subpixel": model_ops._upsample_conv_subpixel,
 def _nan_empty():
     # torch.empty is NaN-filled under deterministic mode, so an output element the rewrite never
     # writes fails parity (CPU; conv_transpose2d has no deterministic CUDA backward, unused here).
-    was, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.utils.deterministic.fill_uninitialized_memory = True
     yield
-    torch.use_deterministic_algorithms(was)
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
     torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
@@ -129,11 +130,11 @@ def test_gradients_match_the_plain_path(method, channels_last):
 
 
 @pytest.mark.parametrize("method", ["subpixel", "transposed"])
-def test_in_place_weight_updates_are_seen(monkeypatch, method):
+def test_in_place_weight_updates_are_seen(device, monkeypatch, method):
     # The summed weights are made at every call (a captured CUDA graph must see LoRA merges).
     monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", method)
-    conv = _conv(4, 4, torch.float32, "cpu")
-    x = _x((1, 4, 5, 5), torch.float32, "cpu", channels_last=False)
+    conv = _conv(4, 4, torch.float32, device)
+    x = _x((1, 4, 5, 5), torch.float32, device, channels_last=False)
     before = model_ops.upsample_conv(x, conv)
     with torch.no_grad():
         conv.weight.add_(1.0)
@@ -229,12 +230,57 @@ def test_models_match_the_plain_path(monkeypatch, method):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
 
 
-def test_torch_compile_fullgraph(monkeypatch):
-    # The rewrite traces as one graph (no host value read, e.g. z's storage offset) and inductor
-    # keeps the strides the interleaving view reads; both layouts.
+def test_torch_compile_fullgraph(device, monkeypatch):
+    # The rewrite traces as one graph (no host value read, e.g. z's storage offset, and no CUDA
+    # capture query) and inductor keeps the strides the interleaving view reads; both layouts,
+    # from an empty tap cache.
     monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", "subpixel")
-    conv = _conv(8, 6, torch.float32, "cpu")
+    monkeypatch.setattr(model_ops, "_TAPS", {})
+    conv = _conv(8, 6, torch.float32, device)
     f = torch.compile(lambda x: model_ops.upsample_conv(x, conv), fullgraph=True)
     for channels_last in (False, True):
-        x = _x((2, 8, 6, 5), torch.float32, "cpu", channels_last)
+        x = _x((2, 8, 6, 5), torch.float32, device, channels_last)
         torch.testing.assert_close(f(x), _plain(x, conv), rtol=1e-5, atol=1e-5)
+
+
+def test_tap_table_made_in_inference_mode_serves_training(monkeypatch):
+    # The first call for a dtype may come under inference_mode; the kept table is a normal tensor.
+    monkeypatch.setattr(model_ops, "_TAPS", {})
+    x = _x((1, 4, 5, 5), torch.float64, "cpu", channels_last=False)
+    with torch.inference_mode():
+        REWRITES["subpixel"](x, _conv(4, 4, torch.float64, "cpu"))
+    assert not any(t.is_inference() for t in model_ops._TAPS.values())
+    conv = _conv(4, 4, torch.float64, "cpu").requires_grad_(True)
+    REWRITES["subpixel"](x, conv).sum().backward()
+    assert conv.weight.grad is not None
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("method", ["subpixel", "transposed"])
+def test_cuda_graph_capture_and_weight_update(monkeypatch, method):
+    # Captured from an empty tap cache (the table is made inside the capture, not kept), replayed
+    # after an in-place weight update: the replay reads the new weights.
+    monkeypatch.setenv("LDMFAST_UPSAMPLE_CONV", method)
+    monkeypatch.setattr(model_ops, "_TAPS", {})
+    conv = _conv(64, 64, torch.float16, "cuda").to(memory_format=torch.channels_last)
+    x = _x((2, 64, 16, 16), torch.float16, "cuda", channels_last=True)
+    side = torch.cuda.Stream()  # warm-up off the capture (cuDNN's first call), then an empty cache
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        model_ops.upsample_conv(x, conv)
+    torch.cuda.current_stream().wait_stream(side)
+    model_ops._TAPS.clear()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = model_ops.upsample_conv(x, conv)
+    assert not model_ops._TAPS
+    with torch.no_grad():
+        conv.weight.mul_(-0.5)
+        conv.bias.add_(1.0)
+    x.copy_(torch.randn_like(x))
+    g.replay()
+    torch.cuda.synchronize()
+    conv64 = nn.Conv2d(64, 64, 3, 1, 1).to("cuda", torch.float64)
+    conv64.load_state_dict(conv.state_dict())
+    assert_parity(y, _plain(x, conv), _plain(x.double(), conv64), torch.float16, f"graph {method}")

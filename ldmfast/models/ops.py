@@ -148,21 +148,28 @@ def _subpixel_pays(x, weight) -> bool:
     return saved > 25 * weight.element_size() * _FLOP_PER_BYTE
 
 
+def _make_taps(like):
+    ar = functools.partial(torch.arange, device=like.device)
+    p, a, d = ar(2).view(2, 1, 1), ar(2).view(1, 2, 1), ar(3).view(1, 1, 3)
+    # upsampled row 2i+p+d-1 is x's row i + floor((p+d-1)/2)
+    return (torch.div(p + d - 1, 2, rounding_mode="floor") == p + a - 1).to(like.dtype)
+
+
 def _subpixel_taps(like):
     """taps[p, a, d] = 1 where 3x3 row d of output row 2i+p lands on x's row i-1+p+a (the
     same table serves columns). Made by kernels (arange), never copied from the host, so it can
     be made inside a CUDA-graph capture; kept only when made outside one (a tensor made during
-    capture holds its values only once the graph replays)."""
+    capture holds its values only once the graph replays). Under torch.compile it is part of the
+    graph (constant-folded), and no capture query reaches the trace."""
+    if torch.compiler.is_compiling():
+        return _make_taps(like)
     key = (like.dtype, like.device)
-    if key in _TAPS:
-        return _TAPS[key]
-    ar = functools.partial(torch.arange, device=like.device)
-    p, a, d = ar(2).view(2, 1, 1), ar(2).view(1, 2, 1), ar(3).view(1, 1, 3)
-    # upsampled row 2i+p+d-1 is x's row i + floor((p+d-1)/2)
-    taps = (torch.div(p + d - 1, 2, rounding_mode="floor") == p + a - 1).to(like.dtype)
-    capturing = like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    if not capturing and not torch.compiler.is_compiling():
-        _TAPS[key] = taps
+    taps = _TAPS.get(key)
+    if taps is None:
+        with torch.inference_mode(False):  # a kept table must serve calls that train too
+            taps = _make_taps(like)
+        if not (like.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            _TAPS[key] = taps
     return taps
 
 
