@@ -75,10 +75,12 @@ class ResnetBlock(nn.Module):
     def forward(self, x, temb=None):
         h = self.conv1(ops.group_norm(x, self.norm1, silu=True))
         emb = self.temb_proj(F.silu(temb)) if temb is not None else None
-        h = self.conv2(self.dropout(ops.group_norm(h, self.norm2, silu=True, emb=emb)))
+        h = self.dropout(ops.group_norm(h, self.norm2, silu=True, emb=emb))
         if self.in_channels != self.out_channels:
-            x = self.conv_shortcut(x) if self.use_conv_shortcut else self.nin_shortcut(x)
-        return x + h
+            if not self.use_conv_shortcut:
+                return ops.conv_plus_skip(h, self.conv2, x, self.nin_shortcut)
+            return self.conv_shortcut(x) + self.conv2(h)
+        return x + self.conv2(h)
 
 
 class AttnBlock(nn.Module):

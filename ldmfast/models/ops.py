@@ -15,6 +15,7 @@ import os
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import ref as _ref
 
@@ -241,6 +242,32 @@ def upsample_conv(x, conv):
     if method == "transposed":
         return _upsample_conv_transposed(x, conv)
     return _upsample_conv_subpixel(x, conv)
+
+
+# ---- a conv plus a 1x1 skip conv ------------------------------------------------------------------
+def conv_plus_skip(h, conv, x, skip):
+    """``conv(h) + skip(x)`` (a ResBlock's output when its channel count changes) with ``skip`` a
+    1x1, stride-1 ``nn.Conv2d``: its GEMM accumulates straight into conv's output (beta = 1, in
+    place) and its bias joins conv's, so the sum is no pass of its own over the output (a read
+    of two tensors and a write of one, 67 MB each at the VAE's 512x512 level). The plain sum
+    where that does not apply: the references, float64, a gradient to keep (in-place updates
+    and autograd), other convs, or layouts that give no 2-D view."""
+    plain = (_impl(x) is _ref or torch.is_grad_enabled() or x.dim() != 4
+             or skip.kernel_size != (1, 1) or skip.stride != (1, 1) or skip.padding != (0, 0)
+             or skip.groups != 1 or not isinstance(conv, nn.Conv2d))
+    if not plain:
+        bias = conv.bias if skip.bias is None else skip.bias if conv.bias is None else conv.bias + skip.bias
+        out = conv._conv_forward(h, conv.weight, bias)
+        n, cin, hh, ww = x.shape
+        cout = out.shape[1]
+        w = skip.weight.view(cout, cin)
+        if out.shape[2:] == x.shape[2:] and _is_channels_last(out) and _is_channels_last(x):
+            out.permute(0, 2, 3, 1).view(-1, cout).addmm_(x.permute(0, 2, 3, 1).view(-1, cin), w.t())
+            return out
+        if out.shape[2:] == x.shape[2:] and out.is_contiguous() and x.is_contiguous():
+            out.view(n, cout, hh * ww).baddbmm_(w.expand(n, cout, cin), x.view(n, cin, hh * ww))
+            return out
+    return conv(h) + skip(x)
 
 
 class fp16_accumulation:

@@ -118,8 +118,10 @@ class ResBlock(nn.Module):
             h = F.silu(ops.group_norm(h, norm) * (1 + scale) + shift)
         else:
             h = ops.group_norm(h, norm, silu=True, emb=emb_out)
-        h = self.out_layers[3](self.out_layers[2](h))
-        return self.skip_connection(x) + h
+        h = self.out_layers[2](h)
+        if isinstance(self.skip_connection, nn.Conv2d):  # the channel count changes
+            return ops.conv_plus_skip(h, self.out_layers[3], x, self.skip_connection)
+        return self.skip_connection(x) + self.out_layers[3](h)
 
 
 class AttentionBlock(nn.Module):
