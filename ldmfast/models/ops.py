@@ -255,19 +255,20 @@ def conv_plus_skip(h, conv, x, skip):
     plain = (_impl(x) is _ref or torch.is_grad_enabled() or x.dim() != 4
              or skip.kernel_size != (1, 1) or skip.stride != (1, 1) or skip.padding != (0, 0)
              or skip.groups != 1 or not isinstance(conv, nn.Conv2d))
-    if not plain:
-        bias = conv.bias if skip.bias is None else skip.bias if conv.bias is None else conv.bias + skip.bias
-        out = conv._conv_forward(h, conv.weight, bias)
-        n, cin, hh, ww = x.shape
-        cout = out.shape[1]
-        w = skip.weight.view(cout, cin)
-        if out.shape[2:] == x.shape[2:] and _is_channels_last(out) and _is_channels_last(x):
-            out.permute(0, 2, 3, 1).view(-1, cout).addmm_(x.permute(0, 2, 3, 1).view(-1, cin), w.t())
-            return out
-        if out.shape[2:] == x.shape[2:] and out.is_contiguous() and x.is_contiguous():
-            out.view(n, cout, hh * ww).baddbmm_(w.expand(n, cout, cin), x.view(n, cin, hh * ww))
-            return out
-    return conv(h) + skip(x)
+    if plain:
+        return conv(h) + skip(x)
+    bias = conv.bias if skip.bias is None else skip.bias if conv.bias is None else conv.bias + skip.bias
+    out = conv._conv_forward(h, conv.weight, bias)
+    n, cin, hh, ww = x.shape
+    cout = out.shape[1]
+    w = skip.weight.view(cout, cin)
+    if out.shape[2:] == x.shape[2:] and _is_channels_last(out) and _is_channels_last(x):
+        out.permute(0, 2, 3, 1).view(-1, cout).addmm_(x.permute(0, 2, 3, 1).view(-1, cin), w.t())
+        return out
+    if out.shape[2:] == x.shape[2:] and out.is_contiguous() and x.is_contiguous():
+        out.view(n, cout, hh * ww).baddbmm_(w.expand(n, cout, cin), x.view(n, cin, hh * ww))
+        return out
+    return out + F.conv2d(x, skip.weight)  # no common 2-D view: skip's bias is already in out
 
 
 class fp16_accumulation:
