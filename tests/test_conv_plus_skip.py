@@ -108,6 +108,11 @@ def test_plain_sum_where_it_does_not_apply(monkeypatch):
                                    rtol=1e-5, atol=1e-5)
         with model_ops.use_reference_ops(True):
             model_ops.conv_plus_skip(h, conv, x, skip)
+        # torch.export: each bias stays an initializer of its own (TensorRT refit; the manifest
+        # test of test_export_onnx.py checks the exported graph itself)
+        with monkeypatch.context() as m:
+            m.setattr(torch.compiler, "is_exporting", lambda: True)
+            model_ops.conv_plus_skip(h, conv, x, skip)
     # with a gradient to keep: the plain sum, and the gradients are the plain path's
     out = model_ops.conv_plus_skip(h, conv, x, skip)
     out.sum().backward()

@@ -251,8 +251,9 @@ def conv_plus_skip(h, conv, x, skip):
     place) and its bias joins conv's, so the sum is no pass of its own over the output (a read
     of two tensors and a write of one, 67 MB each at the VAE's 512x512 level). The plain sum
     where that does not apply: the references, float64, a gradient to keep (in-place updates
-    and autograd), other convs, or layouts that give no 2-D view."""
-    plain = (_impl(x) is _ref or torch.is_grad_enabled() or x.dim() != 4
+    and autograd), ``torch.export`` (the exported graph keeps each bias an initializer of its
+    own, for TensorRT refit by state dict), other convs, or layouts that give no 2-D view."""
+    plain = (_impl(x) is _ref or torch.is_grad_enabled() or x.dim() != 4 or torch.compiler.is_exporting()
              or skip.kernel_size != (1, 1) or skip.stride != (1, 1) or skip.padding != (0, 0)
              or skip.groups != 1 or not isinstance(conv, nn.Conv2d))
     if plain:
