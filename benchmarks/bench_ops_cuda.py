@@ -13,9 +13,10 @@ registers and shared memory of one cooperative grid, the rest streamed through L
 runs), the kernels the default picks among.
 attention: ldmfast (its default kernel and, for fp16/bf16, each kernel LDMFAST_ATTENTION_KERNEL
 selects; for Lk <= 80 also the short-context kernel at 2 and 8 CTAs per SM, ldmfast_fast_c2/_c8,
-and for head dims up to 80 with 32 query rows a warp, ldmfast_fast_rows32) vs SDPA (torch's default choice and each available backend) on SD-1.x and SD-2
-self/cross shapes; time, TFLOP/s (4 B H Lq Lk D), ratio. On CUDA every provider is timed by
-replaying a CUDA graph of 20 calls (no Python overhead in the figures). ddim_step with guidance and noise vs the
+and for head dims up to 80 with 32 query rows a warp, ldmfast_fast_rows32) vs SDPA (torch's
+default choice and each available backend) on SD-1.x and SD-2 self/cross shapes; time, TFLOP/s
+(4 B H Lq Lk D), ratio. On CUDA every provider is timed by replaying a CUDA graph of 20 calls
+(no Python overhead in the figures). ddim_step with guidance and noise vs the
 eager reference and its torch.compile. geglu (the FeedForward gate, (B*L, 2*4C) -> (B*L, 4C)) vs
 a * F.gelu(b) eager and its torch.compile; GB/s and fraction of copy bandwidth. The torch.compile
 peers are timed in a second pass after every other row (compiling each shape takes minutes in all),
@@ -23,8 +24,8 @@ with the ratio to ldmfast's first-pass time in their note. upsample (the model l
 conv3x3(nearest 2x upsample(x)), every upsampling conv of the SD-1.x U-Net and VAE decoder, both
 layouts): ldmfast (LDMFAST_UPSAMPLE_CONV's auto choice), ldmfast_subpixel and ldmfast_transposed
 (each rewrite forced) vs plain (F.interpolate then the conv: cuDNN's); TFLOP/s of the plain
-conv's work, so a rewrite's figure is the rate it stands in for. On CPU (--device cpu --quick) it checks
-itself on small shapes.
+conv's work, so a rewrite's figure is the rate it stands in for. On CPU (--device cpu --quick) it
+checks itself on small shapes.
 """
 from __future__ import annotations
 

@@ -263,10 +263,11 @@ def conv_plus_skip(h, conv, x, skip):
     n, cin, hh, ww = x.shape
     cout = out.shape[1]
     w = skip.weight.view(cout, cin)
-    if out.shape[2:] == x.shape[2:] and _is_channels_last(out) and _is_channels_last(x):
+    same_size = out.shape[2:] == x.shape[2:]
+    if same_size and _is_channels_last(out) and _is_channels_last(x):
         out.permute(0, 2, 3, 1).view(-1, cout).addmm_(x.permute(0, 2, 3, 1).view(-1, cin), w.t())
         return out
-    if out.shape[2:] == x.shape[2:] and out.is_contiguous() and x.is_contiguous():
+    if same_size and out.is_contiguous() and x.is_contiguous():
         out.view(n, cout, hh * ww).baddbmm_(w.expand(n, cout, cin), x.view(n, cin, hh * ww))
         return out
     return out + F.conv2d(x, skip.weight)  # no common 2-D view: skip's bias is already in out
